@@ -1,0 +1,1 @@
+"""Published results the project validates against, copied from shared/data with their sources."""

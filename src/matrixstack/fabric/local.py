@@ -1,0 +1,138 @@
+"""The `local` fabric: this machine, detected at load time.
+
+CPU cores are the devices unless CUDA GPUs are present, in which case the GPUs are. Figures that cannot be
+read from the machine (peak FLOPS per core, memory bandwidth, interconnect) are documented estimates; the
+engine's `matrixstack calibrate` (a later layer) measures them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from matrixstack.fabric.spec import FabricSpec
+
+# FP32 FLOPs per cycle per core: two FMA pipes x vector lanes x 2 (multiply + add). Intel/AMD optimisation
+# manuals; a core without AVX is taken as 2 x 128-bit SSE.
+_FP32_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32, "sse": 8}
+# Estimates until `matrixstack calibrate` measures this machine: DRAM bandwidth a single core can draw
+# (a typical server core sustains 10-20 GB/s of STREAM triad) and loopback gloo between processes.
+_CORE_MEMORY_GBS = 12.0
+_SHM_GBS_PER_DEVICE = 5.0
+_SHM_LATENCY_US = 20.0
+_CPU_FREQ_GHZ_DEFAULT = 2.5
+
+# Known GPUs (name substring -> dense bf16 TFLOPS, fp8 TFLOPS, HBM GB/s), published_results.md §5.
+_KNOWN_GPUS = {
+    "H200": (989.0, 1979.0, 4800.0),
+    "H100": (989.0, 1979.0, 3350.0),
+    "H800": (989.0, 1979.0, 3350.0),
+    "B200": (2250.0, 4500.0, 8000.0),
+}
+
+
+def _cpu_flags_and_freq() -> tuple[str, float, str]:
+    """Return (widest vector ISA, clock in GHz, model name) read from /proc/cpuinfo."""
+    flags, mhz, model = "", 0.0, "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "flags" and not flags:
+                flags = value
+            elif key == "cpu MHz" and not mhz:
+                mhz = float(value)
+            elif key == "model name" and model == "CPU":
+                model = value.strip()
+    except OSError:
+        pass
+    isa = next((name for name in ("avx512f", "avx2") if f" {name}" in f" {flags} "), "sse")
+    return isa, (mhz / 1000.0) or _CPU_FREQ_GHZ_DEFAULT, model
+
+
+def _dram_gib() -> float:
+    """Return this machine's total memory in GiB (from /proc/meminfo; 8 GiB when unreadable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def _cuda_devices() -> list[tuple[str, float]]:
+    """Return (name, memory GiB) per CUDA GPU; torch is imported only when an NVIDIA driver is present."""
+    if not Path("/proc/driver/nvidia/gpus").exists() and not Path("/dev/nvidia0").exists():
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [
+        (torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory / 2**30)
+        for i in range(torch.cuda.device_count())
+    ]
+
+
+def _plane(bandwidth_gbs: float, latency_us: float, protocol: str) -> dict[str, object]:
+    return {
+        "name": "local-bus",
+        "kind": "scale_up",
+        "protocol": protocol,
+        "attached": "device",
+        "bandwidth_gbs": bandwidth_gbs,
+        "efficiency": 0.8,
+        "tiers": [{"name": "host", "nodes_per_domain": 1, "switches_per_domain": 1, "latency_us": latency_us}],
+    }
+
+
+def detect_local_fabric() -> FabricSpec:
+    """Return a one-node FabricSpec describing this machine (GPUs as devices when CUDA GPUs exist)."""
+    cores = os.cpu_count() or 1
+    isa, ghz, cpu_model = _cpu_flags_and_freq()
+    host = {"cpu_kind": cpu_model, "cpus_per_node": 1, "cores_per_cpu": cores, "dram_gib": round(_dram_gib(), 1)}
+    gpus = _cuda_devices()
+    if gpus:
+        name, mem_gib = gpus[0]
+        bf16, fp8, hbm_gbs = next((v for k, v in _KNOWN_GPUS.items() if k in name), (100.0, 200.0, 1000.0))
+        device = {
+            "kind": name,
+            "vendor": "NVIDIA",
+            "devices_per_node": len(gpus),
+            "peak_tflops": {"bf16": bf16, "fp16": bf16, "fp8": fp8},
+            "hbm_gib": round(mem_gib, 1),
+            "hbm_gbs": hbm_gbs,
+        }
+        plane = _plane(bandwidth_gbs=450.0 if len(gpus) > 1 else 25.0, latency_us=10.0, protocol="NVLink/PCIe")
+        description = f"this machine: {len(gpus)} x {name}"
+    else:
+        fp32_tflops = _FP32_FLOPS_PER_CYCLE[isa] * ghz * 1e9 / 1e12
+        device = {
+            "kind": f"CPU core ({isa})",
+            "vendor": "local",
+            "devices_per_node": cores,
+            "peak_tflops": {"fp32": round(fp32_tflops, 4), "bf16": round(fp32_tflops, 4)},
+            "hbm_gib": round(_dram_gib() / cores, 2),
+            "hbm_gbs": _CORE_MEMORY_GBS,
+        }
+        plane = _plane(bandwidth_gbs=_SHM_GBS_PER_DEVICE, latency_us=_SHM_LATENCY_US, protocol="shared memory")
+        description = f"this machine: {cores} CPU cores of {cpu_model}"
+    return FabricSpec.model_validate(
+        {
+            "name": "local",
+            "description": description,
+            "node_count": 1,
+            "device": device,
+            "host": host,
+            "planes": [plane],
+            "collective_library": {
+                "name": "gloo (torch.distributed)",
+                "launch_us": _SHM_LATENCY_US,
+                "all_to_all_launch_us": _SHM_LATENCY_US,
+                "per_peer_us": 1.0,
+            },
+        }
+    )

@@ -1,0 +1,118 @@
+"""Load pydantic specs from YAML with errors that name the file, the field and the expected unit.
+
+Used by every layer that reads a spec (fabric, arch, later shapes). A built-in name is looked up in a
+package catalog folder; anything that looks like a path is read from disk.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from matrixstack.errors import SpecError, UnknownNameError
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def catalog_names(package: str) -> list[str]:
+    """Return the sorted names of the built-in YAML specs in a catalog package."""
+    folder = resources.files(package)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """Return True when the argument should be read as a file path rather than a built-in name."""
+    return name_or_path.endswith((".yaml", ".yml", ".json")) or "/" in name_or_path or Path(name_or_path).is_file()
+
+
+def read_yaml(path: Path | str, what: str) -> dict[str, Any]:
+    """Return the mapping at the top of a YAML file, or raise SpecError naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{what} file {path} does not exist; give a built-in name or an existing YAML path") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{what} file {path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} file {path}: expected a mapping of fields at the top, got {type(data).__name__}")
+    return data
+
+
+def _field_hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """Return the description (type and unit) of the field at `loc`, walking nested models."""
+    current: Any = model
+    description = ""
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return description
+        info = fields[part]
+        description = info.description or ""
+        current = _nested_model(info.annotation)
+    return description
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """Return the BaseModel inside an annotation like Model, list[Model], Model | None, dict[str, Model]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    """Return a readable multi-line message: one line per bad field with its expected type and unit."""
+    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        hint = _field_hint(model, loc)
+        got = err.get("input")
+        got_text = "" if err["type"] == "missing" else f" (got {got!r})"
+        expected = f"; expected {hint}" if hint else ""
+        lines.append(f"  - {field or '<top>'}: {err['msg']}{got_text}{expected}")
+    return "\n".join(lines)
+
+
+def validate_spec(model: type[SpecT], data: dict[str, Any], source: str) -> SpecT:
+    """Return `data` validated as `model`, or raise SpecError listing each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, model, source)) from None
+
+
+def load_spec(
+    model: type[SpecT], name_or_path: str, package: str, what: str, other_names: tuple[str, ...] = ()
+) -> SpecT:
+    """Return a spec by built-in name (from `package`) or by YAML path; SpecError/UnknownNameError on bad input.
+
+    `other_names` are names the caller resolves itself (such as the `local` fabric), listed in the error.
+    """
+    if looks_like_path(name_or_path):
+        return validate_spec(model, read_yaml(name_or_path, what), f"{what} file {name_or_path}")
+    if name_or_path not in catalog_names(package):
+        names = sorted([*catalog_names(package), *other_names])
+        raise UnknownNameError(
+            f"unknown {what} {name_or_path!r}; built-in {what}s: {', '.join(names)} (or give a path to a YAML file)"
+        )
+    path = resources.files(package) / f"{name_or_path}.yaml"
+    with resources.as_file(path) as real_path:
+        return validate_spec(model, read_yaml(real_path, what), f"built-in {what} {name_or_path}")
