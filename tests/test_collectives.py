@@ -142,3 +142,12 @@ def test_cli_cost_bad_size_exits_2(cli):
     assert result.exit_code == 2 and "cannot read size" in result.stderr
     too_many = cli("fabric", "cost", "h200-node", "--ranks", "9")
     assert too_many.exit_code == 2 and "has 8 ranks" in too_many.stderr
+
+
+def test_cli_validate_json_and_png(cli, tmp_path):
+    png = tmp_path / "ep.png"
+    result = cli("fabric", "validate", "--json", "--png", str(png))
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert len(data["rows"]) == 24 and data["max_abs_error"] <= 0.35
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

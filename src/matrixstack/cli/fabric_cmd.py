@@ -172,3 +172,45 @@ def cost(
             f"{phase.time_us:.1f}",
         )
     console.print(table)
+
+
+@fabric_app.command("validate")
+@user_errors_exit_2
+def validate(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    png: Path | None = typer.Option(None, "--png", help="Draw published vs predicted latency to this PNG."),
+) -> None:
+    """Compare predicted MoE dispatch/combine times with the published microbenchmarks (CM-v2 Table 7)."""
+    from matrixstack.fabric.ep_validation import compare
+
+    rows = compare()
+    worst = max(abs(r.error) for r in rows)
+    if png is not None:
+        from matrixstack.fabric.ep_validation import draw_comparison
+
+        draw_comparison(rows, png)
+    if as_json:
+        print_json(
+            {
+                "rows": [
+                    {
+                        "library": r.library,
+                        "op": r.op,
+                        "ep": r.ep,
+                        "published_us": r.published_us,
+                        "predicted_us": round(r.predicted_us, 2),
+                        "error": round(r.error, 4),
+                    }
+                    for r in rows
+                ],
+                "max_abs_error": round(worst, 4),
+            }
+        )
+        return
+    table = Table(title="MoE dispatch/combine, 128 tokens per rank (CM-v2 Table 7)")
+    for column in ("library", "op", "EP", "published us", "predicted us", "error"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r.library, r.op, str(r.ep), f"{r.published_us:g}", f"{r.predicted_us:.0f}", f"{r.error:+.1%}")
+    console.print(table)
+    console.print(f"largest error: {worst:.1%}")

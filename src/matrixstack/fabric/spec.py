@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Dtype = Literal["fp32", "bf16", "fp16", "fp8", "int8", "fp4"]
+from matrixstack.dtypes import Dtype
+
 PlaneKind = Literal["scale_up", "scale_out", "frontend"]
 
 

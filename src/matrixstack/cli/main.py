@@ -1,0 +1,17 @@
+"""The `matrixstack` command: one Typer app with a sub-command per layer."""
+
+from __future__ import annotations
+
+import typer
+
+from matrixstack.cli.arch_cmd import arch_app
+from matrixstack.cli.fabric_cmd import fabric_app
+
+app = typer.Typer(
+    name="matrixstack",
+    help="MatrixStack: describe a fabric, supply slices of it, plan, run and serve models on them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(fabric_app, name="fabric")
+app.add_typer(arch_app, name="arch")
