@@ -21,6 +21,10 @@ _CORE_MEMORY_GBS = 12.0
 _SHM_GBS_PER_DEVICE = 5.0
 _SHM_LATENCY_US = 20.0
 _CPU_FREQ_GHZ_DEFAULT = 2.5
+# Achievable fractions until `matrixstack calibrate` measures them: PyTorch CPU GEMMs reach roughly half of
+# the vector peak, small attention kernels less, a single stream a little over half of DRAM bandwidth.
+_CPU_EFFICIENCY = {"gemm": 0.5, "attention": 0.3, "hbm": 0.6}
+_GPU_EFFICIENCY = {"gemm": 0.8, "attention": 0.667, "hbm": 0.896}  # the H800 figures of dgx-h800.yaml
 
 # Known GPUs (name substring -> dense bf16 TFLOPS, fp8 TFLOPS, HBM GB/s), published_results.md §5.
 _KNOWN_GPUS = {
@@ -105,6 +109,7 @@ def detect_local_fabric() -> FabricSpec:
             "peak_tflops": {"bf16": bf16, "fp16": bf16, "fp8": fp8},
             "hbm_gib": round(mem_gib, 1),
             "hbm_gbs": hbm_gbs,
+            "efficiency": _GPU_EFFICIENCY,
         }
         plane = _plane(bandwidth_gbs=450.0 if len(gpus) > 1 else 25.0, latency_us=10.0, protocol="NVLink/PCIe")
         description = f"this machine: {len(gpus)} x {name}"
@@ -117,6 +122,7 @@ def detect_local_fabric() -> FabricSpec:
             "peak_tflops": {"fp32": round(fp32_tflops, 4), "bf16": round(fp32_tflops, 4)},
             "hbm_gib": round(_dram_gib() / cores, 2),
             "hbm_gbs": _CORE_MEMORY_GBS,
+            "efficiency": _CPU_EFFICIENCY,
         }
         plane = _plane(bandwidth_gbs=_SHM_GBS_PER_DEVICE, latency_us=_SHM_LATENCY_US, protocol="shared memory")
         description = f"this machine: {cores} CPU cores of {cpu_model}"

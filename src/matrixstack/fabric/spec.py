@@ -23,6 +23,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EfficiencySpec(Strict):
+    """Achievable fractions of a device's peaks, measured or published; the perf layer's roofline uses them."""
+
+    gemm: float = Field(gt=0, le=1, description="number in (0, 1], fraction of peak TFLOPS a large GEMM reaches")
+    attention: float = Field(
+        gt=0, le=1, description="number in (0, 1], fraction of peak TFLOPS compute-bound attention reaches"
+    )
+    hbm: float = Field(gt=0, le=1, description="number in (0, 1], fraction of HBM GB/s a streaming kernel reaches")
+
+
 class DeviceSpec(Strict):
     """An accelerator (or a CPU core for the `local` fabric): compute, memory, dies."""
 
@@ -35,6 +45,7 @@ class DeviceSpec(Strict):
     )
     hbm_gib: float = Field(gt=0, description="number, device memory per device in GiB")
     hbm_gbs: float = Field(gt=0, description="number, device memory bandwidth per device in GB/s")
+    efficiency: EfficiencySpec
     die_link_gbs: float | None = Field(
         None, gt=0, description="number, unidirectional GB/s between the dies of one device"
     )
