@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,13 +17,10 @@ run: $(STAMP)
 	$(VENV)/bin/matrixstack fabric show cloudmatrix384
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests $(wildcard bench)
 
 test: lint
 	$(VENV)/bin/pytest -q
-
-bench: $(STAMP)
-	$(PY) bench/collective_costs.py --json
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
