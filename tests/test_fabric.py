@@ -45,7 +45,9 @@ def test_baseline_is_the_same_npu_without_the_supernode_bus():
     assert cm.device == roce.device
     assert roce.device_count == cm.device_count
     assert roce.scale_up_domain_size == 8
-    assert roce.plane("scale_out").bandwidth_gbs == cm.plane("scale_out").bandwidth_gbs
+    # a conventional server's RoCE: 200 Gbps per NPU (CM-v2 §4.1), half the supernode's RDMA plane
+    assert roce.plane("scale_out").bandwidth_gbs * 8 == 200
+    assert roce.plane("scale_out").bandwidth_gbs < cm.plane("scale_out").bandwidth_gbs
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,13 @@ def test_nvidia_fabrics(name, per_node, domain, scale_out_gbs):
     assert fabric.device.devices_per_node == per_node
     assert fabric.scale_up_domain_size == domain
     assert fabric.plane("scale_out").bandwidth_gbs == scale_out_gbs
+
+
+def test_efficiency_factors_come_from_the_paper_for_ascend():
+    eff = load_fabric("cloudmatrix384").device.efficiency
+    assert (eff.attention, eff.hbm) == (0.654, 0.841)  # CM-v2 Tables 8 and 9
+    assert 0.774 <= eff.gemm <= 0.827  # CM-v2 Table 10 range
+    assert eff.matmul_kernel_us > eff.vector_kernel_us > 0
 
 
 def test_local_fabric_is_this_machine():

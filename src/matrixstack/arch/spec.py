@@ -204,7 +204,9 @@ class Arch(Strict):
 
     def moe_layer_count(self) -> int:
         """Return the number of layers with an MoE FFN."""
-        return sum(self.is_moe_layer(i) for i in range(self.layers))
+        if self.ffn.moe is None:
+            return 0
+        return self.layers - len({i for i in self.ffn.moe.dense_layers if 0 <= i < self.layers})
 
     def dense_layer_count(self) -> int:
         """Return the number of layers with a dense FFN."""

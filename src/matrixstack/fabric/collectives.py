@@ -184,19 +184,34 @@ def _sample_sources(group: DeviceGroup) -> list[int]:
     return [sources[round(i * step)] for i in range(_SAMPLED_SOURCE_NODES)]
 
 
-def all_to_all(group: DeviceGroup, size_bytes: float, plane_kind: PlaneKind | None = None) -> CollectiveCost:
-    """Return the predicted time of an all-to-all where each rank sends `size_bytes` spread over all ranks."""
+def all_to_all(
+    group: DeviceGroup,
+    size_bytes: float,
+    plane_kind: PlaneKind | None = None,
+    scale_out_share: float | None = None,
+) -> CollectiveCost:
+    """Return the predicted time of an all-to-all where each rank sends `size_bytes` spread over all ranks.
+
+    `scale_out_share` is the fraction of `size_bytes` that leaves the node over the scale-out plane when the
+    library deduplicates per node (DeepEP's normal kernels send a token once per remote node and forward it
+    over NVLink); by default each remote rank gets its even share S/n.
+    """
     n = len(group)
     if n == 1:
         return CollectiveCost("all_to_all", 1, size_bytes, 0.0, "none", [])
     library = group.fabric.collective_library
+    scale_out = group.fabric.plane("scale_out")
     share = size_bytes / n
     worst: Phase | None = None
     for source in _sample_sources(group):
         links = group.links_from(source, plane_kind)
+        remote = sum(1 for link in links if scale_out is not None and link.port == scale_out.name)
         per_port_us: dict[str, float] = {}
         for link in links:
-            per_port_us[link.port] = per_port_us.get(link.port, 0.0) + _transfer_us(share, link.bandwidth_gbs)
+            bytes_to_peer = share
+            if scale_out_share is not None and remote and scale_out is not None and link.port == scale_out.name:
+                bytes_to_peer = size_bytes * scale_out_share / remote
+            per_port_us[link.port] = per_port_us.get(link.port, 0.0) + _transfer_us(bytes_to_peer, link.bandwidth_gbs)
         alpha = max(link.latency_us for link in links)
         transfer = max(per_port_us.values())
         time_us = library.all_to_all_launch_us + alpha + (n - 1) * library.per_peer_us + transfer

@@ -139,8 +139,22 @@ class DeviceGroup:
         return max(counts.values())
 
     def links_from(self, rank: int, plane_kind: PlaneKind | None = None) -> list[Link]:
-        """Return the link from `rank` to every other rank of the group."""
-        return [link_between(self.fabric, rank, other, plane_kind) for other in self.ranks if other != rank]
+        """Return the link from `rank` to every other rank of the group.
+
+        A link depends only on the destination's node and whether it shares the source's device, so it is
+        worked out once per such class.
+        """
+        source = locate(self.fabric, rank)
+        by_class: dict[tuple[int, bool], Link] = {}
+        links = []
+        for other, loc in zip(self.ranks, self.locations, strict=True):
+            if other == rank:
+                continue
+            key = (loc.node, loc.node == source.node and loc.device == source.device)
+            if key not in by_class:
+                by_class[key] = link_between(self.fabric, rank, other, plane_kind)
+            links.append(by_class[key])
+        return links
 
     def node_leaders(self) -> DeviceGroup:
         """Return the group made of the first rank of the group on each node."""

@@ -23,8 +23,14 @@ _SHM_LATENCY_US = 20.0
 _CPU_FREQ_GHZ_DEFAULT = 2.5
 # Achievable fractions until `matrixstack calibrate` measures them: PyTorch CPU GEMMs reach roughly half of
 # the vector peak, small attention kernels less, a single stream a little over half of DRAM bandwidth.
-_CPU_EFFICIENCY = {"gemm": 0.5, "attention": 0.3, "hbm": 0.6}
-_GPU_EFFICIENCY = {"gemm": 0.8, "attention": 0.667, "hbm": 0.896}  # the H800 figures of dgx-h800.yaml
+_CPU_EFFICIENCY = {"gemm": 0.5, "attention": 0.3, "hbm": 0.6, "matmul_kernel_us": 10.0, "vector_kernel_us": 5.0}
+_GPU_EFFICIENCY = {  # the H800 figures of dgx-h800.yaml
+    "gemm": 0.8,
+    "attention": 0.667,
+    "hbm": 0.896,
+    "matmul_kernel_us": 3.0,
+    "vector_kernel_us": 1.5,
+}
 
 # Known GPUs (name substring -> dense bf16 TFLOPS, fp8 TFLOPS, HBM GB/s), published_results.md §5.
 _KNOWN_GPUS = {

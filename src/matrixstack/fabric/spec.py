@@ -31,6 +31,12 @@ class EfficiencySpec(Strict):
         gt=0, le=1, description="number in (0, 1], fraction of peak TFLOPS compute-bound attention reaches"
     )
     hbm: float = Field(gt=0, le=1, description="number in (0, 1], fraction of HBM GB/s a streaming kernel reaches")
+    matmul_kernel_us: float = Field(
+        ge=0, description="number, fixed microseconds every matrix (GEMM or attention) kernel costs beyond its roofline"
+    )
+    vector_kernel_us: float = Field(
+        ge=0, description="number, fixed microseconds every elementwise (vector) kernel costs beyond its roofline"
+    )
 
 
 class DeviceSpec(Strict):
