@@ -6,6 +6,7 @@ import typer
 
 from matrixstack.cli.arch_cmd import arch_app
 from matrixstack.cli.fabric_cmd import fabric_app
+from matrixstack.cli.perf_cmd import register as register_perf
 
 app = typer.Typer(
     name="matrixstack",
@@ -15,3 +16,4 @@ app = typer.Typer(
 )
 app.add_typer(fabric_app, name="fabric")
 app.add_typer(arch_app, name="arch")
+register_perf(app)

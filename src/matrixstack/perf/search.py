@@ -160,16 +160,18 @@ def skeletons(arch: Arch, fabric: FabricSpec, phase: PhaseName, max_devices: int
     for devices in device_options:
         ranks = devices * dies
         pp_options = [int(pins["pp"])] if "pp" in pins else [1, 2, 4, 8]
+        unfit: list[InstancePlan] = []
         for pp in pp_options:
             if ranks % pp:
                 continue
-            yielded = False
-            for skeleton in _stage_skeletons(arch, fabric, phase, devices, pp, pins):
-                if fits is None or "pp" in pins or fits(skeleton):
-                    yielded = True
-                    yield skeleton
-            if yielded:
+            candidates = list(_stage_skeletons(arch, fabric, phase, devices, pp, pins))
+            fitting = [c for c in candidates if fits is None or "pp" in pins or fits(c)]
+            if fitting:
+                yield from fitting
                 break
+            unfit = unfit or candidates
+        else:
+            yield from unfit  # nothing fits: the caller reports why
 
 
 def _stage_skeletons(arch: Arch, fabric: FabricSpec, phase: PhaseName, devices: int, pp: int, pins: dict[str, float]):
