@@ -41,10 +41,13 @@ def parse_pins(pins: list[str]) -> dict[str, dict[str, float]]:
     for pin in pins:
         key, sep, value = pin.partition("=")
         phase, dot, field = key.partition(".")
+        if phase == "prefill" and field == "tokens_per_device":
+            field = "batch_per_device"  # a prefill batch is counted in tokens
         if not sep or not dot or phase not in parsed or field not in PIN_FIELDS:
             raise UserError(
                 f"cannot read --pin {pin!r}; use PHASE.FIELD=VALUE with PHASE prefill or decode and FIELD one of "
                 + ", ".join(PIN_FIELDS)
+                + " (prefill.tokens_per_device is prefill.batch_per_device)"
             )
         try:
             number = float(value)

@@ -39,6 +39,7 @@ class InstanceResult:
     tokens_per_s_per_device: float
     tpot_ms: float | None = None
     ttft_ms: float | None = None
+    largest_batch_that_fits: float = 0.0
 
     def to_dict(self, dies: int) -> dict[str, object]:
         """Return the instance as the JSON the CLI prints."""
@@ -51,6 +52,7 @@ class InstanceResult:
             "ep": inst.ep,
             "pp": inst.pp,
             "batch": inst.batch_per_device,
+            "largest_batch_that_fits": self.largest_batch_that_fits,
             "microbatches": inst.microbatches,
             "redundant_experts": inst.redundant_experts,
             "tokens_per_s_per_device": round(self.tokens_per_s_per_device, 1),
@@ -106,6 +108,24 @@ class PhaseSearch:
     def batch_unit(self) -> int:
         """Return the step between batch sizes: a sequence (decode) or a prompt's tokens (prefill)."""
         return 1 if self.phase == "decode" else self.workload.input_len
+
+    def largest_fitting_batch(self, instance: InstancePlan, limit_units: int = 1 << 16) -> float:
+        """Return the largest batch per device (sequences or tokens) whose memory fits, whatever the SLO."""
+        unit = self.batch_unit()
+
+        def fits(units: int) -> bool:
+            return self.memory(instance.model_copy(update={"batch_per_device": float(units * unit)})).fits
+
+        if not fits(1):
+            return 0.0
+        lo, hi = 1, 2
+        while hi <= limit_units and fits(hi):
+            lo, hi = hi, hi * 2
+        hi = min(hi, limit_units + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return float(lo * unit)
 
     def largest_batch(self, skeleton: InstancePlan, limit_units: int = 4096) -> InstanceResult | None:
         """Return the instance with the largest batch meeting memory and SLO, or None if even one unit fails."""
@@ -238,6 +258,7 @@ def best_instance(
             best = result
     if best is None:
         raise UserError(_no_plan_reason(phase, closest, slo, pins))
+    best.largest_batch_that_fits = search.largest_fitting_batch(best.instance)
     return best
 
 
