@@ -122,32 +122,32 @@ def _across_nodes(group: DeviceGroup) -> DeviceGroup:
     return group.node_leaders()
 
 
+def _one_pass(
+    op: str, group: DeviceGroup, size_bytes: float, plane_kind: PlaneKind | None, inter_first: bool
+) -> CollectiveCost:
+    """Return a single-pass ring collective (all-gather or reduce-scatter), hierarchical when it must be.
+
+    The hierarchy moves 1/g of the data across nodes: an all-gather gathers across nodes first, a
+    reduce-scatter reduces in the node first.
+    """
+    label = op.replace("_", "-")
+    if plane_kind is None and _needs_scale_out(group):
+        inter = _flat_ring(_across_nodes(group), f"{label} across nodes", size_bytes / group.ranks_per_node, 1, None)
+        intra = _flat_ring(group.node_local(), f"{label} in node", size_bytes, 1, None)
+        phases = [inter, intra] if inter_first else [intra, inter]
+        return CollectiveCost(op, len(group), size_bytes, inter.time_us + intra.time_us, "hierarchical ring", phases)
+    phase = _flat_ring(group, label, size_bytes, 1, plane_kind)
+    return CollectiveCost(op, len(group), size_bytes, phase.time_us, "ring", [phase])
+
+
 def all_gather(group: DeviceGroup, size_bytes: float, plane_kind: PlaneKind | None = None) -> CollectiveCost:
     """Return the predicted time of an all-gather whose gathered output is `size_bytes` per rank."""
-    if plane_kind is None and _needs_scale_out(group):
-        g = group.ranks_per_node
-        inter = _flat_ring(_across_nodes(group), "all-gather across nodes", size_bytes / g, 1, None)
-        intra = _flat_ring(group.node_local(), "all-gather in node", size_bytes, 1, None)
-        phases = [inter, intra]
-        return CollectiveCost(
-            "all_gather", len(group), size_bytes, inter.time_us + intra.time_us, "hierarchical ring", phases
-        )
-    phase = _flat_ring(group, "all-gather", size_bytes, 1, plane_kind)
-    return CollectiveCost("all_gather", len(group), size_bytes, phase.time_us, "ring", [phase])
+    return _one_pass("all_gather", group, size_bytes, plane_kind, inter_first=True)
 
 
 def reduce_scatter(group: DeviceGroup, size_bytes: float, plane_kind: PlaneKind | None = None) -> CollectiveCost:
     """Return the predicted time of a reduce-scatter of `size_bytes` input per rank."""
-    if plane_kind is None and _needs_scale_out(group):
-        g = group.ranks_per_node
-        intra = _flat_ring(group.node_local(), "reduce-scatter in node", size_bytes, 1, None)
-        inter = _flat_ring(_across_nodes(group), "reduce-scatter across nodes", size_bytes / g, 1, None)
-        phases = [intra, inter]
-        return CollectiveCost(
-            "reduce_scatter", len(group), size_bytes, intra.time_us + inter.time_us, "hierarchical ring", phases
-        )
-    phase = _flat_ring(group, "reduce-scatter", size_bytes, 1, plane_kind)
-    return CollectiveCost("reduce_scatter", len(group), size_bytes, phase.time_us, "ring", [phase])
+    return _one_pass("reduce_scatter", group, size_bytes, plane_kind, inter_first=False)
 
 
 def all_reduce(group: DeviceGroup, size_bytes: float, plane_kind: PlaneKind | None = None) -> CollectiveCost:
