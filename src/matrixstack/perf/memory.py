@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from matrixstack.arch.spec import Arch
 from matrixstack.dtypes import BYTES_PER_ELEMENT
 from matrixstack.perf.spec import InstancePlan, PhaseName, Workload
-from matrixstack.perf.step import BF16_BYTES, Layout, _dispatch_bytes_per_token, activation_bytes_per_token
+from matrixstack.perf.step import BF16_BYTES, Layout, activation_bytes_per_token, dispatch_bytes_per_token
 
 USABLE_HBM_FRACTION = 0.9  # ASSUMPTION: ~10% of device memory goes to the runtime, as vLLM's default 0.9
 GIB = 2**30
@@ -111,7 +111,7 @@ def memory_per_rank(
     activations = micro * activation_bytes_per_token(arch, phase, arch.ffn.moe is not None) / 2
     comm = 0.0
     if arch.ffn.moe is not None and layout.ep > 1:
-        message = _dispatch_bytes_per_token(arch, workload.precision) + arch.hidden_size * BF16_BYTES
+        message = dispatch_bytes_per_token(arch, workload.precision) + arch.hidden_size * BF16_BYTES
         if phase == "decode":
             comm = layout.ep * micro * message
         else:

@@ -116,16 +116,7 @@ class PhaseSearch:
         def fits(units: int) -> bool:
             return self.memory(instance.model_copy(update={"batch_per_device": float(units * unit)})).fits
 
-        if not fits(1):
-            return 0.0
-        lo, hi = 1, 2
-        while hi <= limit_units and fits(hi):
-            lo, hi = hi, hi * 2
-        hi = min(hi, limit_units + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return float(lo * unit)
+        return float(_largest_true(fits, limit_units) * unit)
 
     def largest_batch(self, skeleton: InstancePlan, limit_units: int = 4096) -> InstanceResult | None:
         """Return the instance with the largest batch meeting memory and SLO, or None if even one unit fails."""
@@ -134,20 +125,25 @@ class PhaseSearch:
         def at(units: int) -> InstanceResult:
             return self.evaluate(skeleton.model_copy(update={"batch_per_device": float(units * unit)}))
 
-        low = at(1)
-        if not self.meets_slo(low):
-            return None
-        lo, hi = 1, 2
-        while hi <= limit_units and self.meets_slo(at(hi)):
-            lo, hi = hi, hi * 2
-        hi = min(hi, limit_units + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.meets_slo(at(mid)):
-                lo = mid
-            else:
-                hi = mid
-        return at(lo)
+        units = _largest_true(lambda n: self.meets_slo(at(n)), limit_units)
+        return at(units) if units else None
+
+
+def _largest_true(predicate, limit: int) -> int:
+    """Return the largest n in 1..limit with predicate(n) true, assuming it is true up to some n; 0 if none.
+
+    Doubling then bisection: O(log limit) calls of `predicate`.
+    """
+    if not predicate(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and predicate(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if predicate(mid) else (lo, mid)
+    return lo
 
 
 def _divisors_up_to(n: int, cap: int) -> list[int]:

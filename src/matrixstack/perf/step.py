@@ -162,7 +162,8 @@ def expected_remote_nodes(arch: Arch, ep_nodes: int) -> float:
     return ep_nodes * (1 - untouched) * (ep_nodes - 1) / ep_nodes
 
 
-def _dispatch_bytes_per_token(arch: Arch, precision: str) -> float:
+def dispatch_bytes_per_token(arch: Arch, precision: str) -> float:
+    """Return the bytes one token copy takes in an MoE dispatch: quantised with its scales, or bf16."""
     hidden = arch.hidden_size
     if precision == "int8":
         return hidden + INT8_SCALE_BYTES
@@ -251,7 +252,7 @@ class StepModel:
         copies = k + (1 if layout.shared_ranks else 0)
         router = peaks.op_us(2 * tokens * arch.router_params(), arch.router_params() * BF16_BYTES)
         share = self._scale_out_share(layout.ep, copies, step.phase)
-        dispatch_bytes = tokens * copies * _dispatch_bytes_per_token(arch, self.workload.precision)
+        dispatch_bytes = tokens * copies * dispatch_bytes_per_token(arch, self.workload.precision)
         # the busiest rank receives (dispatch) and returns (combine) `imbalance` times the mean traffic
         dispatch = self._comm_us("a2a", layout.ep, dispatch_bytes * layout.imbalance, share)
         combine_bytes = tokens * copies * arch.hidden_size * BF16_BYTES * layout.imbalance
@@ -361,7 +362,7 @@ class StepModel:
         """
         size = self.workload.input_len * self.arch.kv_bytes_per_token(self.workload.kv_dtype)
         plane = "scale_out" if self.fabric.plane("scale_out") else None
-        last_node_rank = (self.fabric.node_count - 1) * self.fabric.device.devices_per_node * self.dies
-        return collectives.p2p(
-            self.fabric, 0, max(last_node_rank, 1 if self.fabric.die_count > 1 else 0), size, plane
-        ).time_us
+        ranks_per_node = self.fabric.device.devices_per_node * self.dies
+        # a decode instance on another node when there is one, else the last rank of the only node
+        target = ranks_per_node if self.fabric.node_count > 1 else self.fabric.die_count - 1
+        return collectives.p2p(self.fabric, 0, target, size, plane).time_us

@@ -84,18 +84,9 @@ def predict_row(row: dict[str, str], sequence_expert_cv: float = DEFAULT_SEQUENC
     )
     tpot = _number(row, "tpot_ms")
     slo = Slo(tpot_ms=tpot or 1e9, ttft_ms=ROW_TTFT_MS.get(row["id"], Slo().ttft_ms))
-    pins: dict[str, float] = {"devices": _number(row, "devices"), "ep": _number(row, "ep")}
-    batch = _number(row, "batch_per_device")
-    if batch is not None:
-        pins["batch_per_device"] = batch
-    result = best_instance(
-        arch,
-        fabric,
-        workload,
-        slo,
-        phase,
-        {k: int(v) if k != "batch_per_device" else v for k, v in pins.items() if v is not None},
-    )
+    pinned = {key: _number(row, key) for key in ("devices", "ep", "batch_per_device")}
+    pins = {key: value for key, value in pinned.items() if value is not None}
+    result = best_instance(arch, fabric, workload, slo, phase, pins)
     predicted = result.tokens_per_s_per_device
     return ValidationRow(
         row["id"], row["kind"], phase, row["fabric"], float(row["tokens_per_s_per_device"]), predicted, result.tpot_ms
