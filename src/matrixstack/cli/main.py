@@ -6,6 +6,7 @@ import typer
 
 from matrixstack.cli.arch_cmd import arch_app
 from matrixstack.cli.fabric_cmd import fabric_app
+from matrixstack.cli.matrix_cmd import matrix_app
 from matrixstack.cli.perf_cmd import register as register_perf
 
 app = typer.Typer(
@@ -16,4 +17,5 @@ app = typer.Typer(
 )
 app.add_typer(fabric_app, name="fabric")
 app.add_typer(arch_app, name="arch")
+app.add_typer(matrix_app, name="matrix")
 register_perf(app)
