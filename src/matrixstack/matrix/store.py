@@ -17,7 +17,6 @@ transaction starts with `BEGIN IMMEDIATE`, so two writers queue instead of faili
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.pool import StaticPool
 
 from matrixstack.errors import UserError
+from matrixstack.paths import data_dir
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 WRITE_OPTION = "matrixstack_write"  # execution option: False makes a SQLite transaction a plain deferred BEGIN
@@ -179,16 +179,6 @@ class EventRow(Base):
     tenant: Mapped[str | None] = mapped_column(String(64), nullable=True)
     slice_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-
-
-def data_dir() -> Path:
-    """Return MatrixStack's data directory: $MATRIXSTACK_HOME, else $XDG_DATA_HOME/matrixstack, else ~/.local/share."""
-    home = os.environ.get("MATRIXSTACK_HOME")
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
-    return base / "matrixstack"
 
 
 def default_url() -> str:
