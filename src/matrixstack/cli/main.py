@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from matrixstack.cli.arch_cmd import arch_app
+from matrixstack.cli.engine_cmd import engine_app
 from matrixstack.cli.fabric_cmd import fabric_app
 from matrixstack.cli.matrix_cmd import matrix_app
 from matrixstack.cli.perf_cmd import register as register_perf
@@ -18,4 +19,5 @@ app = typer.Typer(
 app.add_typer(fabric_app, name="fabric")
 app.add_typer(arch_app, name="arch")
 app.add_typer(matrix_app, name="matrix")
+app.add_typer(engine_app, name="engine")
 register_perf(app)

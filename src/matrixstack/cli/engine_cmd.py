@@ -1,0 +1,105 @@
+"""`matrixstack engine serve`: run one deployment of the engine behind an OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import typer
+
+from matrixstack.cli.common import console, user_errors_exit_2
+from matrixstack.errors import UserError
+
+engine_app = typer.Typer(
+    help="The MatrixStack engine: serve a model over an OpenAI-compatible API.",
+    no_args_is_help=True,
+)
+
+_DEFAULTS = {
+    "block_size": 16,
+    "num_kv_blocks": 1024,
+    "max_num_seqs": 64,
+    "max_num_batched_tokens": 2048,
+    "max_model_len": 2048,
+}
+
+
+def engine_config(**limits: int):
+    """Return an EngineConfig from CLI numbers; UserError naming the option when they do not fit together."""
+    from matrixstack.engine.config import EngineConfig
+
+    try:
+        return EngineConfig(**limits)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "options"
+            problems.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
+        raise UserError("; ".join(problems)) from None
+
+
+@engine_app.command("serve")
+@user_errors_exit_2
+def serve(
+    arch: str = typer.Argument(..., help="built-in arch name (e.g. tiny-moe) or path to an arch YAML"),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="folder of the *.safetensors and tokenizer.json (default: the packaged weights)"
+    ),
+    workers: int = typer.Option(1, "--workers", min=1, help="1: one process; N > 1: expert parallelism over N"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    model_id: str | None = typer.Option(None, "--model-id", help="model id clients send (default: the arch name)"),
+    max_model_len: int = typer.Option(_DEFAULTS["max_model_len"], "--max-model-len", help="tokens per sequence"),
+    num_kv_blocks: int = typer.Option(_DEFAULTS["num_kv_blocks"], "--num-kv-blocks", help="KV cache blocks"),
+    block_size: int = typer.Option(_DEFAULTS["block_size"], "--block-size", help="tokens per KV cache block"),
+    max_num_seqs: int = typer.Option(_DEFAULTS["max_num_seqs"], "--max-num-seqs", help="sequences per step"),
+    max_num_batched_tokens: int = typer.Option(
+        _DEFAULTS["max_num_batched_tokens"], "--max-num-batched-tokens", help="tokens per step (chunked prefill)"
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="seeded random weights instead of loading them (smoke tests, benchmarks)"
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+) -> None:
+    """Serve ARCH over an OpenAI-compatible API on HOST:PORT until Ctrl-C."""
+    from matrixstack.engine.server import bind_socket, build_deployment, serve_socket
+
+    config = engine_config(
+        max_model_len=max_model_len,
+        num_kv_blocks=num_kv_blocks,
+        block_size=block_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+    )
+    sock = bind_socket(host, port)  # before loading the model: a taken port fails fast
+    try:
+        deployment = build_deployment(
+            arch,
+            config,
+            weights_dir=str(weights) if weights is not None else None,
+            workers=workers,
+            model_id=model_id,
+            device=device,
+            dtype=dtype,
+            random_weights=random_weights,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    bound_port = sock.getsockname()[1]
+    console.print(
+        f"serving [bold]{deployment.model_id}[/] ({workers} worker{'s' if workers > 1 else ''}) on "
+        f"http://{host}:{bound_port}/v1 — Ctrl-C stops it",
+        highlight=False,
+        soft_wrap=True,
+    )
+    try:
+        serve_socket(deployment.engine, deployment.model_id, sock, log_level=log_level)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        deployment.close()
+        sock.close()
+    console.print("stopped", highlight=False)

@@ -1,0 +1,89 @@
+"""Engine and request settings: `EngineConfig` (one deployment's serving limits) and `SamplingParams` (one request).
+
+Both are pydantic models; an invalid value raises `pydantic.ValidationError` whose message names the field and
+the allowed range (a `ValueError`, so the HTTP layer maps it to a 400).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TOP_K_OFF = -1
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit unsigned seeds
+
+
+class EngineConfig(BaseModel):
+    """Limits of one engine instance: KV cache size, batch size, chunked-prefill token budget, context length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(16, gt=0, description="tokens per KV cache block")
+    num_kv_blocks: int = Field(
+        1024, gt=0, description="KV cache blocks in the pool (the model runner may size this from free memory)"
+    )
+    max_num_seqs: int = Field(64, gt=0, description="most sequences in one step's batch")
+    max_num_batched_tokens: int = Field(
+        2048, gt=0, description="token budget per step: decode tokens plus prefill chunk tokens"
+    )
+    max_model_len: int = Field(2048, gt=0, description="most tokens (prompt + output) in one sequence")
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Return how many tokens the whole KV cache holds."""
+        return self.num_kv_blocks * self.block_size
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> EngineConfig:
+        if self.kv_capacity_tokens < self.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks={self.num_kv_blocks} x block_size={self.block_size} = {self.kv_capacity_tokens} "
+                f"tokens cannot hold one sequence of max_model_len={self.max_model_len} tokens; raise num_kv_blocks "
+                f"to at least {-(-self.max_model_len // self.block_size)} or lower max_model_len"
+            )
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs={self.max_num_seqs}: "
+                "a step could not give every running sequence its decode token; raise max_num_batched_tokens"
+            )
+        return self
+
+
+class SamplingParams(BaseModel):
+    """How one request picks its tokens and when it stops (the OpenAI / vLLM fields of the same names)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 means greedy (argmax)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: keep the smallest top set with this mass")
+    top_k: int = Field(TOP_K_OFF, description="keep the k most likely tokens; -1 keeps all")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="per-request random seed for reproducible sampling")
+    max_tokens: int | None = Field(
+        16, ge=1, description="most output tokens; null means as many as max_model_len leaves"
+    )
+    stop: list[str] = Field(default_factory=list, description="strings that end the output (not included in it)")
+    stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end the output")
+    ignore_eos: bool = Field(False, description="keep generating after the end-of-sequence token")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_on_or_off(cls, top_k: int) -> int:
+        if top_k != TOP_K_OFF and top_k < 1:
+            raise ValueError(f"top_k must be -1 (off) or at least 1, got {top_k}")
+        return top_k
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, stop: object) -> object:
+        return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @property
+    def greedy(self) -> bool:
+        """Return True when the request takes the most likely token every step."""
+        return self.temperature == 0.0

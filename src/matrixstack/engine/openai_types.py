@@ -1,0 +1,321 @@
+"""OpenAI-compatible request and response bodies (the subset MatrixStack serves), as pydantic models.
+
+Requests: `CompletionRequest` (`POST /v1/completions`) and `ChatCompletionRequest` (`POST /v1/chat/completions`).
+They accept OpenAI's field names and types. A field OpenAI defines that this engine cannot honour (tools, logprobs,
+n > 1, penalties, ...) is refused with a 400 naming it (`unsupported_fields`), never silently ignored; a field
+OpenAI does not define is refused as OpenAI refuses it ("Unrecognized request argument supplied"). Extensions,
+as vLLM names them: `top_k`, `stop_token_ids`, `ignore_eos`.
+
+Responses and stream chunks are built as plain dicts (`completion_response`, `chat_chunk`, ...) in exactly
+OpenAI's shapes, so the official `openai` client parses them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from matrixstack.engine.config import MAX_SEED, TOP_K_OFF, SamplingParams
+
+OPENAI_MAX_TEMPERATURE = 2.0
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "until the context"
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a last chunk with empty choices and the request's usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension; accepted, usage is sent once at the end
+
+
+class _SamplingFields(BaseModel):
+    """Fields both endpoints share: sampling, stopping, streaming, and OpenAI fields accepted but unused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="the deployment's model id (GET /v1/models)")
+    temperature: float | None = Field(None, ge=0.0, le=OPENAI_MAX_TEMPERATURE, description="0 is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, description="extension: keep the k most likely tokens; -1 or 0 keeps all")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the output")
+    stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the output")
+    ignore_eos: bool = Field(False, description="extension: keep generating after the end-of-sequence token")
+    n: int = Field(1, ge=1, description="choices per prompt; this engine serves n=1 only")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted, unused (OpenAI's abuse monitoring id)
+    # OpenAI fields refused when set to anything but their neutral value (see `unsupported_fields`).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+
+    def sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
+        """Return the engine's SamplingParams (raises pydantic.ValidationError on a value the engine refuses)."""
+        top_k = TOP_K_OFF if self.top_k in (None, 0) else self.top_k
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=top_k,
+            seed=self.seed,
+            max_tokens=self._max_tokens(default_max_tokens),
+            stop=self.stop or [],
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+        )
+
+    def _max_tokens(self, default: int | None) -> int | None:
+        return default if self.max_tokens is None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Return True when a streamed response ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """Return (field, message) for each field set to something this engine cannot do."""
+        problems = []
+        if self.n != 1:
+            problems.append(("n", f"n={self.n} is not supported: this engine returns one choice per request (n=1)"))
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                problems.append((name, f"{name} is not supported by this engine; leave it unset or 0"))
+        if self.logit_bias:
+            problems.append(("logit_bias", "logit_bias is not supported by this engine; leave it unset"))
+        if self.logprobs not in (None, False, 0):
+            problems.append(("logprobs", "logprobs are not supported by this engine; leave logprobs unset"))
+        if self.stream_options is not None and not self.stream:
+            problems.append(("stream_options", "stream_options is only allowed when stream is true"))
+        return problems
+
+
+class CompletionRequest(_SamplingFields):
+    """`POST /v1/completions`: one prompt (text, or token ids), one choice."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="the prompt: a string or a list of token ids (a list of one of either is accepted too)"
+    )
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def single_prompt(self) -> str | list[int] | None:
+        """Return the one prompt as text or token ids; None when the request carries several."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
+            return []  # the engine refuses an empty prompt with a clear message
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        if len(prompt) == 1:
+            return prompt[0]  # type: ignore[return-value]
+        return None
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """Return (field, message) for each field set to something this engine cannot do."""
+        problems = super().unsupported_fields()
+        if self.single_prompt() is None:
+            problems.append(("prompt", "send one prompt per request (a string or a list of token ids), not a batch"))
+        if self.echo:
+            problems.append(("echo", "echo is not supported by this engine; leave it unset"))
+        if self.best_of not in (None, 1):
+            problems.append(("best_of", "best_of is not supported by this engine; leave it unset or 1"))
+        if self.suffix:
+            problems.append(("suffix", "suffix (insertion) is not supported by this engine; leave it unset"))
+        return problems
+
+
+class TextPart(BaseModel):
+    """A text part of a chat message's content list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message. `developer` is treated as `system`; content may be a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # accepted, not part of the template
+
+    def text(self) -> str:
+        """Return the message's content as one string."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def as_template_message(self) -> dict[str, str]:
+        """Return the {"role", "content"} dict the tokenizer's chat template takes."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """`POST /v1/chat/completions`: messages through the model's chat template, one choice."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None  # accepted; without tools it changes nothing
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    metadata: dict[str, str] | None = None  # accepted, unused
+    store: bool | None = None  # accepted, unused
+
+    def _max_tokens(self, default: int | None) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return super()._max_tokens(default)
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """Return (field, message) for each field set to something this engine cannot do."""
+        problems = super().unsupported_fields()
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                problems.append(("max_tokens", "set max_completion_tokens or max_tokens, not both"))
+        if self.top_logprobs:
+            problems.append(("top_logprobs", "logprobs are not supported by this engine; leave top_logprobs unset"))
+        for name in ("tools", "tool_choice", "functions", "function_call"):
+            if getattr(self, name) not in (None, [], "none"):
+                problems.append((name, f"{name}: tool calling is not supported by this engine; leave it unset"))
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            problems.append(
+                ("response_format", "only response_format {'type': 'text'} is supported; structured output is not")
+            )
+        if self.modalities and set(self.modalities) != {"text"}:
+            problems.append(("modalities", "only the text modality is supported"))
+        return problems
+
+
+# ---- responses: plain dicts in OpenAI's exact shapes ----------------------------------------------------------
+
+
+def now_s() -> int:
+    """Return the Unix time in seconds (OpenAI's `created`)."""
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """Return an OpenAI usage object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(
+    request_id: str, model: str, created: int, text: str, finish_reason: str, usage_: dict[str, int]
+) -> dict[str, Any]:
+    """Return a non-streamed `text_completion`."""
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_,
+    }
+
+
+def completion_chunk(
+    request_id: str,
+    model: str,
+    created: int,
+    text: str | None,
+    finish_reason: str | None,
+    include_usage: bool,
+    usage_: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Return one streamed `text_completion` chunk; `text=None` gives the final usage chunk (empty choices)."""
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": []
+        if text is None
+        else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = usage_
+    return chunk
+
+
+def chat_response(
+    request_id: str, model: str, created: int, text: str, finish_reason: str, usage_: dict[str, int]
+) -> dict[str, Any]:
+    """Return a non-streamed `chat.completion`."""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage_,
+    }
+
+
+def chat_chunk(
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None,
+    include_usage: bool,
+    usage_: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Return one `chat.completion.chunk`; `delta=None` gives the final usage chunk (empty choices)."""
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = usage_
+    return chunk
+
+
+def model_card(model_id: str, created: int, max_model_len: int | None = None) -> dict[str, Any]:
+    """Return one entry of `GET /v1/models`."""
+    card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "matrixstack"}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return card
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    """Return an OpenAI error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

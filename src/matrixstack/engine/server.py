@@ -1,0 +1,610 @@
+"""An OpenAI-compatible HTTP server for one engine deployment (FastAPI, served by uvicorn).
+
+Routes:
+
+- `GET /health`: 200 `{"status": "ok"}` while the engine loop runs, 503 otherwise;
+- `GET /v1/models`, `GET /v1/models/{model}`: the deployment's one model id;
+- `POST /v1/completions`: one prompt (text or token ids), one choice, streamed (SSE) or not;
+- `POST /v1/chat/completions`: messages through the tokenizer's chat template, streamed or not;
+- `GET /openapi.json`, `GET /docs`: the schema (FastAPI's).
+
+Responses, stream chunks (`data: {...}\\n\\n`, then `data: [DONE]`) and `stream_options.include_usage` follow
+OpenAI exactly (`engine.openai_types`). Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
+400 for an invalid request (FastAPI's 422 validation errors included, and a prompt that cannot fit, code
+`context_length_exceeded`), 404 for an unknown model (code `model_not_found`) or route, 500 when the engine
+fails the request (a worker died). A stream that fails after it started sends one `data: {"error": ...}` event
+and closes.
+
+Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
+streamed (the response task is cancelled and closes the engine stream) or not (the server polls the
+connection while it waits).
+
+`create_app(engine, model_id)` builds the app; `serve(...)` runs it in the foreground; `ServerThread` runs it
+on a background thread (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from matrixstack.arch import load_arch
+from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE, MoETransformer, Tokenizer, load_weights
+from matrixstack.engine.config import EngineConfig, SamplingParams
+from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
+from matrixstack.engine.model_runner import ModelRunner
+from matrixstack.engine.openai_types import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    model_card,
+    now_s,
+    usage,
+)
+from matrixstack.errors import UserError
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish on Ctrl-C before they are cut
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's format with an HTTP status."""
+
+    def __init__(
+        self, status_code: int, message: str, param: str | None = None, code: str | None = None, type_: str = ""
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or ("server_error" if status_code >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        """Return the OpenAI error object."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        """Return the error as a JSON response."""
+        return JSONResponse(self.body(), status_code=self.status_code)
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected; its request was aborted."""
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _param_of(loc: tuple | list) -> str | None:
+    """Return the dotted field path of a pydantic error location (without FastAPI's leading "body")."""
+    parts = [str(p) for p in loc if p != "body"]
+    # Union members appear in the path as type names ("str", "list[int]"); they are not fields.
+    parts = [p for p in parts if not ("[" in p or p in ("str", "int", "float", "bool", "function-after"))]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
+    """Return a 400 for pydantic / FastAPI validation errors, naming the first bad field."""
+    if not errors:
+        return OpenAIError(400, "the request is invalid")
+    first = errors[0]
+    kind = first.get("type", "")
+    param = _param_of(first.get("loc", ()))
+    if kind == "json_invalid":
+        return OpenAIError(400, "the request body is not valid JSON; send a JSON object")
+    if kind == "missing" and param is None:
+        return OpenAIError(400, "the request has no body; send a JSON object")
+    if kind == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param)
+    if kind == "missing":
+        return OpenAIError(400, f"'{param}' is a required property", param)
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    bad = first.get("input")
+    if "input" in first and not isinstance(bad, dict | list) and repr(bad) not in message and str(bad) not in message:
+        message = f"{message} (got {bad!r})"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return OpenAIError(400, f"{param or 'the request body'}: {message}{more}", param)
+
+
+class _EngineStream(StreamingResponse):
+    """A streaming response that always runs `on_close` when it ends, also when the client disconnected."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
+    """Return the result of `awaitable`; cancel it and raise ClientGone when the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await task
+
+
+class OpenAIServer:
+    """The route handlers of one deployment: a model id over an AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine, model_id: str):
+        self.engine = engine
+        self.model_id = model_id
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.config.max_model_len
+        self.created = now_s()
+
+    # ---- helpers ----
+
+    def check_model(self, model: str) -> None:
+        """Raise a 404 unless `model` is this deployment's id."""
+        if model != self.model_id:
+            raise OpenAIError(
+                404,
+                f"The model `{model}` does not exist: this server serves `{self.model_id}` (see GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+
+    def sampling_params(self, body: CompletionRequest | ChatCompletionRequest, default_max: int | None):
+        """Return the request's SamplingParams; a 400 naming the field for anything refused."""
+        for param, message in body.unsupported_fields():
+            raise OpenAIError(400, message, param)
+        try:
+            return body.sampling_params(default_max)
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+
+    async def start(
+        self, request: Request, prompt_ids: list[int], params: SamplingParams, request_id: str, param: str
+    ) -> tuple[Delta, AsyncIterator[Delta]]:
+        """Add the request and wait for its first delta; return (first delta, the rest of the stream).
+
+        A request that can never run raises a 400 here, before any response byte is sent; a client that goes
+        away while the request waits for its turn aborts it.
+        """
+        deltas = self.engine.stream(prompt_ids, params, request_id)
+        try:
+            first = await until_disconnect(request, deltas.__anext__())
+        except UserError as exc:
+            too_long = len(prompt_ids) + (params.max_tokens or 1) > self.max_model_len
+            code = "context_length_exceeded" if too_long else None
+            raise OpenAIError(400, str(exc), param if too_long or not prompt_ids else None, code) from None
+        except BaseException:
+            await deltas.aclose()  # type: ignore[attr-defined]
+            raise
+        if first.error or first.finish_reason == "error":
+            await deltas.aclose()  # type: ignore[attr-defined]
+            self.check_failed(first)
+        return first, deltas
+
+    async def collect(self, request: Request, first: Delta, deltas: AsyncIterator[Delta]) -> tuple[str, Delta]:
+        """Return (whole text, last delta) of a non-streamed request; abort it if the client goes away."""
+
+        async def drain() -> tuple[str, Delta]:
+            text, last = first.text, first
+            if not first.finish_reason:
+                async for delta in deltas:
+                    text, last = text + delta.text, delta
+            return text, last
+
+        try:
+            return await until_disconnect(request, drain())
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def check_failed(delta: Delta) -> None:
+        """Raise a 500 when the engine failed the request."""
+        if delta.error or delta.finish_reason == "error":
+            raise OpenAIError(500, f"the engine failed this request: {delta.error or 'unknown error'}")
+
+    def stream_response(
+        self,
+        first: Delta,
+        deltas: AsyncIterator[Delta],
+        chunks: Callable[[Delta], list[dict[str, Any]]],
+        head: list[dict[str, Any]],
+        usage_chunk: Callable[[Delta], dict[str, Any]] | None,
+    ) -> StreamingResponse:
+        """Return the SSE response: `head` chunks, then `chunks(delta)` per delta, the usage chunk, [DONE]."""
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for chunk in head:
+                    yield _sse(chunk)
+                delta = first
+                while True:
+                    if delta.error or delta.finish_reason == "error":
+                        failed = OpenAIError(500, f"the engine failed this request: {delta.error or 'unknown'}")
+                        yield _sse(failed.body())
+                        return
+                    for chunk in chunks(delta):
+                        yield _sse(chunk)
+                    if delta.finish_reason:
+                        break
+                    delta = await deltas.__anext__()
+                if usage_chunk is not None:
+                    yield _sse(usage_chunk(delta))
+                yield SSE_DONE
+            finally:
+                await deltas.aclose()  # type: ignore[attr-defined]
+
+        stream = events()
+
+        async def on_close() -> None:
+            with contextlib.suppress(RuntimeError):
+                await stream.aclose()
+            with contextlib.suppress(RuntimeError):
+                await deltas.aclose()  # type: ignore[attr-defined]
+
+        return _EngineStream(stream, on_close)
+
+    # ---- routes ----
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        """POST /v1/completions."""
+        self.check_model(body.model)
+        params = self.sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        prompt = body.single_prompt()
+        prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt or [])
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", now_s()
+        first, deltas = await self.start(request, prompt_ids, params, request_id, "prompt")
+        if body.stream:
+            include_usage = body.include_usage
+
+            def chunks(delta: Delta) -> list[dict[str, Any]]:
+                out = []
+                if delta.text:
+                    out.append(completion_chunk(request_id, body.model, created, delta.text, None, include_usage))
+                if delta.finish_reason:
+                    out.append(
+                        completion_chunk(request_id, body.model, created, "", delta.finish_reason, include_usage)
+                    )
+                return out
+
+            def usage_chunk(last: Delta) -> dict[str, Any]:
+                return completion_chunk(
+                    request_id, body.model, created, None, None, True, usage(last.prompt_tokens, last.completion_tokens)
+                )
+
+            return self.stream_response(first, deltas, chunks, [], usage_chunk if include_usage else None)
+        text, last = await self.collect(request, first, deltas)
+        self.check_failed(last)
+        return JSONResponse(
+            completion_response(
+                request_id,
+                body.model,
+                created,
+                text,
+                last.finish_reason or "stop",
+                usage(last.prompt_tokens, last.completion_tokens),
+            )
+        )
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        """POST /v1/chat/completions."""
+        self.check_model(body.model)
+        params = self.sampling_params(body, None)
+        try:
+            prompt = self.tokenizer.apply_chat_template([m.as_template_message() for m in body.messages])
+        except UserError as exc:
+            raise OpenAIError(400, str(exc), "messages") from None
+        prompt_ids = self.tokenizer.encode(prompt)  # the template starts with <|bos|> itself
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", now_s()
+        first, deltas = await self.start(request, prompt_ids, params, request_id, "messages")
+        if body.stream:
+            include_usage = body.include_usage
+
+            def chunks(delta: Delta) -> list[dict[str, Any]]:
+                out = []
+                if delta.text:
+                    out.append(
+                        chat_chunk(request_id, body.model, created, {"content": delta.text}, None, include_usage)
+                    )
+                if delta.finish_reason:
+                    out.append(chat_chunk(request_id, body.model, created, {}, delta.finish_reason, include_usage))
+                return out
+
+            def usage_chunk(last: Delta) -> dict[str, Any]:
+                return chat_chunk(
+                    request_id, body.model, created, None, None, True, usage(last.prompt_tokens, last.completion_tokens)
+                )
+
+            head = [
+                chat_chunk(request_id, body.model, created, {"role": "assistant", "content": ""}, None, include_usage)
+            ]
+            return self.stream_response(first, deltas, chunks, head, usage_chunk if include_usage else None)
+        text, last = await self.collect(request, first, deltas)
+        self.check_failed(last)
+        return JSONResponse(
+            chat_response(
+                request_id,
+                body.model,
+                created,
+                text,
+                last.finish_reason or "stop",
+                usage(last.prompt_tokens, last.completion_tokens),
+            )
+        )
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models."""
+        return {"object": "list", "data": [model_card(self.model_id, self.created, self.max_model_len)]}
+
+    def model(self, model: str) -> dict[str, Any]:
+        """GET /v1/models/{model}."""
+        self.check_model(model)
+        return model_card(self.model_id, self.created, self.max_model_len)
+
+    def health(self) -> Response:
+        """GET /health: 200 while the engine loop thread runs, 503 when it stopped."""
+        thread = getattr(self.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return OpenAIError(503, "the engine loop has stopped", type_="server_error").response()
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+
+def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
+    """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`."""
+    server = OpenAIServer(engine, model_id)
+    app = FastAPI(
+        title="MatrixStack engine",
+        description=f"OpenAI-compatible API of one MatrixStack engine deployment serving `{model_id}`.",
+        version="1",
+    )
+    app.state.server = server
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code = "not_found" if exc.status_code == 404 else None
+        return OpenAIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+    @app.get("/health", summary="Liveness of the engine")
+    def health() -> Response:
+        return server.health()
+
+    @app.get("/v1/models", summary="The deployment's model")
+    def models() -> dict[str, Any]:
+        return server.models()
+
+    @app.get("/v1/models/{model:path}", summary="One model")
+    def model(model: str) -> dict[str, Any]:
+        return server.model(model)
+
+    @app.post("/v1/completions", summary="Text completion (OpenAI)")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await server.completions(body, request)
+
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await server.chat_completions(body, request)
+
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Return a listening TCP socket on host:port (port 0 picks a free one); UserError when it cannot bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
+    return uvicorn.Server(config)
+
+
+def serve_socket(engine: AsyncEngine, model_id: str, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
+    _uvicorn_server(create_app(engine, model_id), log_level).run(sockets=[sock])
+
+
+def serve(
+    engine: AsyncEngine, model_id: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
+    """Serve the deployment on host:port until Ctrl-C (uvicorn, in the foreground); UserError when the port is
+    taken."""
+    sock = bind_socket(host, port)
+    try:
+        serve_socket(engine, model_id, sock, log_level)
+    finally:
+        sock.close()
+
+
+class ServerThread:
+    """Run an app under uvicorn on a background thread: `start()` returns once it accepts connections."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = _uvicorn_server(app, log_level)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Return the server's root URL (http://host:port)."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        """Start serving; raise RuntimeError if uvicorn is not up within `timeout_s`."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Shut the server down and wait for its thread."""
+        self.server.should_exit = True
+        self._thread.join(timeout=timeout_s)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- one deployment: model + runner + engine, as `matrixstack engine serve` builds it ----------------------------
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+RANDOM_WEIGHTS_SEED = 0
+
+
+class Deployment:
+    """A running engine for one arch: its AsyncEngine, tokenizer and runner; `close()` stops the loop and workers."""
+
+    def __init__(self, engine: AsyncEngine, runner: Any, model_id: str):
+        self.engine = engine
+        self.runner = runner
+        self.model_id = model_id
+
+    def close(self) -> None:
+        """Stop the engine loop, then the runner's workers (an expert-parallel runner has some)."""
+        self.engine.close()
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_deployment(
+    arch_name: str,
+    config: EngineConfig,
+    weights_dir: str | None = None,
+    workers: int = 1,
+    model_id: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    random_weights: bool = False,
+) -> Deployment:
+    """Return a started deployment of `arch_name` (a built-in name or YAML path) with EngineConfig `config`.
+
+    `workers == 1` runs a ModelRunner in this process; `workers > 1` an `ExpertParallelRunner` (engine.ep) over
+    that many worker processes. `random_weights` builds seeded random weights instead of loading them (tests and
+    benchmarks); the tokenizer still comes from `weights_dir` or the packaged one. Raises UserError on bad input.
+    """
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    arch = load_arch(arch_name)
+    if weights_dir is None:
+        if arch.name not in PACKAGED_WEIGHTS:
+            raise UserError(f"arch {arch.name} ships no weights; pass --weights DIR (its safetensors and tokenizer)")
+        weights = PACKAGED_WEIGHTS[arch.name]
+    else:
+        weights = Path(weights_dir)
+    if not weights.is_dir():
+        raise UserError(f"weights folder {weights} does not exist; pass --weights DIR")
+    if not random_weights and not any(weights.glob("*.safetensors")):
+        raise UserError(
+            f"no *.safetensors in {weights}: the weights of {arch.name} are missing; pass --weights DIR with them "
+            "(or --random-weights for a smoke test)"
+        )
+    tokenizer = Tokenizer.from_file(weights / TOKENIZER_FILE)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise UserError(
+            f"the tokenizer in {weights} has {tokenizer.vocab_size} tokens but {arch.name} has a vocabulary of "
+            f"{arch.vocab_size}; pass the tokenizer made for this arch"
+        )
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    if workers > 1:
+        if random_weights:
+            raise UserError("--random-weights runs in one process; drop it or use --workers 1")
+        try:
+            from matrixstack.engine.ep import ExpertParallelRunner
+        except ImportError as exc:
+            raise UserError(f"expert parallelism (--workers > 1) is not available in this build: {exc}") from None
+        runner = ExpertParallelRunner(arch, weights, config, workers=workers, dtype=torch_dtype)
+    else:
+        torch_device = torch.device(
+            "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
+        if random_weights:
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = MoETransformer(arch, dtype=torch_dtype)
+        else:
+            model = MoETransformer(arch, dtype=torch_dtype)
+            load_weights(model, weights)
+        runner = ModelRunner(model.to(torch_device).eval(), config)
+    engine = AsyncEngine(LLMEngine(runner, tokenizer, config))
+    return Deployment(engine, runner, model_id or arch.name)

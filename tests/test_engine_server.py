@@ -1,0 +1,309 @@
+"""The OpenAI-compatible engine server, called with the official `openai` client over loopback.
+
+One uvicorn server runs on a background thread for the whole module, over tiny-moe (the packaged weights when
+they exist, seeded random weights otherwise) with small engine limits. Its runner is wrapped so a test can make
+the next step fail (a worker that died) and can count the steps run (cancellation).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from matrixstack.arch import load_arch
+from matrixstack.engine import PACKAGED_WEIGHTS, MoETransformer, Tokenizer, load_model
+from matrixstack.engine.config import EngineConfig
+from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
+from matrixstack.engine.model_runner import ModelRunner
+from matrixstack.engine.server import ServerThread, create_app
+
+MODEL_ID = "tiny-moe"
+MAX_MODEL_LEN = 256
+CONFIG = EngineConfig(
+    block_size=16, num_kv_blocks=32, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=MAX_MODEL_LEN
+)
+NO_EOS = {"ignore_eos": True}  # the extension field: outputs of exactly max_tokens tokens
+DRAIN_TIMEOUT_S = 30.0  # how long a test waits for the engine to drop an aborted request before failing
+
+
+class ControlledRunner:
+    """A ModelRunner wrapper: counts steps, and fails the next step on demand (a worker that died)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.steps = 0
+        self.fail_next = threading.Event()
+
+    def run(self, out):
+        self.steps += 1
+        if self.fail_next.is_set():
+            self.fail_next.clear()
+            raise RuntimeError("worker 1 died (exit code -9)")
+        return self.runner.run(out)
+
+
+def build_model() -> tuple[MoETransformer, Tokenizer]:
+    weights = PACKAGED_WEIGHTS["tiny-moe"]
+    if any(weights.glob("*.safetensors")):
+        return load_model("tiny-moe")
+    torch.manual_seed(0)
+    model = MoETransformer(load_arch("tiny-moe")).eval()
+    return model, Tokenizer.from_file(weights / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    model, tokenizer = build_model()
+    runner = ControlledRunner(ModelRunner(model, CONFIG))
+    engine = AsyncEngine(LLMEngine(runner, tokenizer, CONFIG))
+    server = ServerThread(create_app(engine, MODEL_ID)).start()
+    yield server, engine, runner
+    server.stop()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def url(deployment) -> str:
+    return deployment[0].url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def wait_idle(engine: AsyncEngine) -> None:
+    """Wait until the engine holds no request and every KV block is free again (fails after DRAIN_TIMEOUT_S)."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    blocks = engine.engine.scheduler.block_manager
+    while engine.engine.has_work() or blocks.num_free_blocks != CONFIG.num_kv_blocks:
+        assert time.monotonic() < deadline, "the engine still holds the request"
+        time.sleep(0.05)
+
+
+def test_health_models_and_openapi(client, url):
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert [m.id for m in client.models.list()] == [MODEL_ID]
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health"} <= set(paths)
+
+
+def test_completion_text_and_token_ids(client):
+    out = client.completions.create(model=MODEL_ID, prompt="The cat", max_tokens=6, temperature=0, extra_body=NO_EOS)
+    choice = out.choices[0]
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert choice.finish_reason == "length" and choice.text
+    assert out.usage.completion_tokens == 6 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    ids = client.completions.create(model=MODEL_ID, prompt=[1, 200, 300], max_tokens=3, extra_body=NO_EOS)
+    assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+
+
+def test_chat_completion_and_max_completion_tokens(client):
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        max_completion_tokens=5,
+        temperature=0,
+        extra_body=NO_EOS,
+    )
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
+
+
+def test_concurrent_requests_batch_together(client):
+    prompts = ["one", "two two", "three three three", "four"]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(
+            pool.map(
+                lambda p: client.completions.create(model=MODEL_ID, prompt=p, max_tokens=6, extra_body=NO_EOS), prompts
+            )
+        )
+    assert [o.usage.completion_tokens for o in outs] == [6] * len(prompts)
+    assert len({o.id for o in outs}) == len(prompts)
+
+
+def test_chat_content_parts_and_developer_role(client):
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+        ],
+        max_tokens=2,
+        extra_body=NO_EOS,
+    )
+    assert out.usage.completion_tokens == 2
+    plain = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        max_tokens=2,
+        extra_body=NO_EOS,
+    )
+    assert out.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_streamed_completion_matches_non_streamed_with_usage(client):
+    kwargs = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body=NO_EOS)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.completions.create(**kwargs, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_with_usage(client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    kwargs = dict(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0, extra_body=NO_EOS)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_stop_string_cuts_the_output(client):
+    base = dict(model=MODEL_ID, prompt="In the beginning", temperature=0, extra_body=NO_EOS)
+    text = client.completions.create(**base, max_tokens=24).choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3, text
+    cut = client.completions.create(**base, max_tokens=24, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    streamed = client.completions.create(**base, max_tokens=24, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text[: text.index(stop)]
+
+
+def test_seed_reproducible(client):
+    def sample(seed: int) -> str:
+        out = client.completions.create(
+            model=MODEL_ID, prompt="A seed", max_tokens=8, temperature=1, seed=seed, extra_body=NO_EOS
+        )
+        return out.choices[0].text
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_bad_request_is_openai_400(client, url):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt="x", temperature=-1)
+    assert err.value.status_code == 400 and err.value.param == "temperature"
+    raw = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "temperature": -1})
+    assert raw.status_code == 400
+    error = raw.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and "temperature" in error["message"]
+    unknown_field = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "foo": 1})
+    assert unknown_field.status_code == 400 and unknown_field.json()["error"]["param"] == "foo"
+    not_json = httpx.post(f"{url}/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
+
+
+def test_over_long_prompt_names_the_limit(client):
+    prompt = "word " * (MAX_MODEL_LEN + 50)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4)
+    assert f"max_model_len={MAX_MODEL_LEN}" in err.value.message
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": prompt}], stream=True
+        )  # refused before the stream starts
+    assert f"max_model_len={MAX_MODEL_LEN}" in err.value.message
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_found" and MODEL_ID in err.value.message
+
+
+def test_n_above_one_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt="x", n=2)
+    assert err.value.param == "n" and "n=1" in err.value.message
+
+
+def test_engine_failure_is_500_and_stream_error_event(client, deployment):
+    _, engine, runner = deployment
+    runner.fail_next.set()
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model=MODEL_ID, prompt="x", max_tokens=4)
+    assert "worker 1 died" in err.value.message
+    stream = client.completions.create(model=MODEL_ID, prompt="y", max_tokens=200, stream=True, extra_body=NO_EOS)
+    first = next(iter(stream))
+    assert first.choices[0].text is not None
+    runner.fail_next.set()
+    with pytest.raises(openai.APIError, match="worker 1 died"):
+        list(stream)
+    wait_idle(engine)
+    assert client.completions.create(model=MODEL_ID, prompt="z", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_stream_disconnect_aborts_the_request(url, deployment):
+    _, engine, runner = deployment
+    max_tokens = MAX_MODEL_LEN - 16
+    body = {"model": MODEL_ID, "prompt": "Go on and on", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    steps_before = runner.steps
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        assert engine.engine.has_work()
+    wait_idle(engine)
+    assert runner.steps - steps_before < max_tokens // 2  # aborted, not run to max_tokens
+
+
+def test_non_streamed_disconnect_aborts_the_request(url, deployment):
+    _, engine, runner = deployment
+    max_tokens = MAX_MODEL_LEN - 16
+    body = {"model": MODEL_ID, "prompt": "Go on", "max_tokens": max_tokens, "ignore_eos": True}
+    steps_before = runner.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    wait_idle(engine)
+    assert runner.steps - steps_before < max_tokens // 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-arch"], "no-such-arch"),
+        (["tiny-moe", "--num-kv-blocks", "1"], "num_kv_blocks"),
+        (["tiny-moe", "--max-model-len", "0"], "--max-model-len"),
+        (["tiny-moe", "--workers", "0"], "--workers"),
+        (["tiny-moe", "--dtype", "int3"], "--dtype"),
+    ],
+)
+def test_engine_serve_bad_input_exits_2(cli, args, message):
+    result = cli("engine", "serve", *args, "--port", "0")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_engine_serve_missing_weights_and_taken_port_exit_2(cli, tmp_path):
+    result = cli("engine", "serve", "tiny-moe", "--weights", str(tmp_path), "--port", "0")
+    assert result.exit_code == 2 and "safetensors" in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = cli("engine", "serve", "tiny-moe", "--port", str(port), "--random-weights")
+    assert result.exit_code == 2 and f"127.0.0.1:{port}" in result.output
