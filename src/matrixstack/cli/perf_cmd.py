@@ -70,8 +70,8 @@ def _options(
     perfect_eplb: bool,
     pins: list[str],
 ) -> PlanOptions:
-    if precision not in ("bf16", "fp8", "int8"):
-        raise UserError(f"--precision {precision!r} is not one of bf16, fp8, int8")
+    if precision not in ("fp32", "bf16", "fp8", "int8"):
+        raise UserError(f"--precision {precision!r} is not one of fp32, bf16, fp8, int8")
     if devices is not None and devices < 1:
         raise UserError("--devices must be at least 1")
     for name, value in (("--input-len", input_len), ("--output-len", output_len)):
@@ -94,7 +94,7 @@ def _options(
 
 
 DEVICES = typer.Option(None, "--devices", help="Devices of the fabric to plan on (default: all).")
-PRECISION = typer.Option("int8", "--precision", help="Linear layers in int8, fp8 or bf16.")
+PRECISION = typer.Option("int8", "--precision", help="Linear layers in int8, fp8, bf16 or fp32.")
 INPUT_LEN = typer.Option(4096, "--input-len", help="Prompt tokens per request.")
 OUTPUT_LEN = typer.Option(256, "--output-len", help="Generated tokens per request.")
 TPOT = typer.Option(50.0, "--tpot-ms", help="Time-per-output-token target (ms).")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from matrixstack.fabric.spec import FabricSpec
+from matrixstack.paths import data_dir
 
 # FP32 FLOPs per cycle per core: two FMA pipes x vector lanes x 2 (multiply + add). Intel/AMD optimisation
 # manuals; a core without AVX is taken as 2 x 128-bit SSE.
@@ -87,16 +90,33 @@ def _cuda_devices() -> list[tuple[str, float]]:
     ]
 
 
-def _plane(bandwidth_gbs: float, latency_us: float, protocol: str) -> dict[str, object]:
+def _plane(bandwidth_gbs: float, latency_us: float, protocol: str, efficiency: float = 0.8) -> dict[str, object]:
     return {
         "name": "local-bus",
         "kind": "scale_up",
         "protocol": protocol,
         "attached": "device",
         "bandwidth_gbs": bandwidth_gbs,
-        "efficiency": 0.8,
+        "efficiency": efficiency,
         "tiers": [{"name": "host", "nodes_per_domain": 1, "switches_per_domain": 1, "latency_us": latency_us}],
     }
+
+
+CALIBRATION_FILE = "local-calibration.yaml"
+
+
+def calibration_path() -> Path:
+    """Return where `matrixstack calibrate` writes this machine's measured figures."""
+    return data_dir() / CALIBRATION_FILE
+
+
+def _calibration() -> dict:
+    """Return the measured figures of this machine, or {} before `matrixstack calibrate` has run."""
+    path = calibration_path()
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return data if isinstance(data, dict) else {}
 
 
 def detect_local_fabric() -> FabricSpec:
@@ -132,6 +152,12 @@ def detect_local_fabric() -> FabricSpec:
         }
         plane = _plane(bandwidth_gbs=_SHM_GBS_PER_DEVICE, latency_us=_SHM_LATENCY_US, protocol="shared memory")
         description = f"this machine: {cores} CPU cores of {cpu_model}"
+        measured = _calibration()
+        if measured:  # figures measured by `matrixstack calibrate` replace the estimates
+            device["hbm_gbs"] = measured["hbm_gbs"]
+            device["efficiency"] = {**_CPU_EFFICIENCY, **measured["efficiency"]}
+            plane = _plane(measured["plane_gbs"], measured["plane_latency_us"], "shared memory (gloo), measured", 1.0)
+            description += f", calibrated {measured.get('measured_at', '')}".rstrip()
     return FabricSpec.model_validate(
         {
             "name": "local",
@@ -142,8 +168,8 @@ def detect_local_fabric() -> FabricSpec:
             "planes": [plane],
             "collective_library": {
                 "name": "gloo (torch.distributed)",
-                "launch_us": _SHM_LATENCY_US,
-                "all_to_all_launch_us": _SHM_LATENCY_US,
+                "launch_us": plane["tiers"][0]["latency_us"],
+                "all_to_all_launch_us": plane["tiers"][0]["latency_us"],
                 "per_peer_us": 1.0,
             },
         }

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from matrixstack.dtypes import Dtype
 
-Precision = Literal["bf16", "fp8", "int8"]
+Precision = Literal["fp32", "bf16", "fp8", "int8"]
 PhaseName = Literal["prefill", "decode"]
 
 
@@ -31,7 +31,7 @@ class Workload(Strict):
     kv_len: int | None = Field(
         None, gt=0, description="integer mean context held in the KV cache during decode (default input + output/2)"
     )
-    precision: Precision = Field("int8", description="weights and GEMMs: bf16, fp8 or int8")
+    precision: Precision = Field("int8", description="weights and GEMMs: fp32, bf16, fp8 or int8")
     kv_dtype: Dtype = Field("bf16", description="KV-cache dtype")
     mtp_acceptance: float = Field(
         0.0, ge=0, le=1, description="number in [0, 1]: acceptance of one MTP draft token; 0 turns MTP off"

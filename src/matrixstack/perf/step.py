@@ -169,7 +169,7 @@ def dispatch_bytes_per_token(arch: Arch, precision: str) -> float:
         return hidden + INT8_SCALE_BYTES
     if precision == "fp8":
         return hidden + hidden / 128 * FP8_SCALE_BYTES_PER_128
-    return hidden * BF16_BYTES
+    return hidden * BYTES_PER_ELEMENT[precision]
 
 
 class StepModel:
