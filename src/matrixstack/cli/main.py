@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from matrixstack.cli.arch_cmd import arch_app
+from matrixstack.cli.calibrate_cmd import register as register_calibrate
 from matrixstack.cli.engine_cmd import engine_app
 from matrixstack.cli.fabric_cmd import fabric_app
 from matrixstack.cli.matrix_cmd import matrix_app
@@ -21,3 +22,4 @@ app.add_typer(arch_app, name="arch")
 app.add_typer(matrix_app, name="matrix")
 app.add_typer(engine_app, name="engine")
 register_perf(app)
+register_calibrate(app)

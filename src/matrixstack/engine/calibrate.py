@@ -1,0 +1,222 @@
+"""`matrixstack calibrate`: measure this machine and this runtime, and write the `local` fabric's figures.
+
+A device of the `local` fabric is one CPU core, so everything is measured on one thread:
+
+- GEMM and attention rates (FP32 FLOP/s at the engine's shapes) -> `efficiency.gemm`, `efficiency.attention`
+  as fractions of the core's vector peak;
+- streaming memory bandwidth (a 256 MiB copy) -> `hbm_gbs` (achievable, so `efficiency.hbm` is 1);
+- the fixed cost of a kernel in this runtime: the engine's own decode step at one sequence is almost all fixed
+  cost; what the roofline does not explain is spread over the step model's kernels per layer
+  (`perf.step.kernels_per_layer`), matrix and vector kernels in the ratio a tiny matmul and a tiny elementwise
+  op take here -> `matmul_kernel_us`, `vector_kernel_us`. These two are FITTED to this runtime, by design;
+- the local bus between two worker processes (gloo over loopback): ping-pong latency and bandwidth.
+
+The result goes to `local-calibration.yaml` in the data directory, which `fabric.local` reads from then on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from matrixstack.arch.loader import load_arch
+from matrixstack.engine.config import EngineConfig, SamplingParams
+from matrixstack.engine.llm_engine import LLMEngine
+from matrixstack.engine.model import MoETransformer
+from matrixstack.engine.model_runner import ModelRunner
+from matrixstack.engine.tokenizer import Tokenizer
+from matrixstack.fabric.local import calibration_path, detect_local_fabric
+from matrixstack.perf.spec import InstancePlan, Workload
+from matrixstack.perf.step import StepModel, kernels_per_layer
+
+TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tiny-moe", "tokenizer.json")
+CALIBRATION_ARCH = "tiny-moe"
+PROMPT_TOKENS = 48
+DECODE_TOKENS = 32
+_COPY_ELEMENTS = 64 * 2**20  # 256 MiB of fp32
+_PING_BYTES = (8, 32 * 2**20)
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Return the fastest of `repeats` timed calls of `fn`, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_flops_per_s(repeats: int = 5) -> float:
+    """Return the median FP32 GEMM rate over the engine's typical shapes, in FLOP/s."""
+    rates = []
+    for m, k, n in ((64, 256, 512), (256, 256, 512), (512, 512, 512)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        seconds = _best_seconds(lambda a=a, b=b: a @ b, repeats)
+        rates.append(2 * m * k * n / seconds)
+    return statistics.median(rates)
+
+
+def attention_flops_per_s(repeats: int = 5) -> float:
+    """Return the FP32 rate of scaled-dot-product attention over a 512-token context, in FLOP/s."""
+    heads, queries, keys, dim = 4, 64, 512, 64
+    q, k, v = torch.randn(1, heads, queries, dim), torch.randn(1, heads, keys, dim), torch.randn(1, heads, keys, dim)
+    seconds = _best_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats)
+    return 2 * 2 * heads * queries * keys * dim / seconds
+
+
+def copy_gbs(repeats: int = 3) -> float:
+    """Return the streaming bandwidth of a 256 MiB copy (read + write), in GB/s."""
+    src, dst = torch.ones(_COPY_ELEMENTS), torch.empty(_COPY_ELEMENTS)
+    seconds = _best_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def tiny_op_us(repeats: int = 2000) -> tuple[float, float]:
+    """Return (microseconds of a 1-row matmul, of a small elementwise op): the runtime's per-call cost."""
+    x, w, y = torch.randn(1, 256), torch.randn(256, 256), torch.randn(1, 256)
+
+    def per_call(fn: Callable[[], object]) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e6
+
+    return per_call(lambda: x @ w), per_call(lambda: x * y)
+
+
+def decode_step_seconds(batch: int, seed: int = 0) -> float:
+    """Return the mean time of the engine's pure decode steps for `batch` sequences of tiny-moe (random weights)."""
+    torch.manual_seed(seed)
+    model = MoETransformer(load_arch(CALIBRATION_ARCH)).eval()
+    tokenizer = Tokenizer.from_file(TOKENIZER)
+    config = EngineConfig(
+        num_kv_blocks=max(64, batch * 8), block_size=16, max_num_seqs=max(batch, 1), max_model_len=256,
+        max_num_batched_tokens=max(batch * PROMPT_TOKENS, 256),
+    )  # fmt: skip
+    engine = LLMEngine(ModelRunner(model, config), tokenizer, config)
+    params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([(7 * i + j) % 4000 + 10 for j in range(PROMPT_TOKENS)], params)
+    decode_steps = []
+    while engine.has_work():
+        decoding = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running) and not (
+            engine.scheduler.waiting
+        )
+        before = len(engine.stats.step_seconds)
+        engine.step()
+        if decoding and len(engine.stats.step_seconds) > before:
+            decode_steps.append(engine.stats.step_seconds[-1])
+    return statistics.median(decode_steps[2:] or decode_steps)
+
+
+def predicted_decode_seconds(batch: int) -> float:
+    """Return the perf layer's decode step for `batch` tiny-moe sequences on one core of the local fabric."""
+    arch = load_arch(CALIBRATION_ARCH)
+    workload = Workload(
+        input_len=PROMPT_TOKENS, output_len=DECODE_TOKENS, kv_len=PROMPT_TOKENS + DECODE_TOKENS // 2, precision="fp32"
+    )
+    plan = InstancePlan(devices=1, ep=1, batch_per_device=batch, microbatches=1)
+    return StepModel(arch, detect_local_fabric(), workload).decode_step(plan).time_us / 1e6
+
+
+def _pingpong(rank: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for size in _PING_BYTES:
+        buffer = torch.zeros(size // 4)
+        rounds = 200 if size < 1024 else 5
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            if rank == 0:
+                torch.distributed.send(buffer, 1)
+                torch.distributed.recv(buffer, 1)
+            else:
+                torch.distributed.recv(buffer, 0)
+                torch.distributed.send(buffer, 0)
+        if rank == 0:
+            results[size] = (time.perf_counter() - start) / rounds / 2  # one way
+    torch.distributed.destroy_process_group()
+
+
+def local_bus() -> tuple[float, float]:
+    """Return (one-way latency in microseconds, bandwidth in GB/s) of gloo between two local processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_pingpong, args=(port, results), nprocs=2, join=True)
+        small, large = results[_PING_BYTES[0]], results[_PING_BYTES[1]]
+    return small * 1e6, _PING_BYTES[1] / large / 1e9
+
+
+def calibrate(measure_bus: bool = True) -> dict:
+    """Measure this machine, write the local fabric's calibration file and return what was written."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = detect_local_fabric() if not calibration_path().exists() else _uncalibrated()
+        peak = base.device.peak_tflops["fp32"] * 1e12
+        matmul_us, vector_us = tiny_op_us()
+        measured = {
+            "measured_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "threads_per_device": 1,
+            "hbm_gbs": round(copy_gbs(), 2),
+            "efficiency": {
+                "gemm": round(min(1.0, gemm_flops_per_s() / peak), 4),
+                "attention": round(min(1.0, attention_flops_per_s() / peak), 4),
+                "hbm": 1.0,
+                "matmul_kernel_us": 0.0,
+                "vector_kernel_us": 0.0,
+            },
+            "plane_gbs": base.plane("scale_up").bandwidth_gbs,
+            "plane_latency_us": base.plane("scale_up").tiers[0].latency_us,
+        }
+        if measure_bus:
+            latency_us, bus_gbs = local_bus()
+            measured["plane_latency_us"], measured["plane_gbs"] = round(latency_us, 2), round(bus_gbs, 3)
+        _write(measured)  # rates first, kernel costs zero: the roofline part of the prediction
+        residual_s = decode_step_seconds(1) - predicted_decode_seconds(1)
+        arch = load_arch(CALIBRATION_ARCH)
+        ratio = vector_us / matmul_us
+        weighted_kernels = sum(
+            matmuls + vectors * ratio
+            for matmuls, vectors in (kernels_per_layer(arch, arch.is_moe_layer(i)) for i in range(arch.layers))
+        )
+        per_matmul_us = max(0.0, residual_s * 1e6 / weighted_kernels)
+        measured["efficiency"]["matmul_kernel_us"] = round(per_matmul_us, 2)
+        measured["efficiency"]["vector_kernel_us"] = round(per_matmul_us * ratio, 2)
+        _write(measured)
+        return measured
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _uncalibrated():
+    """Return the local fabric as detected without the calibration file (estimates only)."""
+    path = calibration_path()
+    saved = path.read_text()
+    path.unlink()
+    try:
+        return detect_local_fabric()
+    finally:
+        path.write_text(saved)
+
+
+def _write(measured: dict) -> None:
+    path = calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Measured by `matrixstack calibrate` (matrixstack/engine/calibrate.py); read by fabric/local.py.\n"
+    path.write_text(header + yaml.safe_dump(measured, sort_keys=False))
