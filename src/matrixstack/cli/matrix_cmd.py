@@ -82,11 +82,8 @@ def create(
     if count < 1:
         raise UserError("--count must be at least 1")
     specs = [load_fabric(name) for name in fabric for _ in range(count)]
-    service = _service(db)
-    try:
+    with _service(db) as service:
         summary = service.create_pool(pool, specs)
-    finally:
-        service.close()
     if as_json:
         print_json(summary)
         return
@@ -99,11 +96,8 @@ def create(
 @user_errors_exit_2
 def list_pools(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
     """List the pools."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         pools = service.list_pools()
-    finally:
-        service.close()
     if as_json:
         print_json(pools)
         return
@@ -150,11 +144,8 @@ def alloc(
         dram_gib=dram_gib,
         constraints=SliceConstraints(within_domain=not cross_domain, max_tier=within_tier, whole_nodes=whole_nodes),
     )
-    service = _service(db)
-    try:
+    with _service(db) as service:
         info = service.alloc(pool, tenant, request, policy)
-    finally:
-        service.close()
     if as_json:
         print_json(info.to_dict())
         return
@@ -170,11 +161,8 @@ def free(
     as_json: bool = JsonOption,
 ) -> None:
     """Free a slice."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         info = service.free(slice_id, tenant)
-    finally:
-        service.close()
     if as_json:
         print_json(info.to_dict())
         return
@@ -191,11 +179,8 @@ def resize(
     as_json: bool = JsonOption,
 ) -> None:
     """Grow or shrink a slice, inside the domain it was placed in."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         info = service.resize(slice_id, devices, tenant)
-    finally:
-        service.close()
     if as_json:
         print_json(info.to_dict())
         return
@@ -212,11 +197,8 @@ def fail(
     as_json: bool = JsonOption,
 ) -> None:
     """Mark a device failed; its slice gets a replacement from the same domain, or is marked degraded."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         result = service.fail(pool, _parse_device(device), reason)
-    finally:
-        service.close()
     if as_json:
         print_json(result)
         return
@@ -239,11 +221,8 @@ def repair(
     as_json: bool = JsonOption,
 ) -> None:
     """Return a failed device to service and heal degraded slices that can now be made whole."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         result = service.repair(pool, _parse_device(device))
-    finally:
-        service.close()
     if as_json:
         print_json(result)
         return
@@ -265,11 +244,8 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """Show a pool: counts, slices, failures; --png draws nodes x devices coloured by slice."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         view = service.show(pool, tenant)
-    finally:
-        service.close()
     if png is not None:
         from matrixstack.matrix.draw import draw_pool
 
@@ -321,11 +297,8 @@ def events(
     as_json: bool = JsonOption,
 ) -> None:
     """Show the pool's event log (every mutation), oldest first."""
-    service = _service(db)
-    try:
+    with _service(db) as service:
         rows = service.events(pool, tenant, limit)
-    finally:
-        service.close()
     if as_json:
         print_json(rows)
         return

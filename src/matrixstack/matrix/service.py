@@ -188,6 +188,12 @@ class MatrixService:
         """Close the database connections."""
         self.engine.dispose()
 
+    def __enter__(self) -> MatrixService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- pools -------------------------------------------------------------------------------------------
 
     def create_pool(self, name: str, fabrics: list[FabricSpec]) -> dict[str, Any]:
