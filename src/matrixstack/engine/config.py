@@ -63,6 +63,9 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="strings that end the output (not included in it)")
     stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end the output")
     ignore_eos: bool = Field(False, description="keep generating after the end-of-sequence token")
+    detokenize: bool = Field(
+        True, description="assemble the output text; false returns token ids only (no stop strings then)"
+    )
 
     @field_validator("top_k")
     @classmethod
@@ -82,6 +85,12 @@ class SamplingParams(BaseModel):
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @model_validator(mode="after")
+    def _stop_needs_text(self) -> SamplingParams:
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need the output text: drop stop or set detokenize to true")
+        return self
 
     @property
     def greedy(self) -> bool:

@@ -23,7 +23,7 @@ from torch import nn
 
 from matrixstack.arch.spec import Arch
 from matrixstack.engine.attention import AttentionMetadata, build_metadata, paged_attention, write_cache
-from matrixstack.engine.moe import ExpertExecutor, LocalExperts, MoEBlock, Router, SwiGLU
+from matrixstack.engine.moe import ExpertExecutor, FusedLinears, LocalExperts, MoEBlock, Router, SwiGLU, wants_grad
 
 INIT_STD = 0.02  # normal init of projections and embeddings (GPT-2 / Llama convention)
 
@@ -37,7 +37,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the normalised `x`, same shape and dtype."""
+        """Return the normalised `x`, same shape and dtype (one fused op in float32)."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -91,16 +93,37 @@ class GQAAttention(nn.Module):
         self.q_norm = RMSNorm(a.head_dim, arch.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, arch.rms_norm_eps) if a.qk_norm else None
         self.scale = a.head_dim**-0.5
+        self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
+
+    def _apply(self, fn, recurse=True):
+        """Convert as `nn.Module` does, then fuse q/k/v again (the conversion gave each its own tensor)."""
+        super()._apply(fn, recurse)
+        self.qkv.refresh()
+        return self
+
+    def _project(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (rotated q [..., heads, d], rotated k [..., kv_heads, d], v [..., kv_heads, d]).
+
+        Without gradients, one GEMM for q, k and v and one RoPE call for q and k together."""
+        if wants_grad(self, x):
+            q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
+            k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+            v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            return apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False), v
+        qkv = self.qkv(x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
+        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=-2)
+        if self.q_norm is not None:
+            q, k = qk.split([self.heads, self.kv_heads], dim=-2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=-2)
+        q, k = apply_rope(qk, cos, sin, interleaved=False).split([self.heads, self.kv_heads], dim=-2)
+        return q, k, v
 
     def forward(self, x, cos, sin, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
         """Return the attention output, same shape as `x`: over the paged `cache` when `meta` is given (x is
         [T, H]), else full causal attention without cache (x is [B, T, H])."""
-        q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False)
+        q, k, v = self._project(x, cos, sin)
         if meta is None:
             out = causal_attention(q, k, v, self.scale)
         else:
@@ -157,7 +180,7 @@ class MLAAttention(nn.Module):
             w_kv_b = self.kv_b_proj.weight.view(self.heads, -1, lora)
             q_latent = torch.einsum("thn,hnc->thc", q_nope, w_kv_b[:, :nope])
             keys = cache[:, :, None, :]
-            out_latent = paged_attention(torch.cat((q_latent, q_pe), -1), keys, keys[..., :lora], meta, self.scale)
+            out_latent = paged_attention(torch.cat((q_latent, q_pe), -1), keys, None, meta, self.scale, lora)
             out = torch.einsum("thc,hvc->thv", out_latent, w_kv_b[:, nope:])
         return self.o_proj(out.flatten(-2))
 

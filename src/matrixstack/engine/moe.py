@@ -11,9 +11,20 @@ Routing follows DeepSeek-V3 (Hugging Face `DeepseekV3MoE`) and covers Qwen-MoE a
    `norm_topk_prob`, then multiplied by `routed_scaling_factor`.
 
 Expert execution goes through an `ExpertExecutor`, so expert parallelism can replace the in-process default
-(`LocalExperts`) without touching the block. A block holds all its routed experts in `experts` (an
-`nn.ModuleList` indexed by expert id); experts this process does not hold are `MissingExpert` placeholders
+(`LocalExperts`) without touching the block. A block holds all its routed experts in `experts` (an `ExpertList`,
+an `nn.ModuleList` indexed by expert id); experts this process does not hold are `MissingExpert` placeholders
 without weights.
+
+Grouped execution. An `ExpertList` keeps the weights of the experts it holds stacked, `w13` [held, 2 x
+intermediate, hidden] (gate rows, then up rows) and `w2` [held, hidden, intermediate], and each expert's
+`gate_proj`, `up_proj` and `down_proj` weights are views into them: loading a checkpoint or editing one expert
+writes the stack, state-dict names stay per expert, and the memory is not doubled. Any `.to()` / `.cuda()` /
+dtype change re-stacks (`ExpertList._apply`). Without gradients (serving), a layer's routed experts then run as
+a constant number of ops whatever the batch: the (token, expert) pairs sorted by expert, the rows gathered once,
+two grouped GEMMs (`torch.nn.functional.grouped_mm`, one group per expert, no padding), SwiGLU in between, the
+routing weight applied, and one `index_add_` back to the tokens. Where `grouped_mm` is unavailable for the
+device and dtype (probed once), the same sorted rows go through one pair of GEMMs per expert instead. With
+gradients on (training) the per-expert module loop `apply_experts` runs, so gradients reach the parameters.
 """
 
 from __future__ import annotations
@@ -29,18 +40,75 @@ from matrixstack.arch.spec import Moe
 SIGMOID_GROUP_TOP = 2  # DeepSeek-V3 scores a group by the sum of its best two experts
 
 
-class SwiGLU(nn.Module):
-    """A gated FFN: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."""
+def wants_grad(module: nn.Module, x: torch.Tensor) -> bool:
+    """Return True when autograd would record a call of `module` on `x` (training): the fused fast paths, whose
+    weights are not the parameters autograd knows, must not run then."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
-    def __init__(self, hidden_size: int, intermediate: int):
+
+class FusedLinears:
+    """Sibling `nn.Linear`s (same input, no bias or all biased) run as one GEMM: their weights (and biases) are
+    concatenated along the output dim once, and each linear's parameters become views into the result, so a
+    checkpoint load or an in-place edit of one linear writes the fused tensor too, without doubling the memory.
+    `refresh()` rebuilds it after a `.to()` (which gives each parameter its own tensor again) and whenever one of
+    the linears' tensors was replaced."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        self.refresh()
+
+    def _pointers(self) -> list[int]:
+        return [t.data_ptr() for lin in self.linears for t in (lin.weight, lin.bias) if t is not None]
+
+    def refresh(self) -> None:
+        """Concatenate the linears' weights and biases and make the linears' parameters views into them (plain
+        tensors even when called under `torch.inference_mode`, so the model stays usable outside it)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = torch.cat([lin.weight for lin in self.linears])
+            biased = self.linears[0].bias is not None
+            self.bias = torch.cat([lin.bias for lin in self.linears]) if biased else None
+            start = 0
+            for lin, size in zip(self.linears, self.sizes, strict=True):
+                lin.weight.data = self.weight[start : start + size]
+                if self.bias is not None:
+                    lin.bias.data = self.bias[start : start + size]
+                start += size
+        self._expected = self._pointers()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the linears' outputs concatenated along the last dim, [..., sum of out_features]."""
+        if self._pointers() != self._expected:
+            self.refresh()
+        return F.linear(x, self.weight, self.bias)
+
+
+class SwiGLU(nn.Module):
+    """A gated FFN: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases. With `fuse`, gate and up run as one
+    GEMM when no gradient is wanted (`FusedLinears`); routed experts do not fuse (their `ExpertList` stacks
+    their weights instead)."""
+
+    def __init__(self, hidden_size: int, intermediate: int, fuse: bool = True):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden_size, bias=False)
+        self.intermediate = intermediate
+        self.fused = FusedLinears(self.gate_proj, self.up_proj) if fuse else None
+
+    def _apply(self, fn, recurse=True):
+        """Convert as `nn.Module` does, then fuse again (the conversion gave each parameter its own tensor)."""
+        super()._apply(fn, recurse)
+        if self.fused is not None:
+            self.fused.refresh()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the FFN output, same shape as `x`."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is None or wants_grad(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.fused(x)
+        return self.down_proj(F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
 
 
 class MissingExpert(nn.Module):
@@ -113,13 +181,130 @@ class ExpertExecutor(Protocol):
 def apply_experts(
     experts: nn.ModuleList, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Return the weighted sum of routed-expert outputs [T, H], running each expert that received tokens once."""
+    """Return the weighted sum of routed-expert outputs [T, H], running each expert that received tokens once.
+
+    Grouped (a constant number of ops) when `experts` is an `ExpertList` and no gradient is wanted; otherwise
+    one module call per expert that received tokens (autograd-safe, works on any `nn.ModuleList`).
+    """
+    if isinstance(experts, ExpertList) and experts.holds_all and experts.can_group(hidden):
+        return experts.grouped(hidden, topk_ids, topk_weights)
     out = torch.zeros_like(hidden)
     for expert in topk_ids.unique().tolist():
         tokens, slot = (topk_ids == expert).nonzero(as_tuple=True)
         weights = topk_weights[tokens, slot].to(hidden.dtype)[:, None]
         out.index_add_(0, tokens, experts[expert](hidden[tokens]) * weights)
     return out
+
+
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Return True when `torch.nn.functional.grouped_mm` runs on this device type and dtype (probed once)."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        works = hasattr(F, "grouped_mm")
+        if works:
+            try:
+                a = torch.zeros(2, 8, device=device, dtype=dtype)
+                b = torch.zeros(2, 8, 8, device=device, dtype=dtype)
+                F.grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([1, 2], dtype=torch.int32, device=device))
+            except (RuntimeError, NotImplementedError, TypeError):
+                works = False
+        _GROUPED_MM_WORKS[key] = works
+    return _GROUPED_MM_WORKS[key]
+
+
+class ExpertList(nn.ModuleList):
+    """The routed experts of one MoE layer by id (`SwiGLU` or `MissingExpert`), with the held experts' weights
+    stacked for grouped execution (see the module docstring): `w13` [held, 2I, H], `w2` [held, H, I] and
+    `local_index` [experts] (the row of each expert in the stack, -1 when not held)."""
+
+    def __init__(self, experts):
+        super().__init__(experts)
+        self._stack()
+
+    def _stack(self) -> None:
+        """Stack the held experts' weights and make each expert's weights views into the stack (plain tensors even
+        under `torch.inference_mode`, so the model stays usable outside it)."""
+        held = [(e, m) for e, m in enumerate(self) if isinstance(m, SwiGLU)]
+        self.held_ids = [e for e, _ in held]
+        device = held[0][1].down_proj.weight.device if held else torch.device("cpu")
+        with torch.inference_mode(False), torch.no_grad():
+            index = torch.full((len(self),), -1, dtype=torch.int64)
+            index[self.held_ids] = torch.arange(len(held))
+            self.local_index = index.to(device)
+            self._weights = [p for _, m in held for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+            if not held:
+                self.w13 = self.w2 = None
+                self._expected = []
+                return
+            self.w13 = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for _, m in held])
+            self.w2 = torch.stack([m.down_proj.weight for _, m in held])
+            inter = self.w2.shape[-1]
+            for j, (_, m) in enumerate(held):
+                m.gate_proj.weight.data = self.w13[j, :inter]
+                m.up_proj.weight.data = self.w13[j, inter:]
+                m.down_proj.weight.data = self.w2[j]
+        self._expected = [p.data_ptr() for p in self._weights]
+
+    def _apply(self, fn, recurse=True):
+        """Convert the experts as `nn.Module` does (`.to()`, `.cuda()`, dtype changes), then re-stack them."""
+        super()._apply(fn, recurse)
+        self._stack()
+        return self
+
+    def is_stacked(self) -> bool:
+        """Return True while every held expert's weights are still the views into the stack made by `_stack`
+        (nobody assigned a new tensor to one since)."""
+        return [p.data_ptr() for p in self._weights] == self._expected
+
+    @property
+    def holds_all(self) -> bool:
+        """Return True when this process holds every expert of the layer."""
+        return len(self.held_ids) == len(self)
+
+    def can_group(self, hidden: torch.Tensor) -> bool:
+        """Return True when the grouped path applies: no gradients wanted and the stack matches `hidden`."""
+        if wants_grad(self, hidden):
+            return False
+        if self.w13 is None or self.w13.device != hidden.device or self.w13.dtype != hidden.dtype:
+            return False
+        if not self.is_stacked():
+            self._stack()
+        return True
+
+    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Return SwiGLU outputs [N, H] of `rows` [N, H] sorted by stack row: the first `counts[0]` rows go
+        through held expert 0, the next `counts[1]` through held expert 1, and so on (`counts` int64 [held])."""
+        inter = self.w2.shape[-1]
+        if rows.shape[0] == 0:
+            return rows.new_zeros(0, self.w2.shape[1])
+        if grouped_mm_available(rows.device, rows.dtype):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate_up = F.grouped_mm(rows, self.w13.transpose(1, 2), offs=offs)
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            return F.grouped_mm(act, self.w2.transpose(1, 2), offs=offs)
+        out = rows.new_empty(rows.shape[0], self.w2.shape[1])
+        start = 0
+        for j, n in enumerate(counts.tolist()):
+            if n:
+                gate_up = F.linear(rows[start : start + n], self.w13[j])
+                out[start : start + n] = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.w2[j])
+            start += n
+        return out
+
+    def grouped(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Return sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]), [T, H], in a constant number of
+        ops (every expert in `topk_ids` must be held)."""
+        k = topk_ids.shape[1]
+        local = self.local_index[topk_ids.reshape(-1)]
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=self.w13.shape[0])
+        tokens = order // k
+        out = self.run_sorted(hidden.index_select(0, tokens), counts)
+        out = out * topk_weights.reshape(-1)[order].to(hidden.dtype)[:, None]
+        return torch.zeros_like(hidden).index_add_(0, tokens, out)
 
 
 class LocalExperts:
@@ -146,8 +331,8 @@ class MoEBlock(nn.Module):
         self.layer = layer
         self.gate = Router(hidden_size, moe)
         held = set(range(moe.routed_experts)) if expert_ids is None else expert_ids
-        self.experts = nn.ModuleList(
-            SwiGLU(hidden_size, moe.expert_intermediate) if e in held else MissingExpert(layer, e)
+        self.experts = ExpertList(
+            SwiGLU(hidden_size, moe.expert_intermediate, fuse=False) if e in held else MissingExpert(layer, e)
             for e in range(moe.routed_experts)
         )
         self.shared_experts = (

@@ -108,7 +108,8 @@ class Sequence:
         # Per-request torch.Generator for seeded sampling, made by the model runner (sampler.make_generator); kept
         # here so it lives as long as the request and keeps its state across preemptions.
         self.generator: Any = None
-        self._text = StopText(decode, prompt_token_ids, params.stop) if decode is not None else None
+        detokenize = decode is not None and params.detokenize
+        self._text = StopText(decode, prompt_token_ids, params.stop) if detokenize else None
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,310 @@
+"""The MatrixStack engine against Hugging Face transformers' `generate`, on the same tiny-moe and the same requests.
+
+Usage: `python bench/engine_vs_hf.py [--json] [--requests 32] [--seed 0] [--threads N] [--random-weights]`.
+Needs transformers, which is not a test dependency: `pip install -e '.[bench]'` (the `bench` extra of
+pyproject.toml: transformers>=4.46; written against 5.24). Results go to bench/results/engine_vs_hf.json; with
+--json the last line printed is the same JSON object (`engine_tokens_per_s`, `hf_tokens_per_s`, `ratio`, ...).
+
+The model. tiny-moe (arch `tiny-moe`: 4 layers, the first dense, GQA 4 query / 2 KV heads, routed experts top-2
+of 8 with sigmoid gating, DeepSeek-V3's score-correction bias and normalised top-k weights, one shared expert,
+tied embeddings, RoPE theta 1e4) is exactly transformers' `Glm4MoeForCausalLM` (GLM-4.5) with
+`first_k_dense_replace=1`, `partial_rotary_factor=1.0` (GLM's default rotates half of each head; ours rotates all
+of it, half-split pairs as Llama), `attention_bias=False`, `use_qk_norm=False`, `n_group=topk_group=1`,
+`num_nextn_predict_layers=0` and `tie_word_embeddings=True`. Glm4Moe is DeepSeek-V3's MoE block behind GQA
+attention, so nothing is approximated: the engine's checkpoint (`engine.weights.save_weights`, Hugging Face
+tensor names) loads into it as is, and the script checks that both give the same logits (within 1e-4) before
+timing anything. The other candidates fit worse: `DeepseekV3ForCausalLM` is MLA-only; `Qwen2MoeForCausalLM` has
+GQA, `mlp_only_layers` for the dense first layer and a shared expert, but softmax routing without the correction
+bias and a sigmoid gate on the shared expert's output (`shared_expert_gate`) that tiny-moe lacks;
+`Qwen3MoeForCausalLM` has no shared expert and always applies q/k norms.
+
+The weights are tiny-moe's packaged trained weights by default (greedy tokens of a trained model are decisive, so
+the two implementations can be compared token by token); `--random-weights` uses the engine's seeded random
+initialisation instead (`--seed`). Either way both sides run the same tensors, in float32, with the same torch
+intra-op threads (`--threads`, default all cores, set explicitly with `torch.set_num_threads`).
+
+The requests. `matrixstack.engine.bench.make_requests(requests, seed)`: prompt lengths uniform in 16..256 tokens,
+output lengths uniform in 16..128 tokens, prompt token ids uniform over the vocabulary past the special tokens,
+greedy decoding, end-of-sequence ignored (every request produces exactly its output length).
+
+Hugging Face gets its best: all requests in one left-padded batch (attention mask, so padding is not attended
+and positions start at 0 for every prompt), `use_cache=True`, greedy, `max_new_tokens` = the longest output,
+`torch.inference_mode`, SDPA attention, and its faster expert implementation for this batch (`eager` and
+`grouped_mm` are each timed on a short generate first and the faster is used; `batched_mm`, which runs every
+expert on every token, was 30x slower here and is only run when asked for with `--hf-experts`). Its throughput
+counts only each request's own output tokens (the tokens generated past a request's length are padding work, not
+output) over the wall time of the `generate` call. The engine runs the same requests, all submitted at once, with
+continuous batching (`LLMEngine`, a `ModelRunner`, the default scheduler limits, KV cache sized to hold them
+all): its throughput is the same output tokens over the wall time from submission to the last token. Both sides
+are warmed up first; each is timed `--repeats` times (default 3), the two sides alternating, and each side's best
+run is kept. Neither side assembles text (`generate` returns token ids; the engine runs with
+`SamplingParams(detokenize=False)`). The greedy tokens are compared
+request by request (identical up to float32 round-off: a request may diverge where two logits nearly tie, and the
+report says where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from matrixstack.arch import load_arch
+from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
+from matrixstack.engine.bench import bench_config, distribution, make_requests, run_phase, warm_up
+from matrixstack.engine.llm_engine import LLMEngine
+from matrixstack.engine.model import MoETransformer
+from matrixstack.engine.model_runner import ModelRunner
+from matrixstack.engine.tokenizer import Tokenizer
+from matrixstack.engine.weights import load_weights, save_weights
+
+RESULTS = Path(__file__).parent / "results"
+ARCH = "tiny-moe"
+LOGITS_ATOL = 1e-4
+PROBE_NEW_TOKENS = 4  # the short generate that picks HF's expert implementation
+# batched_mm runs every expert on every token (experts / top-k = 4x the FLOPs here) and took 30x eager's time on
+# the probe (16.8 s vs 0.56 s, 2 CPU cores), so the automatic choice leaves it out; --hf-experts batched_mm runs it.
+AUTO_EXPERT_IMPLEMENTATIONS = ("eager", "grouped_mm")
+MIN_RATIO = 2.0
+
+
+def hf_config(arch):
+    """Return the `Glm4MoeConfig` that is tiny-moe (mapping in the module docstring)."""
+    import transformers
+
+    a, moe = arch.attention, arch.ffn.moe
+    if a.kind != "gqa" or a.qkv_bias or a.qk_norm or moe.gating != "sigmoid" or arch.ffn.moe.dense_layers != [0]:
+        raise SystemExit(f"{arch.name} no longer matches Glm4Moe's layout; update hf_config")
+    return transformers.Glm4MoeConfig(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn.dense_intermediate,
+        moe_intermediate_size=moe.expert_intermediate,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        n_shared_experts=moe.shared_experts,
+        n_routed_experts=moe.routed_experts,
+        num_experts_per_tok=moe.experts_per_token,
+        routed_scaling_factor=moe.routed_scaling_factor,
+        n_group=moe.groups,
+        topk_group=moe.topk_groups,
+        norm_topk_prob=moe.norm_topk_prob,
+        first_k_dense_replace=1,
+        attention_bias=False,
+        use_qk_norm=False,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta, "partial_rotary_factor": 1.0},
+        rms_norm_eps=arch.rms_norm_eps,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_embeddings,
+        num_nextn_predict_layers=0,
+        hidden_act="silu",
+    )
+
+
+def build_models(random_weights: bool, seed: int, folder: Path):
+    """Return (engine model, HF model, tokenizer) holding the same float32 weights."""
+    import transformers
+
+    arch = load_arch(ARCH)
+    torch.manual_seed(seed)
+    model = MoETransformer(arch)
+    if not random_weights:
+        load_weights(model, PACKAGED_WEIGHTS[ARCH])
+    model.eval()
+    save_weights(model, folder / "model.safetensors")
+    hf_config(arch).save_pretrained(folder)
+    hf = transformers.Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    hf.eval()
+    return model, hf, Tokenizer.from_file(PACKAGED_WEIGHTS[ARCH] / TOKENIZER_FILE)
+
+
+@torch.inference_mode()
+def check_same_function(model, hf, vocab_size: int) -> float:
+    """Return the largest logit difference of the two models on one sequence; exit when it exceeds LOGITS_ATOL."""
+    ids = torch.arange(FIRST_CHECK_TOKENS) * 37 % vocab_size
+    ours = model.reference_forward(ids)
+    theirs = hf(ids[None]).logits[0].float()
+    diff = float((ours - theirs).abs().max())
+    if diff > LOGITS_ATOL:
+        raise SystemExit(f"the engine and Hugging Face disagree on the logits by {diff:.2e}: the mapping is wrong")
+    return diff
+
+
+FIRST_CHECK_TOKENS = 64
+
+
+def padded_batch(requests, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (input_ids, attention_mask) [requests, longest prompt], left-padded."""
+    width = max(len(r.prompt_token_ids) for r in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(requests), width), dtype=torch.int64)
+    for i, r in enumerate(requests):
+        n = len(r.prompt_token_ids)
+        ids[i, width - n :] = torch.tensor(r.prompt_token_ids)
+        mask[i, width - n :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def hf_generate(hf, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Return (generated tokens [batch, new_tokens], seconds) of one greedy `generate` call."""
+    start = time.perf_counter()
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    seconds = time.perf_counter() - start
+    return out[:, ids.shape[1] :], seconds
+
+
+def pick_expert_implementation(hf, ids, mask, names: tuple[str, ...]) -> tuple[str, dict[str, float]]:
+    """Time a short generate with each of the expert implementations `names`; return the fastest and all
+    timings."""
+    timings = {}
+    for name in names:
+        try:
+            hf.set_experts_implementation(name)
+            hf_generate(hf, ids, mask, PROBE_NEW_TOKENS)  # warm-up for this implementation
+            timings[name] = hf_generate(hf, ids, mask, PROBE_NEW_TOKENS)[1]
+        except Exception as exc:  # an implementation this build or device lacks
+            timings[name] = float("nan")
+            print(f"HF experts_implementation={name} unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    usable = {k: v for k, v in timings.items() if v == v}
+    best = min(usable, key=usable.get)
+    hf.set_experts_implementation(best)
+    return best, timings
+
+
+def make_engine(model, tokenizer, requests) -> LLMEngine:
+    """Return a warmed-up engine over `model` whose KV cache holds every request at once."""
+    config = bench_config(requests)
+    engine = LLMEngine(ModelRunner(model, config), tokenizer, config)
+    warm_up(engine)
+    return engine
+
+
+def run_engine(engine: LLMEngine, requests) -> tuple[float, list[list[int]], dict]:
+    """Return (seconds, output token ids per request, figures) of one engine run over the request set."""
+    timing = run_phase(engine, requests, full_outputs=True, on_tokens=lambda n: None, detokenize=False)
+    figures = {
+        "wall_s": round(timing.wall_s, 3),
+        "steps": timing.steps,
+        "decode_only_tokens_per_s": round(timing.decode_only_tokens / timing.decode_only_s, 1),
+    }
+    return timing.wall_s, [seq.output_token_ids for seq in timing.sequences], figures
+
+
+def compare_tokens(engine_out: list[list[int]], hf_out: torch.Tensor, requests) -> dict:
+    """Return how many requests got identical greedy tokens, and where the others first differ."""
+    identical, first_diff = 0, {}
+    for i, r in enumerate(requests):
+        ours, theirs = engine_out[i], hf_out[i, : r.output_tokens].tolist()
+        if ours == theirs:
+            identical += 1
+        else:
+            first_diff[i] = next(j for j, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    return {"identical_requests": identical, "first_difference_at": first_diff}
+
+
+def main() -> None:
+    """Run both sides, print the comparison and write bench/results/engine_vs_hf.json."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="end with a JSON line")
+    parser.add_argument("--requests", type=int, default=32, help="requests in the set (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request set and random weights")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads, both sides")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, interleaved; the best is kept")
+    parser.add_argument("--random-weights", action="store_true", help="seeded random weights, not the packaged")
+    parser.add_argument(
+        "--hf-experts",
+        default="auto",
+        choices=["auto", "eager", "grouped_mm", "batched_mm"],
+        help="HF experts_implementation (auto: the faster of eager and grouped_mm on a short probe)",
+    )
+    args = parser.parse_args()
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("transformers is not installed: pip install -e '.[bench]'") from None
+    torch.set_num_threads(args.threads)
+    arch = load_arch(ARCH)
+    requests = make_requests(args.requests, args.seed, arch.vocab_size)
+    with tempfile.TemporaryDirectory() as folder:
+        model, hf, tokenizer = build_models(args.random_weights, args.seed, Path(folder))
+    logits_diff = check_same_function(model, hf, arch.vocab_size)
+    output_tokens = sum(r.output_tokens for r in requests)
+    longest = max(r.output_tokens for r in requests)
+    ids, mask = padded_batch(requests, pad_id=0)
+    names = AUTO_EXPERT_IMPLEMENTATIONS if args.hf_experts == "auto" else (args.hf_experts,)
+    expert_impl, impl_timings = pick_expert_implementation(hf, ids, mask, names)
+    engine = make_engine(model, tokenizer, requests)
+    hf_seconds = engine_seconds = float("inf")
+    hf_out = engine_out = engine_figures = None
+    for _ in range(args.repeats):  # interleaved, so both sides see the machine in the same moods
+        generated, seconds = hf_generate(hf, ids, mask, longest)
+        if seconds < hf_seconds:
+            hf_seconds, hf_out = seconds, generated
+        seconds, outputs, figures = run_engine(engine, requests)
+        if seconds < engine_seconds:
+            engine_seconds, engine_out, engine_figures = seconds, outputs, figures
+    engine_rate = output_tokens / engine_seconds
+    hf_rate = output_tokens / hf_seconds
+    tokens_valid = all(0 <= t < arch.vocab_size for out in engine_out for t in out) and [
+        len(o) for o in engine_out
+    ] == [r.output_tokens for r in requests]
+    figures = {
+        "engine_tokens_per_s": round(engine_rate, 1),
+        "hf_tokens_per_s": round(hf_rate, 1),
+        "ratio": round(engine_rate / hf_rate, 2),
+        "at_least_2x": engine_rate / hf_rate >= MIN_RATIO,
+        "output_tokens": output_tokens,
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
+        "requests": args.requests,
+        "seed": args.seed,
+        "distribution": distribution(),
+        "hf_padded_batch": {"prompt_width": ids.shape[1], "max_new_tokens": longest},
+        "hf_seconds": round(hf_seconds, 3),
+        "hf_model": "Glm4MoeForCausalLM",
+        "hf_experts_implementation": expert_impl,
+        "hf_experts_probe_s": {k: round(v, 3) for k, v in impl_timings.items()},
+        "engine": engine_figures,
+        "weights": "random (seeded)" if args.random_weights else "packaged tiny-moe",
+        "dtype": "float32",
+        "max_logit_difference": logits_diff,
+        "engine_tokens_valid": tokens_valid,
+        **compare_tokens(engine_out, hf_out, requests),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "engine_vs_hf.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(
+        f"{args.requests} requests, {output_tokens} output tokens, {args.threads} threads: engine "
+        f"{figures['engine_tokens_per_s']} tok/s, Hugging Face ({expert_impl} experts) {figures['hf_tokens_per_s']} "
+        f"tok/s: {figures['ratio']}x (target >= {MIN_RATIO}x); greedy tokens identical in "
+        f"{figures['identical_requests']}/{args.requests} requests"
+    )
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
