@@ -201,7 +201,7 @@ def build_metadata(
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """Write `values` [num_tokens, ...] into `cache` [num_blocks, block_size, ...] at the flat slots, in place."""
-    cache.view(-1, *cache.shape[2:])[slot_mapping] = values.to(cache.dtype)
+    cache.view(-1, *cache.shape[2:])[slot_mapping] = values if values.dtype == cache.dtype else values.to(cache.dtype)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ up-projects K and V per head, so the tests compare two independent formulations.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class RopeAngles(NamedTuple):
+    """One forward pass's RoPE factors in the model dtype, shaped [..., T, 1, d] to broadcast over heads: `cos`
+    and `sin` (d = rotary dim / 2, for the interleaved layout), `cos2` = cat(cos, cos) and `sin2` =
+    cat(-sin, sin) (d = rotary dim, for the half-split layout: x * cos2 + cat(x2, x1) * sin2)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos2: torch.Tensor
+    sin2: torch.Tensor
+
+
 class Rotary(nn.Module):
     """RoPE angles: `forward(positions)` returns (cos, sin), each [..., T, dim / 2], float32 whatever the model
-    dtype (the frequencies are not a buffer, so `model.to(bfloat16)` cannot round them)."""
+    dtype (the frequencies are not a buffer, so `model.to(bfloat16)` cannot round them); `angles(positions,
+    dtype)` returns them as `RopeAngles`, computed once per forward pass and shared by every layer."""
 
     def __init__(self, dim: int, theta: float):
         super().__init__()
@@ -59,16 +72,23 @@ class Rotary(nn.Module):
         angles = positions.float()[..., None] / self.theta**exponents
         return angles.cos(), angles.sin()
 
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAngles:
+        """Return the `RopeAngles` of `positions` [..., T] in `dtype`."""
+        cos, sin = self(positions)
+        cos, sin = cos[..., None, :].to(dtype), sin[..., None, :].to(dtype)
+        return RopeAngles(cos, sin, torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+
+def apply_rope(x: torch.Tensor, rope: RopeAngles, interleaved: bool) -> torch.Tensor:
     """Return `x` [..., T, heads, dim] rotated by position; pairs are (i, i + dim/2), or (2i, 2i + 1) when
-    `interleaved` (DeepSeek's rope layout)."""
-    cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)
+    `interleaved` (DeepSeek's rope layout). The half-split form x * cos2 + cat(x2, x1) * sin2 is the same
+    arithmetic, bit for bit, as cat(x1 cos - x2 sin, x2 cos + x1 sin)."""
     if interleaved:
+        cos, sin = rope.cos, rope.sin
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * rope.cos2 + torch.cat((x2, x1), dim=-1) * rope.sin2
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -101,7 +121,7 @@ class GQAAttention(nn.Module):
         self.qkv.refresh()
         return self
 
-    def _project(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, x: torch.Tensor, rope: RopeAngles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (rotated q [..., heads, d], rotated k [..., kv_heads, d], v [..., kv_heads, d]).
 
         Without gradients, one GEMM for q, k and v and one RoPE call for q and k together."""
@@ -111,19 +131,19 @@ class GQAAttention(nn.Module):
             v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            return apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False), v
+            return apply_rope(q, rope, interleaved=False), apply_rope(k, rope, interleaved=False), v
         qkv = self.qkv(x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
         qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=-2)
         if self.q_norm is not None:
             q, k = qk.split([self.heads, self.kv_heads], dim=-2)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=-2)
-        q, k = apply_rope(qk, cos, sin, interleaved=False).split([self.heads, self.kv_heads], dim=-2)
+        q, k = apply_rope(qk, rope, interleaved=False).split([self.heads, self.kv_heads], dim=-2)
         return q, k, v
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
         """Return the attention output, same shape as `x`: over the paged `cache` when `meta` is given (x is
         [T, H]), else full causal attention without cache (x is [B, T, H])."""
-        q, k, v = self._project(x, cos, sin)
+        q, k, v = self._project(x, rope)
         if meta is None:
             out = causal_attention(q, k, v, self.scale)
         else:
@@ -153,23 +173,23 @@ class MLAAttention(nn.Module):
         self.o_proj = nn.Linear(a.heads * m.v_head_dim, hidden, bias=False)
         self.scale = a.head_dim**-0.5
 
-    def _query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query(self, x: torch.Tensor, rope: RopeAngles) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (q_nope [..., heads, nope], rotated q_pe [..., heads, rope])."""
         q = self.q_proj(x) if self.m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (self.heads, -1))
         q_nope, q_pe = q.split([self.m.qk_nope_head_dim, self.m.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin, interleaved=True)
+        return q_nope, apply_rope(q_pe, rope, interleaved=True)
 
-    def _latent(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent(self, x: torch.Tensor, rope: RopeAngles) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (normalised latent [..., kv_lora_rank], rotated rope key [..., 1, rope]): what the cache keeps."""
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], cos, sin, interleaved=True)
+        return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], rope, interleaved=True)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
         """Return the attention output, same shape as `x`: absorbed attention over the paged latent `cache`
         when `meta` is given (x is [T, H]), else the up-projected reference (x is [B, T, H])."""
-        q_nope, q_pe = self._query(x, cos, sin)
-        latent, k_pe = self._latent(x, cos, sin)
+        q_nope, q_pe = self._query(x, rope)
+        latent, k_pe = self._latent(x, rope)
         nope, lora = self.m.qk_nope_head_dim, self.m.kv_lora_rank
         if meta is None:
             k_nope, v = self.kv_b_proj(latent).unflatten(-1, (self.heads, -1)).split([nope, self.m.v_head_dim], -1)
@@ -198,9 +218,9 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(arch.hidden_size, arch.ffn.dense_intermediate)
 
-    def forward(self, x, cos, sin, meta, cache, executor: ExpertExecutor) -> torch.Tensor:
+    def forward(self, x, rope: RopeAngles, meta, cache, executor: ExpertExecutor) -> torch.Tensor:
         """Return the layer output, same shape as `x`."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, cache)
+        h = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
         normed = self.post_attention_layernorm(h)
         return h + (self.mlp(normed, executor) if isinstance(self.mlp, MoEBlock) else self.mlp(normed))
 
@@ -236,9 +256,9 @@ class MoETransformer(nn.Module):
     def _hidden(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
         """Return the final-normed hidden states for the tokens, [..., T, H]."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions)
+        rope = self.rotary.angles(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, None if kv_cache is None else kv_cache[i], self.expert_executor)
+            x = layer(x, rope, meta, None if kv_cache is None else kv_cache[i], self.expert_executor)
         return self.norm(x)
 
     def forward(

@@ -147,7 +147,9 @@ def route(logits: torch.Tensor, moe: Moe, correction_bias: torch.Tensor | None =
     topk_weights = scores.gather(1, topk_ids)
     if moe.norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return topk_ids, topk_weights * moe.routed_scaling_factor
+    if moe.routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * moe.routed_scaling_factor
+    return topk_ids, topk_weights
 
 
 class Router(nn.Module):
@@ -281,7 +283,7 @@ class ExpertList(nn.ModuleList):
         if rows.shape[0] == 0:
             return rows.new_zeros(0, self.w2.shape[1])
         if grouped_mm_available(rows.device, rows.dtype):
-            offs = counts.cumsum(0).to(torch.int32)
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
             gate_up = F.grouped_mm(rows, self.w13.transpose(1, 2), offs=offs)
             act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             return F.grouped_mm(act, self.w2.transpose(1, 2), offs=offs)
@@ -298,7 +300,7 @@ class ExpertList(nn.ModuleList):
         """Return sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]), [T, H], in a constant number of
         ops (every expert in `topk_ids` must be held)."""
         k = topk_ids.shape[1]
-        local = self.local_index[topk_ids.reshape(-1)]
+        local = topk_ids.reshape(-1) if self.holds_all else self.local_index[topk_ids.reshape(-1)]
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=self.w13.shape[0])
         tokens = order // k
