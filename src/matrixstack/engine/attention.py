@@ -6,20 +6,28 @@ positions `context_lens[i] - new_tokens ... context_lens[i] - 1`. That covers a 
 one (chunked prefill: causal inside the chunk, full attention to everything cached before it), and one or a few
 tokens (decode, MTP-style verification) in the same batch.
 
-The cache of one layer is split in fixed-size blocks: `[num_blocks, block_size, ...]`. Token position `p` of
-sequence `i` lives at slot `block_tables[i, p // block_size] * block_size + p % block_size`; `slot_mapping` holds
-that slot for each new token. New K/V (or MLA latents) are written before attention, so each sequence's keys are
-gathered from its blocks alone.
+The cache of one layer is split in fixed-size blocks, head-major: `[kv_heads, num_blocks, block_size, d]` (MLA's
+latent is one "head"). Token position `p` of sequence `i` lives at slot `block_tables[i, p // block_size] *
+block_size + p % block_size` of every head; `slot_mapping` holds that slot for each new token. New K/V (or MLA
+latents) are written before attention, so each sequence's keys are gathered from its blocks alone.
 
-The kernel is batched: one `scaled_dot_product_attention` call per group of sequences, whatever the batch size.
-The sequences of a step fall in at most two groups, those with one new token (decodes) and those with more
-(prefill chunks), so a pure decode or pure prefill step makes one call per layer and a mixed step two. A group
-of S sequences with at most Q new tokens and L context tokens runs as one padded batch: queries [S, heads, Q, d],
-keys and values gathered from the cache through a [S, kv_heads, L] slot index straight into the kernel's layout,
-and a boolean mask [S, 1, Q, L] that is causal (query at position p sees keys 0..p), which also hides the keys
-past each sequence's context; padded query rows see key 0 only (no empty softmax) and are dropped. The index
-tensors and masks are built once per step (`AttentionMetadata.plan`) and shared by every layer. Splitting decodes
-from prefill chunks keeps the padding small: a decode never pads to a chunk's length.
+The kernel is batched: a constant number of kernel calls per layer, whatever the batch size. A step's sequences
+are split into groups (`AttentionMetadata.plan`, built once per step and shared by every layer): those with one
+new token (decodes) and those with more (prefill chunks) never share a group, so a decode never pads to a chunk's
+length; and each kind is cut into at most MAX_GROUPS groups of similar lengths, where a cut saves more padding
+than a group costs (`_split_by_length`). A pure decode step with similar contexts makes one group per layer. A
+group of S sequences with at most Q new tokens and L context tokens (whole blocks) runs as one padded batch: keys
+and values copied from the cache a whole block at a time (one `index_select` per head, into a per-thread scratch
+buffer reused from layer to layer and step to step, so no fresh multi-megabyte tensor is page-faulted in every
+time) as contiguous [kv_heads, S, L, d]. Padding reads block 0 (finite) and is masked.
+- A decode group (Q = 1) is two batched GEMMs and a float32 softmax (`_decode_attention`): the query heads that
+  share a key head are the rows of one small GEMM per (key head, sequence), and `hidden_keys` [1, S, 1, L] masks
+  the keys past each context. (The CPU flash kernel of `scaled_dot_product_attention`, one query row at a time,
+  was 1.4-1.7x slower on tiny-moe's decode batches.)
+- A chunk group runs `scaled_dot_product_attention` on queries [S, heads, Q, d] with a boolean mask [S, 1, Q, L]
+  that is causal (query at position p sees keys 0..p) and hides the keys past each context. Padded query rows
+  see key 0 only (no empty softmax) and are dropped. A group of whole prompts from position 0 needs no mask:
+  plain `is_causal`.
 """
 
 from __future__ import annotations
@@ -38,17 +46,20 @@ class AttentionGroup:
     `seq_ids` [S] are the sequences (indices into the step's metadata) and `q_len` the most new tokens of any of
     them (Q); `block_ids` [S * W] lists each sequence's first W cache blocks (W blocks cover the longest context
     of the group; 0 past a sequence's table: those keys are masked), so the group's keys are the L = W x
-    block_size positions of those blocks; `mask` [S, 1, Q, L] says which key each query row sees (None: plain
-    causal from the top left, for groups of whole prompts starting at position 0); `q_rows`
-    [S * Q] picks each padded query row's token from the flat batch (None: the group is the whole batch, one
-    token per sequence, in order); `out_rows` [T_g] picks each of the group's tokens from the padded output and
-    `tokens` [T_g] says where it goes in the flat batch (None: the group is the whole batch, rows in order).
+    block_size positions of those blocks; for a chunk group (Q > 1) `mask` [S, 1, Q, L] says which key each query
+    row sees (None: plain causal from the top left, for groups of whole prompts starting at position 0); for a
+    decode group (Q = 1) `hidden_keys` [1, S, 1, L] is True at the keys past each context; `q_rows` [S * Q] picks each
+    padded query row's token from the flat batch (None: the group is the whole batch, one token per sequence, in
+    order); `out_rows` [T_g] picks each of the group's tokens from the padded output (None: one token per
+    sequence, so every padded row is a token) and `tokens` [T_g] says where it goes in the flat batch (None: the
+    group is the whole batch, rows in order).
     """
 
     seq_ids: torch.Tensor
     q_len: int
     block_ids: torch.Tensor
     mask: torch.Tensor | None
+    hidden_keys: torch.Tensor | None
     q_rows: torch.Tensor | None
     out_rows: torch.Tensor | None
     tokens: torch.Tensor | None
@@ -90,39 +101,52 @@ class AttentionMetadata:
         return self._plan
 
 
-MAX_DECODE_GROUPS = 3  # decodes split into at most this many groups of similar context length
-MIN_SPLIT_SAVING_KEYS = 256  # a split must save this many padded key positions (one group's fixed cost, roughly)
+MAX_GROUPS = 4  # decodes, and prefill chunks, are each split into at most this many groups of similar lengths
+MIN_SPLIT_SAVING_KEYS = 512  # a decode split must save this many padded key positions (about a group's cost)
+MIN_SPLIT_SAVING_PAIRS = 32768  # a chunk split must save this many padded (query, key) pairs
 
 
-def _split_by_length(ids: list[int], ctx: list[int], block_size: int) -> list[list[int]]:
-    """Return `ids` (single-token sequences) as up to MAX_DECODE_GROUPS groups of similar context length.
+def _split_by_length(
+    ids: list[int], ctx: list[int], block_size: int, q_lens: list[int] | None = None, min_saving: int = 0
+) -> list[list[int]]:
+    """Return `ids` as up to MAX_GROUPS groups of similar lengths.
 
-    A group pads every sequence to its longest context, so one group over very different lengths reads mostly
-    padding. Sequences are sorted by length (in blocks) and the group whose best cut saves the most padded key
-    positions is cut, while a cut saves at least MIN_SPLIT_SAVING_KEYS; with no cut worth it, `[ids]` comes
-    back unchanged (batch order). The number of groups stays bounded whatever the batch size.
+    A group pads every sequence to its longest context L (whole blocks) and, for chunks, to its most new tokens
+    Q, so it costs (sequences x Q x L); one group over very different lengths computes mostly padding.
+    Sequences are sorted by context and the group whose best cut saves the most is cut, while a cut saves at
+    least `min_saving` (default MIN_SPLIT_SAVING_KEYS with single-token sequences, i.e. `q_lens` None, else
+    MIN_SPLIT_SAVING_PAIRS); with no cut worth it, `[ids]` comes back unchanged (batch order). The number of
+    groups stays bounded whatever the batch size.
     """
-    blocks = {i: -(-ctx[i] // block_size) for i in ids}
-    groups = [sorted(ids, key=blocks.__getitem__)]
-    while len(groups) < MAX_DECODE_GROUPS:
-        best = (0, 0, 0)  # (saved blocks, group, last index of the first part)
+    length = {i: -(-ctx[i] // block_size) * block_size for i in ids}
+    queries = {i: 1 if q_lens is None else q_lens[i] for i in ids}
+    min_saving = min_saving or (MIN_SPLIT_SAVING_KEYS if q_lens is None else MIN_SPLIT_SAVING_PAIRS)
+    groups = [sorted(ids, key=length.__getitem__)]
+    while len(groups) < MAX_GROUPS:
+        best = (0, 0, 0)  # (saved, group, size of the first part)
         for g, members in enumerate(groups):
-            top = blocks[members[-1]]
-            for j in range(len(members) - 1):
-                saved = (j + 1) * (top - blocks[members[j]])
-                if saved > best[0]:
-                    best = (saved, g, j)
+            n = len(members)
+            suffix_q = [0] * (n + 1)
+            for j in range(n - 1, -1, -1):
+                suffix_q[j] = max(suffix_q[j + 1], queries[members[j]])
+            whole = n * suffix_q[0] * length[members[-1]]
+            prefix_q = 0
+            for j in range(1, n):
+                prefix_q = max(prefix_q, queries[members[j - 1]])
+                cost = j * prefix_q * length[members[j - 1]] + (n - j) * suffix_q[j] * length[members[-1]]
+                if whole - cost > best[0]:
+                    best = (whole - cost, g, j)
         saved, g, j = best
-        if saved * block_size < MIN_SPLIT_SAVING_KEYS:
+        if saved < min_saving:
             break
         members = groups.pop(g)
-        groups[g:g] = [members[: j + 1], members[j + 1 :]]
+        groups[g:g] = [members[:j], members[j:]]
     return groups if len(groups) > 1 else [ids]
 
 
 def _plan_groups(meta: AttentionMetadata) -> list[AttentionGroup]:
-    """Split the step's sequences into decode groups (by context length) and one group of prefill chunks, and
-    build each group's index tensors."""
+    """Split the step's sequences into decode groups and prefill-chunk groups, each by length, and build each
+    group's index tensors."""
     cu = meta.cu_seqlens_q.tolist()
     ctx = meta.context_lens.tolist()
     q_lens = [cu[i + 1] - cu[i] for i in range(meta.num_seqs)]
@@ -130,8 +154,8 @@ def _plan_groups(meta: AttentionMetadata) -> list[AttentionGroup]:
     chunks = [i for i, n in enumerate(q_lens) if n > 1]
     groups = _split_by_length(decodes, ctx, meta.block_size) if decodes else []
     if chunks:
-        groups.append(chunks)
-    whole = len(groups) == 1 and sum(len(g) for g in groups) == meta.num_seqs
+        groups += _split_by_length(chunks, ctx, meta.block_size, q_lens)
+    whole = len(groups) == 1
     return [_group(meta, ids, cu, ctx, q_lens, whole) for ids in groups]
 
 
@@ -142,29 +166,32 @@ def _group(
     the whole batch, in order."""
     device = meta.slot_mapping.device
     seq_ids = torch.tensor(ids, dtype=torch.int64, device=device)
-    ctx = meta.context_lens.to(torch.int64)
-    tables = meta.block_tables
-    if not whole:
-        ctx, tables = ctx[seq_ids], tables[seq_ids]
+    tables = meta.block_tables if whole else meta.block_tables[seq_ids]
     width = -(-max(ctx_lens[i] for i in ids) // meta.block_size)
     block_ids = tables[:, :width].to(torch.int64).clamp_min_(0).reshape(-1)
     key_pos = torch.arange(width * meta.block_size, device=device)
     q_len = max(q_lens[i] for i in ids)
+    if q_len == 1:  # one token per sequence, at position context - 1: it sees keys 0 .. context - 1
+        ctx = torch.tensor([ctx_lens[i] for i in ids], dtype=torch.int64, device=device)
+        hidden = (key_pos[None, :] >= ctx[:, None])[None, :, None, :]
+        if whole:
+            return AttentionGroup(seq_ids, 1, block_ids, None, hidden, None, None, None)
+        starts = torch.tensor([cu[i] for i in ids], dtype=torch.int64, device=device)
+        return AttentionGroup(seq_ids, 1, block_ids, None, hidden, starts, None, starts)  # rows are the tokens
+    ctx = torch.tensor([ctx_lens[i] for i in ids], dtype=torch.int64, device=device)
     lens = torch.tensor([q_lens[i] for i in ids], dtype=torch.int64, device=device)
     row = torch.arange(q_len, device=device)
     real = row[None, :] < lens[:, None]  # [S, Q]: query rows that hold a token
-    query_pos = torch.where(real, ctx[:, None] - lens[:, None] + row[None, :], 0)
-    if q_len > 1 and all(ctx_lens[i] == q_lens[i] for i in ids):
-        mask = None  # whole prompts from position 0: plain causal, which lets the kernel skip the upper triangle
+    if all(ctx_lens[i] == q_lens[i] for i in ids):
+        mask = None  # whole prompts from position 0: plain causal (no mask to build or read)
     else:
+        query_pos = torch.where(real, ctx[:, None] - lens[:, None] + row[None, :], 0)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
-    if whole and q_len == 1:
-        return AttentionGroup(seq_ids, q_len, block_ids, mask, None, None, None)
     starts = torch.tensor([cu[i] for i in ids], dtype=torch.int64, device=device)
     q_rows = (starts[:, None] + torch.where(real, row[None, :], 0)).reshape(-1)
     out_rows = real.reshape(-1).nonzero().squeeze(1)
     tokens = None if whole else q_rows[out_rows]
-    return AttentionGroup(seq_ids, q_len, block_ids, mask, q_rows, out_rows, tokens)
+    return AttentionGroup(seq_ids, q_len, block_ids, mask, None, q_rows, out_rows, tokens)
 
 
 def build_metadata(
@@ -200,15 +227,10 @@ def build_metadata(
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """Write `values` [num_tokens, ...] into `cache` [num_blocks, block_size, ...] at the flat slots, in place."""
-    cache.view(-1, *cache.shape[2:])[slot_mapping] = values if values.dtype == cache.dtype else values.to(cache.dtype)
-
-
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Return the first `length` cached entries of one sequence, [length, ...], from its blocks in order."""
-    block_size = cache.shape[1]
-    blocks = block_table[: -(-length // block_size)].long()
-    return cache[blocks].flatten(0, 1)[:length]
+    """Write `values` [num_tokens, kv_heads, d] into `cache` [kv_heads, num_blocks, block_size, d] at the flat
+    slots, in place."""
+    values = values if values.dtype == cache.dtype else values.to(cache.dtype)
+    cache.view(cache.shape[0], -1, cache.shape[-1])[:, slot_mapping] = values.transpose(0, 1)
 
 
 class _Workspace(threading.local):
@@ -237,14 +259,29 @@ _WORKSPACE = _Workspace()
 
 
 def _gather(cache: torch.Tensor, group: AttentionGroup, role: str) -> torch.Tensor:
-    """Return a group's cached entries of `cache` [num_blocks, block_size, kv_heads, d] as [S, kv_heads, L, d]
-    (a strided view of whole blocks copied in token order), in the `role` scratch buffer (valid until the next
-    gather for the same role on this thread)."""
-    num_blocks, block_size, kv_heads, dim = cache.shape
-    rows = cache.reshape(num_blocks, -1)
-    out = _WORKSPACE.take(role, group.block_ids.numel() * rows.shape[1], cache.dtype, cache.device)
-    torch.index_select(rows, 0, group.block_ids, out=out.view(-1, rows.shape[1]))
-    return out.view(group.num_seqs, -1, kv_heads, dim).transpose(1, 2)
+    """Return a group's cached entries of `cache` [kv_heads, num_blocks, block_size, d] as [kv_heads, S, L, d]
+    (contiguous: whole blocks copied in token order), in the `role` scratch buffer (valid until the next gather
+    for the same role on this thread)."""
+    kv_heads, num_blocks, block_size, dim = cache.shape
+    rows = cache.view(kv_heads, num_blocks, block_size * dim)
+    out = _WORKSPACE.take(role, kv_heads * group.block_ids.numel() * rows.shape[-1], cache.dtype, cache.device)
+    out = out.view(kv_heads, -1, rows.shape[-1])
+    for head in range(kv_heads):  # row gathers of dim 0: they parallelise, one over dim 1 does not
+        torch.index_select(rows[head], 0, group.block_ids, out=out[head])
+    return out.view(kv_heads, group.num_seqs, -1, dim)
+
+
+def _decode_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor, scale):
+    """Return attention [S, heads, v_dim] of one query token per sequence, `queries` [S, heads, d], over `keys`
+    [kv_heads, S, L, d] and `values` [kv_heads, S, L, v_dim], with `hidden` [1, S, 1, L] True at padded keys.
+
+    The query heads that share a key head become the rows of one small GEMM per (key head, sequence), so the
+    whole group is two batched GEMMs and a softmax (float32), with no key or value copied per query head."""
+    kv_heads, seqs = keys.shape[0], keys.shape[1]
+    grouped = queries.view(seqs, kv_heads, -1, queries.shape[-1]).transpose(0, 1)  # [kv_heads, S, g, d]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale).masked_fill_(hidden, float("-inf"))
+    probs = scores.softmax(-1).to(values.dtype)
+    return torch.matmul(probs, values).transpose(0, 1).reshape(seqs, -1, values.shape[-1])
 
 
 def paged_attention(
@@ -257,10 +294,11 @@ def paged_attention(
 ) -> torch.Tensor:
     """Return the attention output [num_tokens, heads, value_dim] of the new tokens over their cached context.
 
-    `q` is [num_tokens, heads, dim]; `key_cache` is [num_blocks, block_size, kv_heads, dim] and `value_cache`
-    [num_blocks, block_size, kv_heads, value_dim], with kv_heads dividing heads (grouped-query). With
-    `value_cache` None the values are the first `value_dim` channels of the keys (MLA's latent), gathered once.
-    The new tokens' keys and values must already be in the cache. One kernel call per group (module docstring).
+    `q` is [num_tokens, heads, dim]; `key_cache` is [kv_heads, num_blocks, block_size, dim] and `value_cache`
+    [kv_heads, num_blocks, block_size, value_dim], with kv_heads dividing heads (grouped-query: query head h reads
+    key head h // (heads / kv_heads)). With `value_cache` None the values are the first `value_dim` channels of the
+    keys (MLA's latent), gathered once. The new tokens' keys and values must already be in the cache. One kernel
+    call per group (module docstring).
     """
     groups = meta.plan()
     v_dim = value_cache.shape[-1] if value_cache is not None else value_dim
@@ -269,21 +307,21 @@ def paged_attention(
     for group in groups:
         keys = _gather(key_cache, group, "keys")
         values = keys[..., :v_dim] if value_cache is None else _gather(value_cache, group, "values")
-        if group.q_rows is None:
-            queries = q.reshape(group.num_seqs, 1, heads, dim)
+        if group.q_len == 1:
+            queries = q if group.q_rows is None else q.index_select(0, group.q_rows)
+            rows = _decode_attention(queries, keys, values, group.hidden_keys, scale)
         else:
             queries = q.index_select(0, group.q_rows).view(group.num_seqs, group.q_len, heads, dim)
-        attended = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),
-            keys,
-            values,
-            attn_mask=group.mask,
-            is_causal=group.mask is None,
-            scale=scale,
-            enable_gqa=True,
-        )
-        rows = attended.transpose(1, 2).reshape(-1, heads, v_dim)  # [S * Q, heads, v_dim]
-        if group.out_rows is not None:
+            attended = F.scaled_dot_product_attention(
+                queries.transpose(1, 2),
+                keys.transpose(0, 1),
+                values.transpose(0, 1),
+                attn_mask=group.mask,
+                is_causal=group.mask is None,
+                scale=scale,
+                enable_gqa=True,
+            )
+            rows = attended.transpose(1, 2).reshape(-1, heads, v_dim)  # [S * Q, heads, v_dim]
             rows = rows.index_select(0, group.out_rows)
         if out is None:
             return rows

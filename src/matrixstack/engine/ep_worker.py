@@ -12,8 +12,9 @@ Dispatch and combine (`AllToAllExperts`, one call per MoE layer on every worker,
 2. the pairs are sorted by destination, the per-destination counts are exchanged (`all_to_all_single` of an int64
    [world] tensor), then the hidden rows [n, H] and a float32 [n, 2] tensor of (expert id, routing weight) go out
    with `all_to_all_single` and uneven split sizes;
-3. each worker runs the received rows through its own experts (each expert once, as `apply_experts` does) and
-   multiplies them by their routing weights;
+3. each worker runs the received rows through its own experts (sorted by expert, two grouped GEMMs for all of
+   them, as `ExpertList.rows` does; one module call per expert where grouping does not apply) and multiplies
+   them by their routing weights;
 4. a combine `all_to_all_single` (the splits reversed) returns the weighted rows to their source, which sums them
    per token with `index_add_`.
 
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from matrixstack.arch.spec import Arch
 from matrixstack.engine.attention import AttentionMetadata
 from matrixstack.engine.config import EngineConfig, SamplingParams
-from matrixstack.engine.moe import MoEBlock
+from matrixstack.engine.moe import ExpertList, MoEBlock
 from matrixstack.errors import UserError
 
 STEP, LOGITS, CLOSE = "step", "logits", "close"  # driver -> worker message kinds
@@ -175,6 +176,8 @@ class AllToAllExperts:
     def _compute(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
         """Return each received row through its expert, times its routing weight, [n, H]."""
         experts = self.experts_by_layer[layer]
+        if isinstance(experts, ExpertList) and experts.can_group(hidden):  # grouped GEMMs, a constant op count
+            return experts.rows(hidden, expert_ids, weights)
         out = torch.empty_like(hidden)
         for expert in expert_ids.unique().tolist():
             rows = (expert_ids == expert).nonzero(as_tuple=True)[0]

@@ -6,11 +6,19 @@ a dense SwiGLU FFN or an MoE block (`engine.moe`). Module names follow Hugging F
 `engine.weights`), with the `model.` prefix dropped: `embed_tokens`, `layers[i].self_attn`, `layers[i].mlp`,
 `norm`, `lm_head`.
 
-KV cache per layer (`allocate_kv_cache`): GQA/MHA stacks K and V, [2, num_blocks, block_size, kv_heads,
-head_dim]; MLA stores the normalised compressed latent and the rotated rope key per token, [num_blocks,
-block_size, kv_lora_rank + qk_rope_head_dim]. MLA attends over that latent directly, with the key/value
-up-projections absorbed into the query and the output ("weight absorption"); `reference_forward` instead
-up-projects K and V per head, so the tests compare two independent formulations.
+KV cache per layer (`allocate_kv_cache`, head-major as `engine.attention` explains): GQA/MHA stacks K and V, [2,
+kv_heads, num_blocks, block_size, head_dim]; MLA stores the normalised compressed latent and the rotated rope key
+per token, [1, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]. MLA attends over that latent directly,
+with the key/value up-projections absorbed into the query and the output ("weight absorption");
+`reference_forward` instead up-projects K and V per head, so the tests compare two independent formulations.
+
+Serving fast paths (no gradients wanted; training and gradient checks take the plain module calls, so every
+parameter gets its gradient): q/k/v run as one GEMM and gate/up as one (`moe.FusedLinears`, the linears'
+weights are views into the fused tensor, checkpoint names unchanged); RoPE factors are computed once per forward
+(`RopeAngles`) and q and k are rotated together; linear weights are stored input-major (`moe.input_major_`),
+which reads them faster for the few rows of a decode step, and a tied lm_head keeps an input-major copy of the
+embedding for the logits of one or two rows; RMSNorm is one fused op in float32. Results match the plain paths
+within float32 round-off (tests/test_engine_fastpaths.py).
 """
 
 from __future__ import annotations
@@ -24,9 +32,22 @@ from torch import nn
 
 from matrixstack.arch.spec import Arch
 from matrixstack.engine.attention import AttentionMetadata, build_metadata, paged_attention, write_cache
-from matrixstack.engine.moe import ExpertExecutor, FusedLinears, LocalExperts, MoEBlock, Router, SwiGLU, wants_grad
+from matrixstack.engine.moe import (
+    ExpertExecutor,
+    FusedLinears,
+    LocalExperts,
+    MoEBlock,
+    Router,
+    SwiGLU,
+    input_major_,
+    wants_grad,
+)
 
 INIT_STD = 0.02  # normal init of projections and embeddings (GPT-2 / Llama convention)
+TIED_COPY_MAX_BYTES = 256 * 2**20  # largest tied embedding given an input-major copy for the logits
+# the copy is read for at most this many rows: tiny-moe's 256 x 4096 logits GEMM on one core took 70 vs 125 us for
+# 1 row, 137 vs 200 us for 2, and was slower from 4 rows on (258 vs 222 us; 1,899 vs 1,603 us for 32)
+TIED_COPY_MAX_ROWS = 2
 
 
 class RMSNorm(nn.Module):
@@ -196,11 +217,10 @@ class MLAAttention(nn.Module):
             k = torch.cat((k_nope, k_pe.expand(*k_nope.shape[:-1], -1)), dim=-1)
             out = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, self.scale)
         else:
-            write_cache(cache, meta.slot_mapping, torch.cat((latent, k_pe[..., 0, :]), dim=-1))
+            write_cache(cache, meta.slot_mapping, torch.cat((latent[:, None], k_pe), dim=-1))
             w_kv_b = self.kv_b_proj.weight.view(self.heads, -1, lora)
             q_latent = torch.einsum("thn,hnc->thc", q_nope, w_kv_b[:, :nope])
-            keys = cache[:, :, None, :]
-            out_latent = paged_attention(torch.cat((q_latent, q_pe), -1), keys, None, meta, self.scale, lora)
+            out_latent = paged_attention(torch.cat((q_latent, q_pe), -1), cache, None, meta, self.scale, lora)
             out = torch.einsum("thc,hvc->thv", out_latent, w_kv_b[:, nope:])
         return self.o_proj(out.flatten(-2))
 
@@ -250,6 +270,10 @@ class MoETransformer(nn.Module):
         self.rotary = Rotary(a.mla.qk_rope_head_dim if a.mla else a.head_dim, arch.rope_theta)
         self.apply(_init_weights)
         self.to(dtype)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                input_major_(module)  # fused and stacked ones already are (their views are not contiguous)
+        self._logits_weight: tuple | None = None  # (source key, input-major copy) of a tied lm_head
         moe_experts = {i: layer.mlp.experts for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEBlock)}
         self.expert_executor: ExpertExecutor = LocalExperts(moe_experts) if experts is None else experts
 
@@ -274,7 +298,24 @@ class MoETransformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return float32 logits [..., vocab] for final-normed hidden states [..., H]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        rows = hidden.numel() // hidden.shape[-1]
+        if self.lm_head is None and rows <= TIED_COPY_MAX_ROWS and not torch.is_grad_enabled():
+            weight = self._tied_logits_weight(weight)
+        logits = F.linear(hidden, weight)
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    def _tied_logits_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the tied embedding as an input-major [vocab, H] view of a kept copy (`input_major_`: faster for
+        decode), made again whenever the embedding changed (pointer or in-place version); the embedding itself
+        stays row-major for the lookup. Falls back to the embedding when the copy would exceed
+        TIED_COPY_MAX_BYTES or when its version is not tracked (a model built under `torch.inference_mode`)."""
+        if weight.numel() * weight.element_size() > TIED_COPY_MAX_BYTES or weight.is_inference():
+            return weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._logits_weight is None or self._logits_weight[0] != key:
+            with torch.inference_mode(False):
+                self._logits_weight = (key, weight.detach().t().contiguous().t())
+        return self._logits_weight[1]
 
     def reference_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return float32 logits [T, V] (or [B, T, V]) of full causal attention over `input_ids` [T] (or [B, T]),
@@ -288,9 +329,9 @@ class MoETransformer(nn.Module):
         """Return one zeroed cache tensor per layer on the model's device and dtype (layout in the module doc)."""
         a = self.arch.attention
         shape = (
-            (num_blocks, block_size, a.mla.kv_lora_rank + a.mla.qk_rope_head_dim)
+            (1, num_blocks, block_size, a.mla.kv_lora_rank + a.mla.qk_rope_head_dim)
             if a.mla
-            else (2, num_blocks, block_size, a.kv_heads, a.head_dim)
+            else (2, a.kv_heads, num_blocks, block_size, a.head_dim)
         )
         weight = self.embed_tokens.weight
         return [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
