@@ -1,4 +1,5 @@
-"""`matrixstack engine serve`: run one deployment of the engine behind an OpenAI-compatible HTTP server."""
+"""`matrixstack engine serve`: run one deployment of the engine behind an OpenAI-compatible HTTP server;
+`matrixstack engine bench`: run a fixed request set through it and report prefill and decode tokens/s."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from matrixstack.cli.common import console, user_errors_exit_2
 from matrixstack.errors import UserError
 
 engine_app = typer.Typer(
-    help="The MatrixStack engine: serve a model over an OpenAI-compatible API.",
+    help="The MatrixStack engine: serve a model over an OpenAI-compatible API, or benchmark it.",
     no_args_is_help=True,
 )
 
@@ -103,3 +104,68 @@ def serve(
         deployment.close()
         sock.close()
     console.print("stopped", highlight=False)
+
+
+@engine_app.command("bench")
+@user_errors_exit_2
+def bench(
+    arch: str = typer.Argument(..., help="built-in arch name (e.g. tiny-moe) or path to an arch YAML"),
+    workers: int = typer.Option(1, "--workers", min=1, help="1: one process; N > 1: expert parallelism over N"),
+    requests: int = typer.Option(32, "--requests", min=1, help="requests in the fixed request set"),
+    seed: int = typer.Option(0, "--seed", help="seed of the request set"),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="folder of the *.safetensors and tokenizer.json (default: the packaged weights)"
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch intra-op threads of this process (default: torch's, all cores)"
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (one process only)"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="seeded random weights instead of loading them (one process only)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+) -> None:
+    """Run a fixed request set through ARCH and report prefill and decode tokens/s, TTFT and TPOT.
+
+    Prompts of 16..256 and outputs of 16..128 tokens (uniform, seeded), all submitted at once; see
+    `matrixstack.engine.bench` for how each figure is measured.
+    """
+    import sys
+
+    from matrixstack.cli.common import print_json
+    from matrixstack.engine.bench import run_bench
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of cpu, cuda")
+    result = run_bench(
+        arch,
+        workers=workers,
+        num_requests=requests,
+        seed=seed,
+        weights_dir=weights,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+        random_weights=random_weights,
+        progress=sys.stderr.isatty(),
+    )
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"engine bench: {result['arch']}, {result['runner']}, {requests} requests", show_header=False)
+    rows = [
+        ("prefill tokens/s", f"{result['prefill_tokens_per_s']:,.0f}"),
+        ("decode tokens/s", f"{result['decode_tokens_per_s']:,.0f}"),
+        ("output tokens/s (end to end)", f"{result['output_tokens_per_s']:,.0f}"),
+        ("TTFT mean", f"{result['ttft_ms_mean']:,.1f} ms"),
+        ("TPOT mean", f"{result['tpot_ms_mean']:,.2f} ms"),
+        ("prompt / output tokens", f"{result['prompt_tokens']:,} / {result['output_tokens']:,}"),
+        ("threads, dtype, device", f"{result['threads']}, {result['dtype']}, {result['device']}"),
+        ("torch", result["torch"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

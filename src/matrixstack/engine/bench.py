@@ -17,7 +17,10 @@ phases, both with every request submitted at once:
    TTFT is each request's time from submission to its first token, TPOT its (finish - first token) / (output
    tokens - 1), both averaged over requests.
 
-Step times are `LLMEngine.stats.step_seconds` (schedule excluded, model and sampling included).
+Step times are `LLMEngine.stats.step_seconds` (schedule excluded, model and sampling included). The output text
+is assembled as when serving; `bench/engine_vs_hf.py` turns it off (`run_phase(detokenize=False)`), as its peer
+returns token ids only. The KV cache is sized to hold every request at once (`bench_config`), the other limits
+are `EngineConfig`'s defaults. No figure here is asserted anywhere: they depend on the machine.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def make_requests(
     uniform in FIRST_TOKEN_ID..vocab_size-1."""
     if num_requests < 1:
         raise UserError(f"--requests must be at least 1, got {num_requests}")
+    for name, (low, high) in (("prompt", prompt_tokens), ("output", output_tokens)):
+        if not 1 <= low <= high:
+            raise UserError(f"{name} lengths {low}..{high}: give 1 <= min <= max")
     rng = random.Random(seed)
     requests = []
     for _ in range(num_requests):
@@ -74,11 +80,13 @@ def make_requests(
     return requests
 
 
-def distribution() -> dict:
+def distribution(
+    prompt_tokens: tuple[int, int] = PROMPT_TOKENS, output_tokens: tuple[int, int] = OUTPUT_TOKENS
+) -> dict:
     """Return the request distribution in words and numbers (for reports)."""
     return {
-        "prompt_tokens": {"distribution": "uniform", "min": PROMPT_TOKENS[0], "max": PROMPT_TOKENS[1]},
-        "output_tokens": {"distribution": "uniform", "min": OUTPUT_TOKENS[0], "max": OUTPUT_TOKENS[1]},
+        "prompt_tokens": {"distribution": "uniform", "min": prompt_tokens[0], "max": prompt_tokens[1]},
+        "output_tokens": {"distribution": "uniform", "min": output_tokens[0], "max": output_tokens[1]},
         "prompt_token_ids": f"uniform {FIRST_TOKEN_ID}..vocab_size-1",
         "sampling": "greedy, ignore_eos",
     }
@@ -234,8 +242,9 @@ def build_engine(
         return LLMEngine(runner, tokenizer, config), runner.close, f"ExpertParallelRunner({runner.backend})"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    torch.manual_seed(seed)
-    model = MoETransformer(arch, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's random state
+        torch.manual_seed(seed)
+        model = MoETransformer(arch, dtype=dtype)
     if not random_weights:
         load_weights(model, weights_dir)
     runner = ModelRunner(model.to(device).eval(), config)
@@ -277,8 +286,13 @@ def run_bench(
     threads: int | None = None,
     random_weights: bool = False,
     progress: bool = False,
+    prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+    output_tokens: tuple[int, int] = OUTPUT_TOKENS,
 ) -> dict:
-    """Run the benchmark (module docstring) and return its figures, request set and configuration as a dict."""
+    """Run the benchmark (module docstring) and return its figures, request set and configuration as a dict.
+
+    `prompt_tokens` and `output_tokens` narrow the request set's (inclusive) length ranges (quick runs, tests).
+    """
     from matrixstack.arch import load_arch
 
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -288,16 +302,15 @@ def run_bench(
             raise UserError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     spec = load_arch(arch)
-    requests = make_requests(num_requests, seed, spec.vocab_size)
+    requests = make_requests(num_requests, seed, spec.vocab_size, prompt_tokens, output_tokens)
     config = bench_config(requests)
     engine, close, runner_kind = build_engine(
         arch, config, workers, weights_dir, getattr(torch, dtype), device, random_weights, seed
     )
     try:
         warm_up(engine)
-        prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-        output_tokens = sum(r.output_tokens for r in requests)
-        with _progress(progress, num_requests + output_tokens) as advance:
+        total_output = sum(r.output_tokens for r in requests)
+        with _progress(progress, num_requests + total_output) as advance:
             prefill = run_phase(engine, requests, full_outputs=False, on_tokens=advance)
             serve = run_phase(engine, requests, full_outputs=True, on_tokens=advance)
     finally:
@@ -308,9 +321,9 @@ def run_bench(
         "runner": runner_kind,
         "requests": num_requests,
         "seed": seed,
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
         **summarize(prefill, serve),
-        "distribution": distribution(),
+        "distribution": distribution(prompt_tokens, output_tokens),
         "config": config.model_dump(),
         "dtype": dtype,
         "device": device if workers == 1 else "per worker",
