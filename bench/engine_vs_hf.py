@@ -1,6 +1,7 @@
 """The MatrixStack engine against Hugging Face transformers' `generate`, on the same tiny-moe and the same requests.
 
-Usage: `python bench/engine_vs_hf.py [--json] [--requests 32] [--seed 0] [--threads N] [--random-weights]`.
+Usage: `python bench/engine_vs_hf.py [--json] [--requests 32] [--seed 0] [--threads N] [--repeats N]
+[--random-weights] [--dtype float32|bfloat16] [--hf-experts auto|eager|grouped_mm|batched_mm]`.
 Needs transformers, which is not a test dependency: `pip install -e '.[bench]'` (the `bench` extra of
 pyproject.toml: transformers>=4.46; written against 5.24). Results go to bench/results/engine_vs_hf.json; with
 --json the last line printed is the same JSON object (`engine_tokens_per_s`, `hf_tokens_per_s`, `ratio`, ...).
@@ -20,8 +21,10 @@ bias and a sigmoid gate on the shared expert's output (`shared_expert_gate`) tha
 
 The weights are tiny-moe's packaged trained weights by default (greedy tokens of a trained model are decisive, so
 the two implementations can be compared token by token); `--random-weights` uses the engine's seeded random
-initialisation instead (`--seed`). Either way both sides run the same tensors, in float32, with the same torch
-intra-op threads (`--threads`, default all cores, set explicitly with `torch.set_num_threads`).
+initialisation instead (`--seed`). Either way both sides run the same tensors, in float32 (`--dtype bfloat16`
+runs both in bf16, with a looser logits check), with the same torch intra-op threads, set explicitly with
+`torch.set_num_threads` (`--threads`, default 1: one core, the `local` fabric's device, as `engine.calibrate`
+measures; `--threads 2` uses both cores of a 2-core machine).
 
 The requests. `matrixstack.engine.bench.make_requests(requests, seed)`: prompt lengths uniform in 16..256 tokens,
 output lengths uniform in 16..128 tokens, prompt token ids uniform over the vocabulary past the special tokens,
@@ -29,7 +32,8 @@ greedy decoding, end-of-sequence ignored (every request produces exactly its out
 
 Hugging Face gets its best: all requests in one left-padded batch (attention mask, so padding is not attended
 and positions start at 0 for every prompt), `use_cache=True`, greedy, `max_new_tokens` = the longest output,
-`torch.inference_mode`, SDPA attention, and its faster expert implementation for this batch (`eager` and
+`torch.inference_mode`, SDPA attention, the default dynamic KV cache (`cache_implementation="static"` was
+measured slower here, 3.0-3.1 s against 2.8-3.1 s), and its faster expert implementation for this batch (`eager` and
 `grouped_mm` are each timed on a short generate first and the faster is used; `batched_mm`, which runs every
 expert on every token, was 30x slower here and is only run when asked for with `--hf-experts`). Its throughput
 counts only each request's own output tokens (the tokens generated past a request's length are padding work, not
@@ -37,15 +41,16 @@ output) over the wall time of the `generate` call. The engine runs the same requ
 continuous batching (`LLMEngine`, a `ModelRunner`, the default scheduler limits, KV cache sized to hold them
 all): its throughput is the same output tokens over the wall time from submission to the last token. Both sides
 are warmed up first; each is timed `--repeats` times (default 3), the two sides alternating, and each side's best
-run is kept. Neither side assembles text (`generate` returns token ids; the engine runs with
-`SamplingParams(detokenize=False)`). The greedy tokens are compared
-request by request (identical up to float32 round-off: a request may diverge where two logits nearly tie, and the
-report says where).
+run is kept (a `gc.collect()` before each run). Neither side assembles text (`generate` returns token ids; the
+engine runs with `SamplingParams(detokenize=False)`). The greedy tokens are compared request by request
+(identical up to float32 round-off: a request may diverge where two logits nearly tie, and the report says
+where); the engine's tokens are also checked to be valid ids and exactly each request's length.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -67,7 +72,7 @@ from matrixstack.engine.weights import load_weights, save_weights
 
 RESULTS = Path(__file__).parent / "results"
 ARCH = "tiny-moe"
-LOGITS_ATOL = 1e-4
+LOGITS_ATOL = {"float32": 1e-4, "bfloat16": 0.25}  # bf16 keeps ~3 significant digits; logits reach ~20
 PROBE_NEW_TOKENS = 4  # the short generate that picks HF's expert implementation
 # batched_mm runs every expert on every token (experts / top-k = 4x the FLOPs here) and took 30x eager's time on
 # the probe (16.8 s vs 0.56 s, 2 CPU cores), so the automatic choice leaves it out; --hf-experts batched_mm runs it.
@@ -110,8 +115,8 @@ def hf_config(arch):
     )
 
 
-def build_models(random_weights: bool, seed: int, folder: Path):
-    """Return (engine model, HF model, tokenizer) holding the same float32 weights."""
+def build_models(random_weights: bool, seed: int, folder: Path, dtype: str = "float32"):
+    """Return (engine model, HF model, tokenizer) holding the same weights, both in `dtype`."""
     import transformers
 
     arch = load_arch(ARCH)
@@ -122,19 +127,22 @@ def build_models(random_weights: bool, seed: int, folder: Path):
     model.eval()
     save_weights(model, folder / "model.safetensors")
     hf_config(arch).save_pretrained(folder)
-    hf = transformers.Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    torch_dtype = getattr(torch, dtype)
+    hf = transformers.Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
+    model.to(torch_dtype)
     hf.eval()
     return model, hf, Tokenizer.from_file(PACKAGED_WEIGHTS[ARCH] / TOKENIZER_FILE)
 
 
 @torch.inference_mode()
-def check_same_function(model, hf, vocab_size: int) -> float:
-    """Return the largest logit difference of the two models on one sequence; exit when it exceeds LOGITS_ATOL."""
+def check_same_function(model, hf, vocab_size: int, dtype: str = "float32") -> float:
+    """Return the largest logit difference of the two models on one sequence; exit when it exceeds the dtype's
+    LOGITS_ATOL."""
     ids = torch.arange(FIRST_CHECK_TOKENS) * 37 % vocab_size
     ours = model.reference_forward(ids)
     theirs = hf(ids[None]).logits[0].float()
     diff = float((ours - theirs).abs().max())
-    if diff > LOGITS_ATOL:
+    if diff > LOGITS_ATOL[dtype]:
         raise SystemExit(f"the engine and Hugging Face disagree on the logits by {diff:.2e}: the mapping is wrong")
     return diff
 
@@ -227,9 +235,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="end with a JSON line")
     parser.add_argument("--requests", type=int, default=32, help="requests in the set (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request set and random weights")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads, both sides")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, interleaved; the best is kept")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights, not the packaged")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' dtype")
     parser.add_argument(
         "--hf-experts",
         default="auto",
@@ -245,8 +254,8 @@ def main() -> None:
     arch = load_arch(ARCH)
     requests = make_requests(args.requests, args.seed, arch.vocab_size)
     with tempfile.TemporaryDirectory() as folder:
-        model, hf, tokenizer = build_models(args.random_weights, args.seed, Path(folder))
-    logits_diff = check_same_function(model, hf, arch.vocab_size)
+        model, hf, tokenizer = build_models(args.random_weights, args.seed, Path(folder), args.dtype)
+    logits_diff = check_same_function(model, hf, arch.vocab_size, args.dtype)
     output_tokens = sum(r.output_tokens for r in requests)
     longest = max(r.output_tokens for r in requests)
     ids, mask = padded_batch(requests, pad_id=0)
@@ -256,9 +265,11 @@ def main() -> None:
     hf_seconds = engine_seconds = float("inf")
     hf_out = engine_out = engine_figures = None
     for _ in range(args.repeats):  # interleaved, so both sides see the machine in the same moods
+        gc.collect()  # each side starts without the other's garbage
         generated, seconds = hf_generate(hf, ids, mask, longest)
         if seconds < hf_seconds:
             hf_seconds, hf_out = seconds, generated
+        gc.collect()
         seconds, outputs, figures = run_engine(engine, requests)
         if seconds < engine_seconds:
             engine_seconds, engine_out, engine_figures = seconds, outputs, figures
@@ -284,7 +295,7 @@ def main() -> None:
         "hf_experts_probe_s": {k: round(v, 3) for k, v in impl_timings.items()},
         "engine": engine_figures,
         "weights": "random (seeded)" if args.random_weights else "packaged tiny-moe",
-        "dtype": "float32",
+        "dtype": args.dtype,
         "max_logit_difference": logits_diff,
         "engine_tokens_valid": tokens_valid,
         **compare_tokens(engine_out, hf_out, requests),
