@@ -2,13 +2,18 @@
 
 A device of the `local` fabric is one CPU core, so everything is measured on one thread:
 
-- GEMM and attention rates (FP32 FLOP/s at the engine's shapes) -> `efficiency.gemm`, `efficiency.attention`
-  as fractions of the core's vector peak;
+- the attention rate (FP32 FLOP/s of a 512-token SDPA) -> `efficiency.attention` as a fraction of the core's
+  vector peak;
 - streaming memory bandwidth (a 256 MiB copy) -> `hbm_gbs` (achievable, so `efficiency.hbm` is 1);
-- the fixed cost of a kernel in this runtime: the engine's own decode step at one sequence is almost all fixed
-  cost; what the roofline does not explain is spread over the step model's kernels per layer
-  (`perf.step.kernels_per_layer`), matrix and vector kernels in the ratio a tiny matmul and a tiny elementwise
-  op take here -> `matmul_kernel_us`, `vector_kernel_us`. These two are FITTED to this runtime, by design;
+- `grouped_gemm_per_expert: true`: the engine's routed experts run torch's `grouped_mm`, which on CPU is one GEMM
+  per expert, so the step model counts two matrix kernels per active expert;
+- two figures FITTED to this runtime's own decode steps (tiny-moe, one thread), by design: the fixed cost of a
+  kernel, from the step at FIT_BATCHES[0] = 1 sequence (almost all fixed cost: what the roofline does not
+  explain is spread over the step model's kernels, `perf.step.kernels_per_layer`, matrix and vector kernels in
+  the ratio a tiny matmul and a tiny elementwise op take here -> `matmul_kernel_us`, `vector_kernel_us`); and
+  the GEMM efficiency, from the step at FIT_BATCHES[1] = 32 sequences -> `efficiency.gemm` (a decode step's
+  GEMMs have a few rows each and reach a fraction of what the large-shape microbenchmark `gemm_flops_per_s`,
+  the starting point, reaches). bench/calibrate_check.py tests the prediction at the batches between;
 - the local bus between two worker processes (gloo over loopback): ping-pong latency and bandwidth.
 
 The result goes to `local-calibration.yaml` in the data directory, which `fabric.local` reads from then on.
@@ -35,7 +40,7 @@ from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.fabric.local import calibration_path, detect_local_fabric
 from matrixstack.perf.spec import InstancePlan, Workload
-from matrixstack.perf.step import StepModel, kernels_per_layer
+from matrixstack.perf.step import StepModel, active_experts_per_rank, kernels_per_layer
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tiny-moe", "tokenizer.json")
 CALIBRATION_ARCH = "tiny-moe"
@@ -43,6 +48,8 @@ PROMPT_TOKENS = 48
 DECODE_TOKENS = 32
 _COPY_ELEMENTS = 64 * 2**20  # 256 MiB of fp32
 _PING_BYTES = (8, 32 * 2**20)
+FIT_BATCHES = (1, 32)  # decode batches the kernel costs and the GEMM efficiency are fitted to
+FIT_ROUNDS = 3  # alternations of the two fits (they move by well under 1% after the second)
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -163,45 +170,83 @@ def local_bus() -> tuple[float, float]:
 
 
 def calibrate(measure_bus: bool = True) -> dict:
-    """Measure this machine, write the local fabric's calibration file and return what was written."""
+    """Measure this machine, write the local fabric's calibration file and return what was written.
+
+    The rates come from microbenchmarks; then two figures are fitted to the engine's own decode steps (module
+    docstring): the kernel costs to the step at FIT_BATCHES[0] sequences, the GEMM efficiency to the step at
+    FIT_BATCHES[1] (small-row GEMMs reach far less than the large-shape microbenchmark). Each depends a little on
+    the other, so the two fits alternate FIT_ROUNDS times.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         base = detect_local_fabric() if not calibration_path().exists() else _uncalibrated()
         peak = base.device.peak_tflops["fp32"] * 1e12
         matmul_us, vector_us = tiny_op_us()
+        efficiency = {
+            "gemm": round(min(1.0, gemm_flops_per_s() / peak), 4),
+            "attention": round(min(1.0, attention_flops_per_s() / peak), 4),
+            "hbm": 1.0,
+            "matmul_kernel_us": 0.0,
+            "vector_kernel_us": 0.0,
+            "grouped_gemm_per_expert": True,  # the engine's experts run torch's grouped_mm: a GEMM per expert on CPU
+        }
         measured = {
             "measured_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "threads_per_device": 1,
             "hbm_gbs": round(copy_gbs(), 2),
-            "efficiency": {
-                "gemm": round(min(1.0, gemm_flops_per_s() / peak), 4),
-                "attention": round(min(1.0, attention_flops_per_s() / peak), 4),
-                "hbm": 1.0,
-                "matmul_kernel_us": 0.0,
-                "vector_kernel_us": 0.0,
-            },
+            "efficiency": efficiency,
             "plane_gbs": base.plane("scale_up").bandwidth_gbs,
             "plane_latency_us": base.plane("scale_up").tiers[0].latency_us,
         }
         if measure_bus:
             latency_us, bus_gbs = local_bus()
             measured["plane_latency_us"], measured["plane_gbs"] = round(latency_us, 2), round(bus_gbs, 3)
-        _write(measured)  # rates first, kernel costs zero: the roofline part of the prediction
-        residual_s = decode_step_seconds(1) - predicted_decode_seconds(1)
-        arch = load_arch(CALIBRATION_ARCH)
-        ratio = vector_us / matmul_us
-        weighted_kernels = sum(
-            matmuls + vectors * ratio
-            for matmuls, vectors in (kernels_per_layer(arch, arch.is_moe_layer(i)) for i in range(arch.layers))
-        )
-        per_matmul_us = max(0.0, residual_s * 1e6 / weighted_kernels)
-        measured["efficiency"]["matmul_kernel_us"] = round(per_matmul_us, 2)
-        measured["efficiency"]["vector_kernel_us"] = round(per_matmul_us * ratio, 2)
+        steps_s = {batch: decode_step_seconds(batch) for batch in FIT_BATCHES}
+        measured["fitted_decode_step_ms"] = {batch: round(s * 1e3, 3) for batch, s in steps_s.items()}
+        small, large = steps_s.values()
+        for _ in range(FIT_ROUNDS):
+            _fit_kernel_costs(measured, small, vector_us / matmul_us)
+            _fit_gemm_efficiency(measured, large)
         _write(measured)
         return measured
     finally:
         torch.set_num_threads(threads)
+
+
+def _fit_kernel_costs(measured: dict, step_s: float, vector_to_matmul: float) -> None:
+    """Set the kernel costs so that the predicted decode step at FIT_BATCHES[0] equals `step_s`: what the roofline
+    leaves unexplained, spread over the step's kernels, matrix and vector in the ratio `vector_to_matmul`."""
+    efficiency = measured["efficiency"]
+    efficiency["matmul_kernel_us"] = efficiency["vector_kernel_us"] = 0.0
+    _write(measured)
+    residual_s = step_s - predicted_decode_seconds(FIT_BATCHES[0])
+    arch = load_arch(CALIBRATION_ARCH)
+    moe = arch.ffn.moe
+    active = active_experts_per_rank(arch, FIT_BATCHES[0], moe.routed_experts) if moe else None
+    weighted_kernels = 0.0
+    for i in range(arch.layers):
+        matmuls, vectors = kernels_per_layer(arch, arch.is_moe_layer(i), active)
+        weighted_kernels += matmuls + vectors * vector_to_matmul
+    per_matmul_us = max(0.0, residual_s * 1e6 / weighted_kernels)
+    efficiency["matmul_kernel_us"] = round(per_matmul_us, 2)
+    efficiency["vector_kernel_us"] = round(per_matmul_us * vector_to_matmul, 2)
+    _write(measured)
+
+
+def _fit_gemm_efficiency(measured: dict, step_s: float) -> None:
+    """Set `efficiency.gemm` (bisection, the prediction falls as it rises) so that the predicted decode step at
+    FIT_BATCHES[1] equals `step_s`; it stays in [0.001, 1]."""
+    low, high = 0.001, 1.0
+    for _ in range(30):
+        measured["efficiency"]["gemm"] = mid = (low + high) / 2
+        _write(measured)
+        if predicted_decode_seconds(FIT_BATCHES[1]) > step_s:
+            low = mid
+        else:
+            high = mid
+    measured["efficiency"]["gemm"] = round((low + high) / 2, 4)
+    _write(measured)
 
 
 def _uncalibrated():

@@ -37,6 +37,11 @@ class EfficiencySpec(Strict):
     vector_kernel_us: float = Field(
         ge=0, description="number, fixed microseconds every elementwise (vector) kernel costs beyond its roofline"
     )
+    grouped_gemm_per_expert: bool = Field(
+        False,
+        description="true when the runtime's grouped expert GEMM runs one GEMM per active expert (torch's CPU "
+        "grouped_mm), so each active expert adds two matrix kernels; false: one launch for all experts",
+    )
 
 
 class DeviceSpec(Strict):

@@ -126,23 +126,33 @@ def activation_bytes_per_token(arch: Arch, phase: PhaseName, moe_layer: bool) ->
     return BF16_BYTES * (10 * h + attention + ffn)
 
 
-def kernels_per_layer(arch: Arch, moe_layer: bool) -> tuple[int, int]:
+def kernels_per_layer(arch: Arch, moe_layer: bool, active_experts: float | None = None) -> tuple[float, int]:
     """Return (matrix kernels, vector kernels) one layer launches per microbatch.
 
     Matrix: MLA's five projections (q down/up, kv down, absorbed kv up, output) or GQA's fused qkv and output,
-    plus the attention kernel; an MoE layer's router, grouped gate-up and down GEMMs for routed experts and the
-    same two for shared experts; a dense FFN's two. Vector: two norms, two residual adds, RoPE, SwiGLU; an MoE
-    layer adds top-k, quantisation, permute, un-permute and the shared expert's SwiGLU.
+    plus the attention kernel; an MoE layer's router, grouped gate-up and down GEMMs for routed experts (one each,
+    or two per active expert when `active_experts` is given: a runtime whose grouped GEMM runs one GEMM per
+    expert) and the same two for shared experts; a dense FFN's two. Vector: two norms, two residual adds, RoPE,
+    SwiGLU; an MoE layer adds top-k, quantisation, permute, un-permute and the shared expert's SwiGLU.
     """
-    matmuls = (5 if arch.attention.mla else 2) + 1
+    matmuls: float = (5 if arch.attention.mla else 2) + 1
     vectors = 6
     moe = arch.ffn.moe
     if moe_layer and moe is not None:
-        matmuls += 3 + (2 if moe.shared_experts else 0)
+        matmuls += 1 + (2 if active_experts is None else 2 * active_experts) + (2 if moe.shared_experts else 0)
         vectors += 4 + (1 if moe.shared_experts else 0)
     else:
         matmuls += 2
     return matmuls, vectors
+
+
+def active_experts_per_rank(arch: Arch, group_tokens: float, slots_per_rank: int) -> float:
+    """Return how many of a rank's `slots_per_rank` routed experts at least one of `group_tokens` tokens (the whole
+    EP group's microbatch) picks, on average: each token picks k of E experts, so an expert stays idle with
+    probability (1 - k/E) ** tokens (uniform routing; skew would leave a few more idle)."""
+    moe = arch.ffn.moe
+    idle = (1 - moe.experts_per_token / moe.routed_experts) ** max(group_tokens, 0.0)
+    return slots_per_rank * (1 - idle)
 
 
 def expected_remote_nodes(arch: Arch, ep_nodes: int) -> float:
@@ -273,16 +283,20 @@ class StepModel:
         step.add("moe_combine", combine)
         return router + expert_us, dispatch + combine
 
-    def _kernel_overhead_us(self, moe_layer: bool) -> float:
-        """Return the fixed kernel costs of one layer for one microbatch (see `kernels_per_layer`)."""
-        matmuls, vectors = kernels_per_layer(self.arch, moe_layer)
+    def _kernel_overhead_us(self, moe_layer: bool, tokens: float, layout: Layout) -> float:
+        """Return the fixed kernel costs of one layer for one microbatch of `tokens` per rank (`kernels_per_layer`;
+        with `grouped_gemm_per_expert`, the expected active experts of the rank from `active_experts_per_rank`)."""
         eff = self.fabric.device.efficiency
+        active = None
+        if moe_layer and eff.grouped_gemm_per_expert:
+            active = active_experts_per_rank(self.arch, tokens * layout.ep, layout.slots_per_rank)
+        matmuls, vectors = kernels_per_layer(self.arch, moe_layer, active)
         return matmuls * eff.matmul_kernel_us + vectors * eff.vector_kernel_us
 
     def _layer(self, tokens: float, phase: PhaseName, context: int, layout: Layout, moe_layer: bool) -> StepTime:
         """Return the terms of one layer for one microbatch of `tokens` tokens on a rank."""
         step = StepTime(phase, 0.0, tokens)
-        step.add("kernel_overhead", self._kernel_overhead_us(moe_layer))
+        step.add("kernel_overhead", self._kernel_overhead_us(moe_layer, tokens, layout))
         step.add("activations", self.peaks.op_us(0, tokens * activation_bytes_per_token(self.arch, phase, moe_layer)))
         self._attention(step, tokens, phase, context, layout)
         if moe_layer:
