@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import MoETransformer, build_metadata, load_model
+from matrixstack.engine import MoETransformer, build_metadata, cpu_kernels, load_model
 from matrixstack.engine import moe as moe_module
-from matrixstack.engine.attention import MIN_SPLIT_SAVING_KEYS, _split_by_length
+from matrixstack.engine.attention import MIN_SPLIT_SAVING_KEYS, _decode_attention, _gather, _split_by_length
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.model_runner import ModelRunner
@@ -151,9 +151,13 @@ def test_decodes_split_by_context_length():
     assert MIN_SPLIT_SAVING_KEYS > 0
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-decode", "torch-decode"])
 @torch.inference_mode()
-def test_paged_decode_groups_and_chunks_match_the_reference():
+def test_paged_decode_groups_and_chunks_match_the_reference(native, monkeypatch):
     """Decodes of very different lengths (several groups) next to a prefill chunk, against full attention."""
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if native else "0")
+    if native and cpu_kernels.numba is None:
+        pytest.skip("numba is not installed: only the PyTorch decode path exists")
     model = randomized(seed=3)
     block_size = 16
     gen = torch.Generator().manual_seed(4)
@@ -189,3 +193,31 @@ def test_detokenize_false_returns_the_same_tokens_without_text():
     assert texts[True].token_ids == texts[False].token_ids and texts[True].text and texts[False].text == ""
     with pytest.raises(pydantic.ValidationError, match="stop strings need the output text"):
         SamplingParams(stop=["\n"], detokenize=False)
+
+
+@pytest.mark.skipif(cpu_kernels.numba is None, reason="numba is not installed")
+@pytest.mark.parametrize(("kv_heads", "heads", "dim", "v_dim"), [(2, 4, 64, 64), (1, 4, 24, 16)], ids=["gqa", "mla"])
+def test_native_decode_kernel_matches_the_torch_path(kv_heads, heads, dim, v_dim):
+    """The numba kernel against `_decode_attention` over the same gathered blocks (MLA: values are a view)."""
+    gen = torch.Generator().manual_seed(7)
+    block_size, lengths = 16, [1, 17, 200, 64]
+    width = -(-max(lengths) // block_size)
+    key_cache = torch.randn(kv_heads, 64, block_size, dim, generator=gen)
+    value_cache = key_cache[..., :v_dim] if v_dim < dim else torch.randn(kv_heads, 64, block_size, v_dim, generator=gen)
+    order = torch.randperm(64, generator=gen)
+    tables = [order[i * width : i * width + -(-n // block_size)].tolist() for i, n in enumerate(lengths)]
+    meta = build_metadata(tables, lengths, [1] * len(lengths), block_size)
+    queries = torch.randn(len(lengths), heads, dim, generator=gen)
+    groups = meta.plan()
+    assert groups and all(g.q_len == 1 and g.block_table.dtype == torch.int32 for g in groups)
+    for group in groups:
+        rows = queries if group.q_rows is None else queries[group.q_rows]
+        ours = cpu_kernels.decode_attention(rows, key_cache, value_cache, group.block_table, group.context_lens, 0.3)
+        keys = _gather(key_cache, group, "keys").clone()
+        values = keys[..., :v_dim] if v_dim < dim else _gather(value_cache, group, "values")
+        theirs = _decode_attention(rows, keys, values, group.hidden_keys, 0.3)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        assert cpu_kernels.enabled(queries, key_cache)
+        assert not cpu_kernels.enabled(queries.bfloat16(), key_cache.bfloat16())  # bf16: the PyTorch path
+    assert not cpu_kernels.enabled(queries, key_cache)  # gradients wanted: the PyTorch path

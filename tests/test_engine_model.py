@@ -9,7 +9,7 @@ import torch
 
 from matrixstack.arch import Arch, load_arch
 from matrixstack.arch.spec import Moe
-from matrixstack.engine import MoETransformer, build_metadata
+from matrixstack.engine import MoETransformer, build_metadata, cpu_kernels
 from matrixstack.engine.moe import LocalExperts, MissingExpert, route
 
 ATOL = 1e-4
@@ -102,9 +102,13 @@ def run_step(model, cache, tokens, steps, block_tables, block_size):
     return {s: logits[offsets[i] : offsets[i + 1]] for i, (s, _, _) in enumerate(steps)}
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-decode", "torch-decode"])
 @pytest.mark.parametrize("name", sorted(ARCHS))
 @torch.inference_mode()
-def test_paged_chunked_and_decode_match_reference(name):
+def test_paged_chunked_and_decode_match_reference(name, native, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if native else "0")
+    if native and cpu_kernels.numba is None:
+        pytest.skip("numba is not installed: only the PyTorch decode path exists")
     arch = ARCHS[name]
     model = randomized(arch)
     block_size = 4
