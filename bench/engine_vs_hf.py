@@ -40,7 +40,8 @@ counts only each request's own output tokens (the tokens generated past a reques
 output) over the wall time of the `generate` call. The engine runs the same requests, all submitted at once, with
 continuous batching (`LLMEngine`, a `ModelRunner`, the default scheduler limits, KV cache sized to hold them
 all): its throughput is the same output tokens over the wall time from submission to the last token. Both sides
-are warmed up first; each is timed `--repeats` times (default 3), the two sides alternating, and each side's best
+are warmed up first; each is timed `--repeats` times (default 5: on a shared 2-core VM single runs of either side
+vary by 10-20%), the two sides alternating, and each side's best
 run is kept (a `gc.collect()` before each run). Neither side assembles text (`generate` returns token ids; the
 engine runs with `SamplingParams(detokenize=False)`). The greedy tokens are compared request by request
 (identical up to float32 round-off: a request may diverge where two logits nearly tie, and the report says
@@ -236,7 +237,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests in the set (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request set and random weights")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, interleaved; the best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side, interleaved; the best is kept")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights, not the packaged")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' dtype")
     parser.add_argument(
