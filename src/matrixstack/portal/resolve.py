@@ -1,0 +1,157 @@
+"""Resolving a catalog entry's lineage into the settings one request gets, and applying them to a request body.
+
+`resolve([L0, L1, L2])` merges the chain root first: system prompts joined, knowledge appended as reference
+material, defaults overridden by deeper levels, allowed ranges intersected, stop strings united, the deepest
+adapter kept. `Resolved.apply_chat` / `apply_completion` return a new OpenAI request body for the backend.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from matrixstack.errors import UserError
+from matrixstack.portal.spec import BackendSpec, EntrySpec
+
+REFERENCE_HEADER = "Reference material:\n"
+
+
+class RangeError(UserError):
+    """A request parameter outside the range the catalog entry allows (HTTP 400 with param=<name>)."""
+
+    def __init__(self, param: str, value: Any, low: float, high: float):
+        self.param, self.value, self.low, self.high = param, value, low, high
+        super().__init__(
+            f"{param}={value!r} is outside the range this model allows [{low:g}, {high:g}]; "
+            f"send a number within it or leave {param} out"
+        )
+
+
+@dataclass
+class Resolved:
+    """The settings of a catalog entry merged over its chain (root first), ready to apply to request bodies."""
+
+    entry: str
+    chain: list[str]
+    backend: BackendSpec
+    system_prompt: str | None
+    defaults: dict[str, float | int]
+    ranges: dict[str, tuple[float, float]]
+    stop: list[str]
+    adapter: str | None
+
+    def backend_model(self) -> str:
+        """Return the model id to send to the backend: the adapter (adapter backends), backend.model, or the L0 name."""
+        if self.backend.adapters and self.adapter:
+            return self.adapter
+        return self.backend.model or self.chain[0]
+
+    def apply_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Return a new chat-completions body: backend model, system prompt, defaults, checked ranges, stop strings.
+
+        The system prompt is merged in front of the request's first system message, or becomes a new first
+        message. Raises RangeError naming the parameter when a value lies outside the entry's range.
+        """
+        out = copy.deepcopy(body)
+        if self.system_prompt:
+            messages = list(out.get("messages") or [])
+            first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "system"), None)
+            if first is None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            else:
+                messages[first] = {**messages[first], "content": _prefixed(self.system_prompt, messages[first])}
+            out["messages"] = messages
+        return self._apply_common(out, max_tokens_alias="max_completion_tokens")
+
+    def apply_completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Return a new completions body: the system prompt becomes a prefix of the prompt, the rest as apply_chat.
+
+        Raises UserError when a prefix is needed but the prompt is token ids, RangeError for a value out of range.
+        """
+        out = copy.deepcopy(body)
+        if self.system_prompt:
+            prefix = self.system_prompt + "\n\n"
+            prompt = out.get("prompt", "")
+            if isinstance(prompt, str):
+                out["prompt"] = prefix + prompt
+            elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+                out["prompt"] = [prefix + p for p in prompt]
+            else:
+                raise UserError(
+                    f"prompt: model {self.entry!r} adds a system prompt to the prompt; send the prompt as text"
+                )
+        return self._apply_common(out, max_tokens_alias=None)
+
+    def _apply_common(self, out: dict[str, Any], max_tokens_alias: str | None) -> dict[str, Any]:
+        """Return `out` with the backend model, the defaults it lacks, its ranges checked and the stop strings."""
+        out["model"] = self.backend_model()
+        aliased = max_tokens_alias is not None and out.get(max_tokens_alias) is not None
+        for param, value in self.defaults.items():
+            if out.get(param) is None and not (param == "max_tokens" and aliased):
+                out[param] = value
+        for param, (low, high) in self.ranges.items():
+            name = max_tokens_alias if param == "max_tokens" and aliased else param
+            value = out.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise RangeError(name, value, low, high)
+        stop = out.get("stop")
+        requested = [stop] if isinstance(stop, str) else list(stop or [])
+        merged = list(dict.fromkeys([*requested, *self.stop]))
+        if merged:
+            out["stop"] = merged
+        return out
+
+
+def _prefixed(prompt: str, message: dict[str, Any]) -> str | list[Any]:
+    """Return a system message's content with `prompt` in front (text, or a text part before the parts)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return [{"type": "text", "text": prompt}, *content]
+    return f"{prompt}\n\n{content}" if content else prompt
+
+
+def resolve(chain: list[EntrySpec]) -> Resolved:
+    """Return the merged settings of a lineage given root first ([L0], [L0, L1], [L0, L2] or [L0, L1, L2]).
+
+    Raises UserError when the chain does not start at an L0 with a backend or its ranges do not overlap.
+    """
+    if not chain or chain[0].backend is None:
+        raise UserError("a chain starts at an L0 entry with a backend")
+    prompts = [e.system_prompt for e in chain if e.system_prompt]
+    knowledge = [k for e in chain for k in e.knowledge]
+    system = "\n\n".join(prompts)
+    if knowledge:
+        system = (system + "\n\n" if system else "") + REFERENCE_HEADER + "\n\n".join(knowledge)
+    defaults: dict[str, float | int] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+    for e in chain:
+        defaults.update(e.parameters)
+        for param, (low, high) in e.parameter_ranges.items():
+            old_low, old_high = ranges.get(param, (low, high))
+            ranges[param] = (max(low, old_low), min(high, old_high))
+            if ranges[param][0] > ranges[param][1]:
+                raise UserError(
+                    f"parameter_ranges.{param} of {e.name!r}: [{low:g}, {high:g}] does not overlap the range "
+                    f"[{old_low:g}, {old_high:g}] of its parents; give a range inside it"
+                )
+    for param, value in defaults.items():
+        low, high = ranges.get(param, (value, value))
+        if not low <= value <= high:
+            raise UserError(
+                f"parameters.{param} of {chain[-1].name!r}: default {value:g} is outside the range [{low:g}, "
+                f"{high:g}] its chain allows; change the default or the range"
+            )
+    adapter = next((e.adapter for e in reversed(chain) if e.adapter), None)
+    return Resolved(
+        entry=chain[-1].name,
+        chain=[e.name for e in chain],
+        backend=chain[0].backend,
+        system_prompt=system or None,
+        defaults=defaults,
+        ranges=ranges,
+        stop=list(dict.fromkeys(s for e in chain for s in e.stop)),
+        adapter=adapter,
+    )
