@@ -224,6 +224,11 @@ class PortalService:
         """
         return self._transact(lambda session: _put_entry(session, spec, replace))
 
+    def add_entries(self, specs: list[EntrySpec], replace: bool = False) -> list[EntrySpec]:
+        """Add several entries in one transaction (all or none; parents before children) and return them as stored."""
+        ordered = sorted(specs, key=lambda spec: spec.level)
+        return self._transact(lambda session: [_put_entry(session, spec, replace) for spec in ordered])
+
     def update_entry(self, name: str, changes: dict[str, Any]) -> EntrySpec:
         """Change fields of an entry (a `backend` mapping is merged into the stored backend) and return it."""
         if "name" in changes and changes["name"] != name:
@@ -527,7 +532,7 @@ def _put_entry(session: Session, spec: EntrySpec, replace: bool) -> EntrySpec:
         if parent is None:
             raise UserError(
                 f"parent: entry {spec.name!r} names parent {spec.parent!r}, which is not in the catalog; add the "
-                "parent first (in one file, list it before its children)"
+                "parent first, or put it in the same file"
             )
         parent_id = parent.id
     if row is None:
