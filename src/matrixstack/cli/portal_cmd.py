@@ -112,7 +112,7 @@ def catalog_list(
         return
     table = Table(title="catalog", title_justify="left")
     for column in ("name", "level", "parent", "provider", "owner", "backend", "description"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")
     for e in entries:
         table.add_row(
             e.name, e.level, e.parent or "-", e.provider, e.owner or "public", _backend_text(e), e.description
@@ -194,7 +194,7 @@ def _limit(value: int | None) -> str:
 def _keys_table(keys: list[KeyInfo]) -> Table:
     table = Table(title="API keys", title_justify="left")
     for column in ("id", "prefix", "tenant", "name", "admin", "rpm", "tpm", "quota", "state"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "prefix")
     for k in keys:
         table.add_row(
             str(k.id),
@@ -377,7 +377,7 @@ def usage(
     )
     table = Table(title=title, title_justify="left")
     for column in [*groups, "requests", "prompt tokens", "completion tokens", "total tokens", "errors"]:
-        table.add_column(column, justify="left" if column in groups else "right")
+        table.add_column(column, no_wrap=column in groups, justify="left" if column in groups else "right")
     for r in rows:
         table.add_row(
             *(str(r[g] or "-") for g in groups),
