@@ -10,6 +10,7 @@ from matrixstack.cli.engine_cmd import engine_app
 from matrixstack.cli.fabric_cmd import fabric_app
 from matrixstack.cli.matrix_cmd import matrix_app
 from matrixstack.cli.perf_cmd import register as register_perf
+from matrixstack.cli.portal_cmd import catalog_app, deployment_app, key_app, tenant_app, usage
 
 app = typer.Typer(
     name="matrixstack",
@@ -21,5 +22,10 @@ app.add_typer(fabric_app, name="fabric")
 app.add_typer(arch_app, name="arch")
 app.add_typer(matrix_app, name="matrix")
 app.add_typer(engine_app, name="engine")
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(key_app, name="key")
+app.add_typer(deployment_app, name="deployment")
+app.command("usage")(usage)
 register_perf(app)
 register_calibrate(app)
