@@ -1,0 +1,199 @@
+"""The web dashboard: one page that draws the matrix, the catalog tree and live usage, and the JSON it polls.
+
+`dashboard_state(portal, matrix)` builds the state the page draws, from the real stores:
+- `pools`: every matrix pool, fabric by fabric and node by node, each device `free`, `allocated` (with the slice
+  that holds it and the deployment registered on that slice, if any) or `failed`;
+- `deployments`: the portal's deployments, each with a fixed colour (the page colours a slice's devices with it);
+- `catalog`: `PortalService.tree()` (L0 -> L1 -> L2);
+- `usage`: requests and tokens over the last `usage_window_s` seconds, in all and per catalog entry.
+
+`dashboard_router(state_fn, authorize)` serves `GET /dashboard` (the page), `GET /dashboard/static/{file}` (its
+script and style sheet: no CDN, no build step) and `GET /dashboard/state` (the JSON, for an admin key only:
+`authorize(request)` is the app's own check and raises its 401/403). The page takes the key from the URL fragment
+(`#key=sk-...`, never sent to the server in a URL) or a form, keeps it in `sessionStorage` and sends it as a
+Bearer token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from matrixstack.matrix.service import FAILED, FREE
+
+if TYPE_CHECKING:
+    from matrixstack.matrix.service import MatrixService
+    from matrixstack.portal.service import PortalService
+
+# matplotlib's tab10 without its red (failed devices) and grey (free ones), then tab20's light halves of the same.
+DEPLOYMENT_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#dbdb8d",
+    "#9edae5",
+)
+USAGE_WINDOW_S = 60.0
+STATIC_FILES = {  # the only files /dashboard/static serves: name -> media type
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def deployment_colour(index: int) -> str:
+    """Return the hex colour of the `index`-th deployment (the palette repeats after 16)."""
+    return DEPLOYMENT_COLOURS[index % len(DEPLOYMENT_COLOURS)]
+
+
+def dashboard_state(
+    portal: PortalService,
+    matrix: MatrixService,
+    usage_window_s: float = USAGE_WINDOW_S,
+    *,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Return the dashboard's state as a JSON-ready dict: pools, deployments, catalog, usage, generated_at."""
+    now = now or datetime.now(UTC)
+    deployments = [
+        {
+            "name": d["name"],
+            "kind": d["kind"],
+            "url": d["url"],
+            "pool": d.get("pool"),
+            "slice_id": d.get("slice_id"),
+            "colour": deployment_colour(k),
+        }
+        for k, d in enumerate(portal.list_deployments())
+    ]
+    return {
+        "pools": pool_states(matrix, deployments),
+        "deployments": deployments,
+        "catalog": portal.tree(),
+        "usage": usage_summary(portal, usage_window_s, now),
+        "generated_at": now.isoformat(),
+    }
+
+
+def pool_states(matrix: MatrixService, deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return every pool as fabrics -> nodes -> devices, each device with its state, slice and deployment."""
+    on_slice = {(d["pool"], d["slice_id"]): d["name"] for d in deployments if d["slice_id"] is not None}
+    pools = []
+    for summary in matrix.list_pools():
+        view = matrix.show(summary["pool"])
+        fabrics = []
+        for fabric, owners in zip(view.fabrics, view.owners, strict=True):
+            per_node = fabric["devices_per_node"]
+            nodes = []
+            for node in range(fabric["nodes"]):
+                devices = []
+                for device in range(node * per_node, (node + 1) * per_node):
+                    owner = owners[device]
+                    if owner == FAILED:
+                        state, slice_id = "failed", None
+                    elif owner == FREE:
+                        state, slice_id = "free", None
+                    else:
+                        state, slice_id = "allocated", owner
+                    devices.append(
+                        {
+                            "device": device,
+                            "state": state,
+                            "deployment": on_slice.get((view.name, slice_id)) if slice_id is not None else None,
+                            "slice": slice_id,
+                        }
+                    )
+                nodes.append({"node": node, "devices": devices})
+            fabrics.append({"index": fabric["index"], "name": fabric["name"], "nodes": nodes})
+        pools.append({"name": view.name, "fabrics": fabrics})
+    return pools
+
+
+def usage_summary(portal: PortalService, window_s: float, now: datetime) -> dict[str, Any]:
+    """Return requests and tokens of the `window_s` seconds up to `now`, in all and per catalog entry.
+
+    The usage report counts everything since a moment; what came at or after `now` (nothing, unless `now` is in
+    the past) is counted a second time and taken away, so the window is [now - window_s, now).
+    """
+    by_entry: dict[str, dict[str, int]] = {}
+    for since, sign in ((now - timedelta(seconds=window_s), 1), (now, -1)):
+        for row in portal.usage_report(group_by=("entry",), since=since):
+            totals = by_entry.setdefault(row["entry"], {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+            for name in totals:
+                totals[name] += sign * row[name]
+    by_entry = {entry: totals for entry, totals in by_entry.items() if totals["requests"] > 0}
+    prompt_tokens = sum(t["prompt_tokens"] for t in by_entry.values())
+    completion_tokens = sum(t["completion_tokens"] for t in by_entry.values())
+    rows = [
+        {"entry": entry, "requests": t["requests"], "total_tokens": t["prompt_tokens"] + t["completion_tokens"]}
+        for entry, t in by_entry.items()
+    ]
+    return {
+        "window_s": window_s,
+        "requests": sum(t["requests"] for t in by_entry.values()),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "tokens_per_s": round((prompt_tokens + completion_tokens) / window_s, 3) if window_s > 0 else 0.0,
+        "by_entry": sorted(rows, key=lambda e: (-e["total_tokens"], -e["requests"], e["entry"])),
+    }
+
+
+def static_text(name: str) -> str:
+    """Return the text of one of the dashboard's packaged files (dashboard.html, .js or .css)."""
+    return resources.files("matrixstack.portal").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def dashboard_router(
+    state_fn: Callable[[], dict[str, Any]],
+    authorize: Callable[[Request], Any | Awaitable[Any]],
+) -> APIRouter:
+    """Return the router of the dashboard: the page, its static files, and the admin-only state JSON.
+
+    `state_fn()` returns the state (it may block on the database: it runs in a worker thread); `authorize(request)`
+    raises the app's 401/403 unless the request carries an admin key (it may be a coroutine function).
+    """
+    router = APIRouter(tags=["dashboard"])
+
+    @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    def page(request: Request) -> HTMLResponse:
+        base = request.scope.get("root_path", "").rstrip("/") + "/dashboard"
+        html = static_text("dashboard.html").replace("{{base}}", base)
+        return HTMLResponse(html, headers=PAGE_HEADERS | {"Cache-Control": "no-cache"})
+
+    @router.get("/dashboard/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in STATIC_FILES:
+            raise HTTPException(404, f"no dashboard file {name!r}; the files are {', '.join(STATIC_FILES)}")
+        return Response(static_text(name), media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    @router.get("/dashboard/state", summary="Dashboard state (admin key)")
+    async def state(request: Request) -> JSONResponse:
+        checked = authorize(request)
+        if inspect.isawaitable(checked):
+            await checked
+        body = await run_in_threadpool(state_fn)
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    return router
