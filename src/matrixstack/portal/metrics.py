@@ -1,0 +1,125 @@
+"""Prometheus metrics of the portal, in a registry of its own (`GET /metrics`).
+
+- `matrixstack_requests_total{entry,status}`: /v1 completion requests by catalog entry and HTTP status;
+- `matrixstack_tokens_total{entry,kind}`: tokens by entry, `kind` = `prompt` or `completion`;
+- `matrixstack_ttft_seconds{entry}`: time to the first streamed token; `matrixstack_tpot_seconds{entry}`: time per
+  output token after the first (streamed requests: the spread of the stream over its tokens);
+- `matrixstack_queue_depth`: requests in flight in this portal process;
+- `matrixstack_matrix_utilisation{pool}`: allocated / healthy devices of each matrix pool, read from
+  `MatrixService` pool views at most every `UTILISATION_REFRESH_S` (the read runs in a worker thread when
+  `/metrics` is scraped, never on the request path).
+
+A registry per `PortalMetrics` keeps several portals in one process (tests) from sharing counters.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UTILISATION_REFRESH_S = 5.0
+# Latency buckets in seconds: a CPU engine's TTFT spans milliseconds to seconds, TPOT milliseconds to 100s of ms.
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+METRIC_NAMES = (
+    "matrixstack_requests_total",
+    "matrixstack_tokens_total",
+    "matrixstack_ttft_seconds",
+    "matrixstack_tpot_seconds",
+    "matrixstack_queue_depth",
+    "matrixstack_matrix_utilisation",
+)
+
+
+def pool_utilisation(matrix_service: Any) -> dict[str, float]:
+    """Return allocated / healthy devices per pool of a `MatrixService` (0.0 for a pool with no healthy device)."""
+    out = {}
+    for summary in matrix_service.list_pools():
+        stats = matrix_service.show(summary["pool"]).stats
+        healthy = stats["devices"] - stats["failed"]
+        out[summary["pool"]] = stats["allocated"] / healthy if healthy > 0 else 0.0
+    return out
+
+
+class PortalMetrics:
+    """The portal's counters, histograms and gauges (see the module docstring)."""
+
+    def __init__(
+        self,
+        utilisation_fn: Callable[[], dict[str, float]] | None = None,
+        refresh_s: float = UTILISATION_REFRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """`utilisation_fn()` returns allocated / healthy devices per pool (None: no pool gauge is filled)."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "matrixstack_requests", "Completion requests by catalog entry and HTTP status", ["entry", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "matrixstack_tokens", "Tokens by catalog entry and kind (prompt, completion)", ["entry", "kind"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "matrixstack_ttft_seconds", "Time to the first streamed token", ["entry"], buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "matrixstack_tpot_seconds", "Time per output token after the first", ["entry"], buckets=TPOT_BUCKETS_S,
+            registry=self.registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge("matrixstack_queue_depth", "Requests in flight in this portal", registry=self.registry)
+        self.utilisation = Gauge(
+            "matrixstack_matrix_utilisation", "Allocated / healthy devices of a matrix pool", ["pool"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._utilisation_fn = utilisation_fn
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._refreshed_at: float | None = None
+        self._refresh_lock = threading.Lock()
+
+    def observe(
+        self,
+        entry: str,
+        status: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+    ) -> None:
+        """Count one finished request of `entry` with its tokens and, when known, its TTFT and TPOT."""
+        self.requests.labels(entry, str(status)).inc()
+        if prompt_tokens:
+            self.tokens.labels(entry, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(entry, "completion").inc(completion_tokens)
+        if ttft_s is not None:
+            self.ttft.labels(entry).observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.labels(entry).observe(tpot_s)
+
+    def refresh_utilisation(self) -> None:
+        """Re-read pool utilisation when the last read is older than the refresh period (blocking: call it in a
+        worker thread). A failed read keeps the last values."""
+        if self._utilisation_fn is None:
+            return
+        with self._refresh_lock:
+            now_s = self._clock()
+            if self._refreshed_at is not None and now_s - self._refreshed_at < self._refresh_s:
+                return
+            self._refreshed_at = now_s
+            values = self._utilisation_fn()
+            for pool, value in values.items():
+                self.utilisation.labels(pool).set(value)
+            for labels in list(self.utilisation._metrics):  # pools removed since the last read
+                if labels[0] not in values:
+                    self.utilisation.remove(*labels)
+
+    def render(self) -> tuple[bytes, str]:
+        """Return (Prometheus text exposition, its content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

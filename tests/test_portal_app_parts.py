@@ -1,0 +1,266 @@
+"""The portal's hot-path parts on their own: key limits, the TTL cache, the usage batch writer, the metrics.
+
+Clocks are plain counters the tests move, so nothing here waits on or asserts wall-clock time. The writer and the
+utilisation gauge run against real databases (SQLite files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from matrixstack.fabric.loader import load_fabric
+from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.simulate import resize_pod
+from matrixstack.matrix.spec import SliceRequest
+from matrixstack.portal.cache import TtlCache
+from matrixstack.portal.limits import INSUFFICIENT_QUOTA, QUOTA_RETRY_AFTER_S, RATE_LIMIT_EXCEEDED, KeyLimiter
+from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
+from matrixstack.portal.service import PortalService, UsageRecord
+from matrixstack.portal.usage_writer import UsageWriter
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@dataclass
+class Key:
+    id: int = 1
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    token_quota: int | None = None
+
+
+# ---- limits -----------------------------------------------------------------------------------------------------
+
+
+def test_requests_per_minute_slide_and_say_when_to_retry():
+    clock = Clock()
+    limiter, key = KeyLimiter(clock), Key(rpm_limit=2)
+    assert limiter.admit(key) is None
+    clock.now_s += 10
+    assert limiter.admit(key) is None
+    clock.now_s += 5
+    refusal = limiter.admit(key)
+    assert refusal.code == RATE_LIMIT_EXCEEDED and refusal.retry_after_s == 45  # the first leaves at t0 + 60
+    clock.now_s += 44.5
+    assert limiter.admit(key).retry_after_s == 1  # half a second left rounds up to a whole one
+    clock.now_s += 0.5
+    assert limiter.admit(key) is None  # the first request left the window
+    assert limiter.admit(key).retry_after_s == 10  # now the second one blocks, 10 s later than the first
+
+
+def test_tokens_per_minute_count_finished_requests():
+    clock = Clock()
+    limiter, key = KeyLimiter(clock), Key(tpm_limit=100)
+    assert limiter.admit(key) is None
+    limiter.finish(key.id, 60)
+    clock.now_s += 20
+    assert limiter.admit(key) is None  # 60 < 100: in flight requests are not known yet
+    limiter.finish(key.id, 50)
+    refusal = limiter.admit(key)
+    assert refusal.code == RATE_LIMIT_EXCEEDED and refusal.retry_after_s == 40  # when the 60 leave, 50 remain
+    clock.now_s += 40
+    assert limiter.admit(key) is None
+
+
+def test_lifetime_quota_is_seeded_once_and_grows():
+    limiter, key = KeyLimiter(Clock()), Key(token_quota=100)
+    assert limiter.needs_seed(key.id)
+    limiter.seed(key.id, 90)
+    assert not limiter.needs_seed(key.id)
+    limiter.seed(key.id, 0)  # a second read does not reset the live count
+    assert limiter.admit(key) is None
+    limiter.finish(key.id, 15)
+    assert limiter.used_tokens(key.id) == 105
+    refusal = limiter.admit(key)
+    assert refusal.code == INSUFFICIENT_QUOTA and refusal.retry_after_s == QUOTA_RETRY_AFTER_S
+    assert "105 of 100" in refusal.message
+    assert limiter.admit(Key(token_quota=200)) is None  # an admin raised it: the next request passes
+
+
+def test_keys_without_limits_are_never_refused():
+    limiter = KeyLimiter(Clock())
+    for _ in range(1000):
+        assert limiter.admit(Key()) is None
+        limiter.finish(1, 1000)
+
+
+# ---- the TTL cache ----------------------------------------------------------------------------------------------
+
+
+def test_cache_loads_once_for_concurrent_callers_and_expires():
+    clock = Clock()
+    cache = TtlCache(5.0, clock=clock)
+    loads = []
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def loader() -> str:
+            loads.append(1)
+            await gate.wait()
+            return "value"
+
+        waiting = [asyncio.ensure_future(cache.get_or_load("k", loader)) for _ in range(5)]
+        await asyncio.sleep(0)
+        gate.set()
+        assert await asyncio.gather(*waiting) == ["value"] * 5
+        assert len(loads) == 1
+        clock.now_s += 4.9
+        assert await cache.get_or_load("k", loader) == "value" and len(loads) == 1
+        clock.now_s += 0.2
+        assert await cache.get_or_load("k", loader) == "value" and len(loads) == 2  # expired: loaded again
+        cache.clear()
+        assert len(cache) == 0
+        assert await cache.get_or_load("k", loader) == "value" and len(loads) == 3
+
+        async def failing() -> str:
+            raise KeyError("boom")
+
+        with pytest.raises(KeyError):
+            await cache.get_or_load("bad", failing)
+        assert len(cache) == 1  # a failed load is not cached
+
+    asyncio.run(scenario())
+
+
+def test_cache_clear_during_a_load_does_not_keep_the_stale_value():
+    cache = TtlCache(60.0, clock=Clock())
+
+    async def scenario() -> None:
+        async def loader() -> str:
+            cache.clear()  # the catalog changed while the old value was read
+            return "stale"
+
+        assert await cache.get_or_load("k", loader) == "stale"
+        assert len(cache) == 0
+
+    asyncio.run(scenario())
+
+
+# ---- the usage writer ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def service(tmp_path):
+    with PortalService(f"sqlite:///{tmp_path / 'usage.db'}") as svc:
+        yield svc
+
+
+def _records(service: PortalService, n: int, entry: str = "tiny") -> list[UsageRecord]:
+    info, _ = service.create_key("acme")
+    return [UsageRecord(info.tenant_id, info.id, entry, 10, i, 200, 5.0, 1.0) for i in range(n)]
+
+
+def test_writer_writes_batches_and_flush_waits_for_them(service):
+    writer = UsageWriter(service.record_usage, interval_s=0.05).start()
+    records = _records(service, 50)
+    for record in records[:30]:
+        writer.submit(record)
+    assert writer.flush()
+    assert service.usage_report()[0]["requests"] == 30
+    for record in records[30:]:
+        writer.submit(record)
+    writer.stop()
+    total = service.usage_report()[0]
+    assert total["requests"] == 50 and total["completion_tokens"] == sum(range(50)) and writer.written == 50
+
+
+def test_writer_loses_nothing_on_a_clean_stop(service):
+    writer = UsageWriter(service.record_usage, interval_s=60.0).start()  # no round would come before the stop
+    for record in _records(service, 20):
+        writer.submit(record)
+    writer.stop()
+    writer.stop()  # twice is fine
+    assert service.usage_report()[0]["requests"] == 20
+
+
+def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
+    """A database that refuses one write (here: the first call fails as a dropped connection would)."""
+    calls = []
+
+    def flaky_write(batch: list[UsageRecord]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise ConnectionError("database went away")
+        service.record_usage(batch)
+
+    writer = UsageWriter(flaky_write, interval_s=0.01).start()
+    for record in _records(service, 5):
+        writer.submit(record)
+    assert writer.flush()
+    writer.stop()
+    assert calls[0] == 5 and writer.failures == 1
+    assert service.usage_report()[0]["requests"] == 5
+
+
+def test_writer_submit_from_many_threads(service):
+    writer = UsageWriter(service.record_usage, interval_s=0.01).start()
+    records = _records(service, 200)
+    threads = [threading.Thread(target=lambda part: [writer.submit(r) for r in part], args=(records[i::4],))
+               for i in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.stop()
+    assert service.usage_report()[0]["requests"] == 200
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_pool_utilisation_is_allocated_over_healthy_devices_and_refreshes_at_most_every_5_s(tmp_path):
+    with MatrixService(f"sqlite:///{tmp_path / 'matrix.db'}") as matrix:
+        matrix.create_pool("p", [resize_pod(load_fabric("cloudmatrix384"), 2)])  # 16 devices
+        matrix.alloc("p", "acme", SliceRequest(devices=4))
+        assert pool_utilisation(matrix) == {"p": 0.25}
+        free = [d for d, owner in enumerate(matrix.show("p").owners[0]) if owner == 0][:2]
+        for device in free:
+            matrix.fail("p", (0, device))
+        assert pool_utilisation(matrix) == {"p": 4 / 14}
+
+        clock, reads = Clock(), []
+
+        def read() -> dict[str, float]:
+            reads.append(1)
+            return pool_utilisation(matrix)
+
+        metrics = PortalMetrics(read, clock=clock)
+        metrics.refresh_utilisation()
+        clock.now_s += 4.0
+        metrics.refresh_utilisation()
+        assert len(reads) == 1
+        clock.now_s += 1.5
+        metrics.refresh_utilisation()
+        assert len(reads) == 2
+        text = metrics.render()[0].decode()
+        assert f'matrixstack_matrix_utilisation{{pool="p"}} {4 / 14}' in text
+
+
+def test_metrics_count_requests_tokens_and_latencies_per_entry():
+    metrics = PortalMetrics()
+    metrics.observe("tiny", 200, 10, 5, ttft_s=0.02, tpot_s=0.004)
+    metrics.observe("tiny", 429, 0, 0)
+    metrics.queue_depth.inc()
+    text, content_type = metrics.render()
+    text = text.decode()
+    assert content_type.startswith("text/plain")
+    assert 'matrixstack_requests_total{entry="tiny",status="200"} 1.0' in text
+    assert 'matrixstack_requests_total{entry="tiny",status="429"} 1.0' in text
+    assert 'matrixstack_tokens_total{entry="tiny",kind="prompt"} 10.0' in text
+    assert 'matrixstack_ttft_seconds_count{entry="tiny"} 1.0' in text
+    assert 'matrixstack_tpot_seconds_bucket{entry="tiny",le="0.005"} 1.0' in text
+    assert "matrixstack_queue_depth 1.0" in text
+    assert "matrixstack_requests_total{" not in PortalMetrics().render()[0].decode()  # a registry of its own
