@@ -1,0 +1,196 @@
+"""The portal's admin API (an admin API key only): catalog, tenants, keys, usage, deployments.
+
+Routes (all JSON; errors in OpenAI's format: 401 without a valid key, 403 with a key that is not an admin's,
+400 for a user error naming the field, 404 for an unknown catalog entry):
+- `GET /admin/catalog` every entry; `POST /admin/catalog[?replace=true]` one entry or `{"entries": [...]}`;
+  `GET|PATCH|DELETE /admin/catalog/{name}` one entry (PATCH merges the given fields, a `backend` mapping into the
+  stored backend); `GET /admin/catalog-tree` the L0 -> L1 -> L2 tree;
+- `GET /admin/tenants`, `POST /admin/tenants {"name"}`;
+- `GET /admin/keys[?tenant=]`, `POST /admin/keys {"tenant", "name", "admin", "rpm_limit", "tpm_limit",
+  "token_quota"}` (the answer carries the plaintext `key`, the only time it is shown),
+  `PATCH /admin/keys/{prefix} {"rpm_limit"?, "tpm_limit"?, "token_quota"?}` (a given null removes a limit),
+  `DELETE /admin/keys/{prefix}` revokes;
+- `GET /admin/usage?group_by=tenant,entry&since=ISO-8601`;
+- `GET /admin/deployments`, `POST /admin/deployments {...}`, `DELETE /admin/deployments/{name}`.
+
+A backend's `api_key` is never returned: entries show it as "set" (or null). Catalog changes reach /v1 at once
+(the gateway's catalog cache is dropped); key revocations and limit changes too (the key cache is dropped).
+Database work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from matrixstack.errors import UserError
+from matrixstack.portal.gateway import Gateway, openai_error
+from matrixstack.portal.service import KeyInfo, PortalService
+from matrixstack.portal.spec import parse_entries
+
+
+class TenantCreate(BaseModel):
+    """`POST /admin/tenants`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="1-64 letters, digits, '_', '.', '@' or '-'")
+
+
+class KeyCreate(BaseModel):
+    """`POST /admin/keys`."""
+
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(description="the tenant the key acts for (created if new)")
+    name: str = "default"
+    admin: bool = False
+    rpm_limit: int | None = Field(None, description="requests per minute (null: no limit)")
+    tpm_limit: int | None = Field(None, description="tokens per minute (null: no limit)")
+    token_quota: int | None = Field(None, description="tokens over the key's life (null: no limit)")
+
+
+class KeyLimitsChange(BaseModel):
+    """`PATCH /admin/keys/{prefix}`: only the fields given change; null removes that limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    token_quota: int | None = None
+
+
+class DeploymentCreate(BaseModel):
+    """`POST /admin/deployments`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    kind: str = Field(description="engine or vllm")
+    url: str = Field(description="its OpenAI base URL, e.g. http://127.0.0.1:8001/v1")
+    arch: str | None = None
+    pool: str | None = Field(None, description="matrix pool of its slice (with slice_id)")
+    slice_id: int | None = None
+    status: str = "running"
+
+
+def parse_since(since: str | None) -> datetime | None:
+    """Return the datetime of an ISO-8601 `since` (None when not given); a 400 naming `since` when malformed."""
+    if not since:
+        return None
+    try:
+        return datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise openai_error(400, f"since={since!r} is not an ISO-8601 time, e.g. 2025-01-31T12:00:00Z",
+                           param="since") from None  # fmt: skip
+
+
+def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInfo]]) -> APIRouter:
+    """Return the router of the admin API over `gateway.service`; `require_admin` is the app's admin dependency."""
+    service: PortalService = gateway.service
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+    async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    # ---- catalog ----
+
+    @router.get("/catalog", summary="Every catalog entry")
+    async def list_catalog() -> list[dict[str, Any]]:
+        return [e.view() for e in await db(service.list_entries, None, True)]
+
+    @router.post("/catalog", summary="Add one entry, or {'entries': [...]} (parents before children)")
+    async def add_catalog(
+        body: dict[str, Any] = Body(description="an EntrySpec, or {'entries': [EntrySpec, ...]}"),
+        replace: bool = Query(False, description="replace entries of the same name"),
+    ) -> list[dict[str, Any]]:
+        specs = parse_entries(body, "request body")
+        added = await db(service.add_entries, specs, replace)
+        gateway.catalog_changed()
+        return [e.view() for e in added]
+
+    @router.get("/catalog-tree", summary="The catalog as a tree, L0 -> L1 -> L2")
+    async def catalog_tree() -> list[dict[str, Any]]:
+        return await db(service.tree)
+
+    @router.get("/catalog/{name}", summary="One catalog entry")
+    async def get_entry(name: str) -> dict[str, Any]:
+        return (await db(service.get_entry, name)).view()
+
+    @router.patch("/catalog/{name}", summary="Change fields of an entry")
+    async def patch_entry(name: str, changes: dict[str, Any] = Body(description="the fields to change")) -> dict:
+        entry = await db(service.update_entry, name, changes)
+        gateway.catalog_changed()
+        return entry.view()
+
+    @router.delete("/catalog/{name}", summary="Remove an entry (not one with children)")
+    async def delete_entry(name: str) -> dict[str, Any]:
+        entry = await db(service.remove_entry, name)
+        gateway.catalog_changed()
+        return entry.view()
+
+    # ---- tenants ----
+
+    @router.get("/tenants", summary="Every tenant")
+    async def list_tenants() -> list[dict[str, Any]]:
+        return await db(service.list_tenants)
+
+    @router.post("/tenants", summary="Create a tenant (nothing happens when it exists)")
+    async def create_tenant(body: TenantCreate) -> dict[str, Any]:
+        return {"name": await db(service.create_tenant, body.name)}
+
+    # ---- keys ----
+
+    @router.get("/keys", summary="API keys (never the keys themselves)")
+    async def list_keys(tenant: str | None = None) -> list[dict[str, Any]]:
+        return [k.to_dict() for k in await db(service.list_keys, tenant)]
+
+    @router.post("/keys", summary="Create an API key; the answer's `key` is the only time it is shown")
+    async def create_key(body: KeyCreate) -> dict[str, Any]:
+        info, plaintext = await db(
+            service.create_key, body.tenant, body.name, body.admin, body.rpm_limit, body.tpm_limit, body.token_quota
+        )
+        return info.to_dict() | {"key": plaintext}
+
+    @router.patch("/keys/{prefix}", summary="Change a key's limits (null removes a limit)")
+    async def set_limits(prefix: str, body: KeyLimitsChange) -> dict[str, Any]:
+        given = body.model_dump(exclude_unset=True)
+        if not given:
+            raise UserError("give at least one of rpm_limit, tpm_limit, token_quota (null removes a limit)")
+        names = {"rpm_limit": "rpm", "tpm_limit": "tpm", "token_quota": "quota"}
+        info = await db(service.set_key_limits, prefix, **{names[k]: v for k, v in given.items()})
+        gateway.keys_changed()
+        return info.to_dict()
+
+    @router.delete("/keys/{prefix}", summary="Revoke a key")
+    async def revoke_key(prefix: str) -> dict[str, Any]:
+        info = await db(service.revoke_key, prefix)
+        gateway.keys_changed()
+        return info.to_dict()
+
+    # ---- usage ----
+
+    @router.get("/usage", summary="Usage grouped by tenant, key and/or entry")
+    async def usage(
+        group_by: str = Query("tenant", description="comma-separated: tenant, key, entry"),
+        since: str | None = Query(None, description="ISO-8601 time; only requests since then"),
+    ) -> list[dict[str, Any]]:
+        groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
+        return await db(service.usage_report, groups, parse_since(since))
+
+    # ---- deployments ----
+
+    @router.get("/deployments", summary="Registered deployments")
+    async def list_deployments() -> list[dict[str, Any]]:
+        return await db(service.list_deployments)
+
+    @router.post("/deployments", summary="Register a deployment (replacing one of the same name)")
+    async def register_deployment(body: DeploymentCreate) -> dict[str, Any]:
+        return await db(service.register_deployment, **body.model_dump())
+
+    @router.delete("/deployments/{name}", summary="Remove a deployment")
+    async def remove_deployment(name: str) -> dict[str, Any]:
+        return await db(service.remove_deployment, name)
+
+    return router

@@ -1,0 +1,238 @@
+"""The portal's HTTP app: the OpenAI-compatible /v1 API over the catalog, the admin API, metrics, dashboard.
+
+`create_portal_app(db_url)` builds a FastAPI app on the portal database (the matrix layer's by default):
+- `GET /v1/models`, `GET /v1/models/{model}`: the entries the caller's tenant may call, as OpenAI model cards
+  with `level`, `parent` and `provider`;
+- `POST /v1/chat/completions`, `POST /v1/completions`: resolved, limited, forwarded and metered by the `Gateway`
+  (portal/gateway.py), streamed (SSE) or not, usage in every response, `model` = the catalog entry;
+- `/admin/...`: the admin API (portal/admin_api.py), for admin keys;
+- `GET /metrics` (Prometheus, no key), `GET /health`, `GET /openapi.json`, `GET /docs`;
+- `GET /dashboard` and `/dashboard/state` (portal/dashboard.py).
+
+Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 401 `invalid_api_key` without a valid
+key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model_not_found`, 429
+`rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 400 naming the param for an invalid body or a
+user error, a backend's own error as it sent it.
+
+Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): a key revoked or an entry changed by
+another process (the CLI) takes effect within that time; through this app's admin API, at once. Usage goes to
+the database through a background batch writer (`UsageWriter`), started and stopped (after a last flush) with
+the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from matrixstack.engine.external import UpstreamError
+from matrixstack.engine.openai_types import ChatCompletionRequest, CompletionRequest, error_body
+from matrixstack.engine.server import ClientGone, OpenAIError, validation_error
+from matrixstack.errors import UserError
+from matrixstack.matrix.service import MatrixService
+from matrixstack.portal.admin_api import admin_router
+from matrixstack.portal.dashboard import dashboard_router, dashboard_state
+from matrixstack.portal.gateway import DEFAULT_CACHE_TTL_S, Gateway, JsonResponse, openai_error
+from matrixstack.portal.limits import KeyLimiter
+from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
+from matrixstack.portal.resolve import RangeError
+from matrixstack.portal.service import KeyInfo, PortalService
+from matrixstack.portal.spec import EntrySpec, UnknownEntry
+from matrixstack.portal.usage_writer import INTERVAL_S, UsageWriter
+
+LOG = logging.getLogger("matrixstack.portal")
+bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer sk-...`")
+
+
+@dataclass
+class Portal:
+    """What one portal app holds: the database service, the gateway, metrics and the usage writer."""
+
+    service: PortalService
+    matrix: MatrixService
+    gateway: Gateway
+    metrics: PortalMetrics
+    writer: UsageWriter
+
+    def close(self) -> None:
+        """Write the queued usage, then close the database connections."""
+        self.writer.stop()
+        self.matrix.close()
+        self.service.close()
+
+
+def model_card(entry: EntrySpec) -> dict[str, Any]:
+    """Return an entry as an OpenAI model card with its level, parent, provider and description."""
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": entry.owner or ("matrixstack" if entry.provider == "first-party" else "third-party"),
+        "level": entry.level,
+        "parent": entry.parent,
+        "provider": entry.provider,
+        "description": entry.description,
+    }
+
+
+def _user_error(exc: UserError) -> OpenAIError:
+    """Return the HTTP error of a user error: 404 model_not_found for an unknown entry, else 400 (with the param
+    of a RangeError)."""
+    if isinstance(exc, UnknownEntry):
+        return OpenAIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, RangeError):
+        return OpenAIError(400, str(exc), param=exc.param)
+    return OpenAIError(400, str(exc))
+
+
+def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
+    """Answer every error in OpenAI's format."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(UpstreamError)
+    async def _upstream_error(_: Request, exc: UpstreamError) -> Response:
+        return JsonResponse(exc.body, status_code=exc.status_code)
+
+    @app.exception_handler(UserError)
+    async def _user_error_handler(_: Request, exc: UserError) -> Response:
+        return _user_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        error = validation_error(list(exc.errors()))
+        if request.url.path.startswith("/v1/"):
+            gateway.log_rejected(request, error.status_code, error.message, getattr(request.state, "key", None))
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code = "not_found" if exc.status_code == 404 else None
+        return OpenAIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> Response:
+        LOG.exception("internal error")
+        return JsonResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+
+
+def create_portal_app(
+    db_url: str | None,
+    *,
+    log_json: bool = True,
+    cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+    usage_interval_s: float = INTERVAL_S,
+) -> FastAPI:
+    """Return the portal's FastAPI app on the database at `db_url` (None: the default SQLite file).
+
+    `log_json` writes each request's log line as one JSON object (else `key=value` pairs); `cache_ttl_s` is how
+    long keys and resolved entries are cached; `usage_interval_s` how often the usage writer writes a batch.
+    """
+    service = PortalService(db_url)
+    matrix = MatrixService(db_url)
+    metrics = PortalMetrics(lambda: pool_utilisation(matrix))
+    writer = UsageWriter(service.record_usage, interval_s=usage_interval_s)
+    gateway = Gateway(service, metrics, writer, KeyLimiter(), cache_ttl_s=cache_ttl_s, log_json=log_json)
+    portal = Portal(service, matrix, gateway, metrics, writer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        writer.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+            await run_in_threadpool(portal.close)
+
+    app = FastAPI(
+        title="MatrixStack portal",
+        description="OpenAI-compatible API over the MatrixStack catalog (L0 / L1 / L2 entries, first- and "
+        "third-party), with tenants, API keys, limits, usage, metrics and an admin API.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.portal = portal
+    _install_error_handlers(app, gateway)
+
+    async def caller(
+        request: Request, _: HTTPAuthorizationCredentials | None = Security(bearer)
+    ) -> KeyInfo:  # the Security parameter puts the scheme in the OpenAPI schema
+        try:
+            key = await gateway.authenticate(request.headers.get("authorization"))
+        except OpenAIError as exc:
+            gateway.log_rejected(request, exc.status_code, exc.message)
+            raise
+        request.state.key = key
+        return key
+
+    async def require_admin(request: Request, key: KeyInfo = Depends(caller)) -> KeyInfo:
+        if not key.is_admin:
+            raise openai_error(403, "this route needs an admin API key", "permission_denied")
+        return key
+
+    async def authorize_admin(request: Request) -> KeyInfo:
+        return await require_admin(request, await gateway.authenticate(request.headers.get("authorization")))
+
+    # ---- OpenAI API ----
+
+    @app.get("/v1/models", summary="The catalog entries the caller may use", tags=["openai"])
+    async def list_models(key: KeyInfo = Depends(caller)) -> Response:
+        entries = await gateway.visible_entries(key)
+        return JsonResponse({"object": "list", "data": [model_card(e) for e in entries]})
+
+    @app.get("/v1/models/{model:path}", summary="One catalog entry", tags=["openai"])
+    async def get_model(model: str, key: KeyInfo = Depends(caller)) -> Response:
+        for entry in await gateway.visible_entries(key):
+            if entry.name == model:
+                return JsonResponse(model_card(entry))
+        raise openai_error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                           "model_not_found", "model")  # fmt: skip
+
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"])
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, key: KeyInfo = Depends(caller)
+    ) -> Response:
+        return await gateway.forward(request, key, body.model_dump(exclude_unset=True), "chat")
+
+    @app.post("/v1/completions", summary="Text completion (OpenAI)", tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request, key: KeyInfo = Depends(caller)) -> Response:
+        return await gateway.forward(request, key, body.model_dump(exclude_unset=True), "completion")
+
+    # ---- admin, metrics, health ----
+
+    app.include_router(admin_router(gateway, require_admin))
+
+    @app.get("/metrics", summary="Prometheus metrics", tags=["ops"])
+    async def prometheus() -> Response:
+        try:
+            await run_in_threadpool(metrics.refresh_utilisation)
+        except Exception:  # the matrix tables unreadable for a moment: serve the other metrics anyway
+            LOG.warning("reading matrix utilisation failed", exc_info=True)
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/health", summary="Liveness", tags=["ops"])
+    async def health() -> Response:
+        return JsonResponse({"status": "ok"})
+
+    # ---- dashboard (portal/dashboard.py) ----
+    app.include_router(dashboard_router(lambda: dashboard_state(service, matrix), authorize_admin))
+
+    return app

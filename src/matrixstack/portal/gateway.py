@@ -1,0 +1,451 @@
+"""The portal's request path: authenticate, resolve the catalog entry, check limits, forward, meter.
+
+`Gateway` holds what the hot path needs in memory so that a request touches no database:
+- API keys by their sha256, cached `cache_ttl_s` seconds (`DEFAULT_CACHE_TTL_S`): a key revoked elsewhere (the
+  CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
+- resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
+  changes through this portal's admin API;
+- one `ExternalEngine` (an async HTTP client with its connection pool) per (backend URL, api_key);
+- `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
+- usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
+
+Database reads on a cache miss run in a worker thread, never on the event loop.
+
+A completion request: resolve the entry for the key's tenant (404 `model_not_found` for an unknown entry or
+another tenant's private one), admit it against the key's limits (429 with Retry-After), apply the entry's
+settings (400 naming the param when a value is outside an L2 range), then forward it to the backend. A stream
+always asks the backend for `stream_options.include_usage` and always ends with a usage chunk, then
+`data: [DONE]`. The response's `model` is the catalog entry's name. A client that goes away cancels the
+backend request (streamed: closing the stream closes the upstream connection; not streamed: the connection is
+polled while the backend works).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from matrixstack.engine.external import ExternalEngine, UpstreamError
+from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
+from matrixstack.engine.server import SSE_DONE, ClientGone, OpenAIError, _EngineStream, until_disconnect
+from matrixstack.errors import UserError
+from matrixstack.portal.cache import TtlCache
+from matrixstack.portal.keys import hash_key
+from matrixstack.portal.limits import KeyLimiter
+from matrixstack.portal.metrics import PortalMetrics
+from matrixstack.portal.resolve import RangeError, Resolved
+from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
+from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
+from matrixstack.portal.usage_writer import UsageWriter
+
+LOG = logging.getLogger("matrixstack.portal")
+DEFAULT_CACHE_TTL_S = 5.0
+UNKNOWN_ENTRY = "(unknown)"
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
+Kind = Literal["chat", "completion"]
+
+try:  # the fastest JSON encoder available: orjson when installed, else the standard library
+    import orjson
+
+    def dumps(data: Any) -> str:
+        """Return `data` as compact JSON text."""
+        return orjson.dumps(data).decode()
+
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def dumps(data: Any) -> str:
+        """Return `data` as compact JSON text."""
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse(data: dict[str, Any]) -> str:
+    """Return one server-sent event carrying `data` as JSON."""
+    return f"data: {dumps(data)}\n\n"
+
+
+class JsonResponse(Response):
+    """A JSON response encoded with the fastest encoder available (`dumps`)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        """Return the encoded body."""
+        return dumps(content).encode()
+
+
+def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None, **kw) -> Any:
+    """Return an OpenAIError (engine.server's, answered in OpenAI's error format by the app's handler)."""
+    return OpenAIError(status_code, message, param=param, code=code, **kw)
+
+
+class RateLimited(OpenAIError):
+    """A 429 with its Retry-After in whole seconds."""
+
+    def __init__(self, message: str, code: str, retry_after_s: int):
+        super().__init__(429, message, code=code, type_="requests" if code == "rate_limit_exceeded" else code)
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> Response:
+        """Return the error as a JSON response with a Retry-After header."""
+        return JsonResponse(self.body(), status_code=429, headers={"Retry-After": str(self.retry_after_s)})
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """Return the token of an `Authorization: Bearer TOKEN` header value (None when there is none)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+@dataclass
+class Metered:
+    """One /v1 request as it is metered and logged: who, which entry, tokens, status and timings."""
+
+    request_id: str
+    started_s: float
+    key: KeyInfo | None = None
+    entry: str | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    stream: bool = False
+    error: str | None = None
+    resolved: bool = False  # the entry exists for this tenant (else metrics label it UNKNOWN_ENTRY)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Gateway:
+    """Authentication, resolution, limits, forwarding and metering of /v1 requests (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: PortalService,
+        metrics: PortalMetrics,
+        writer: UsageWriter,
+        limiter: KeyLimiter | None = None,
+        cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+        log_json: bool = True,
+    ):
+        self.service = service
+        self.metrics = metrics
+        self.writer = writer
+        self.limiter = limiter or KeyLimiter()
+        self.log_json = log_json
+        self.keys = TtlCache(cache_ttl_s)
+        self.catalog = TtlCache(cache_ttl_s)
+        self._clients: dict[tuple[str, str | None], ExternalEngine] = {}
+        self._backend_models: dict[tuple[str, str | None], str] = {}
+
+    # ---- caches -------------------------------------------------------------------------------------------
+
+    def catalog_changed(self) -> None:
+        """Forget resolved entries and model lists (the catalog changed through this portal)."""
+        self.catalog.clear()
+
+    def keys_changed(self) -> None:
+        """Forget cached keys (a key was revoked or its limits changed through this portal)."""
+        self.keys.clear()
+
+    async def authenticate(self, authorization: str | None) -> KeyInfo:
+        """Return the KeyInfo of the request's Bearer key; raise a 401 `invalid_api_key` when it is missing, unknown
+        or revoked."""
+        token = bearer_token(authorization)
+        if token is None:
+            raise openai_error(
+                401,
+                "You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'",
+                "invalid_api_key",
+            )
+        digest = hash_key(token)
+        key = await self.keys.get_or_load(digest, lambda: run_in_threadpool(self.service.authenticate, token))
+        if key is None or key.revoked:
+            shown = token[:12] + "..." if len(token) > 12 else "..."
+            raise openai_error(401, f"Incorrect API key provided: {shown}", "invalid_api_key")
+        return key
+
+    async def resolve(self, entry: str, key: KeyInfo) -> Resolved:
+        """Return the resolved settings of `entry` as `key`'s tenant sees it; a 404 `model_not_found` otherwise."""
+        if not isinstance(entry, str) or not entry:
+            raise openai_error(400, "'model' is a required property", param="model")
+
+        async def load() -> Resolved | str:
+            try:
+                return await run_in_threadpool(self.service.resolve, entry, key.tenant, key.is_admin)
+            except UnknownEntry as exc:
+                return str(exc)  # cached like a hit, so unknown names do not reach the database each time
+
+        resolved = await self.catalog.get_or_load(("resolve", entry, key.tenant, key.is_admin), load)
+        if isinstance(resolved, str):
+            raise openai_error(404, f"The model `{entry}` does not exist or you do not have access to it.",
+                               "model_not_found", "model")  # fmt: skip
+        return resolved
+
+    async def visible_entries(self, key: KeyInfo) -> list[EntrySpec]:
+        """Return the catalog entries `key`'s tenant may call."""
+        return await self.catalog.get_or_load(
+            ("models", key.tenant, key.is_admin),
+            lambda: run_in_threadpool(self.service.list_entries, key.tenant, key.is_admin),
+        )
+
+    async def _seed_quota(self, key: KeyInfo) -> None:
+        if key.token_quota is not None and self.limiter.needs_seed(key.id):
+            self.limiter.seed(key.id, await run_in_threadpool(self.service.tokens_used, key.id))
+
+    # ---- backends -----------------------------------------------------------------------------------------
+
+    def client(self, backend: BackendSpec) -> ExternalEngine:
+        """Return the one ExternalEngine of (backend URL, api_key), made on first use."""
+        ident = (backend.url, backend.api_key)
+        client = self._clients.get(ident)
+        if client is None:
+            client = self._clients[ident] = ExternalEngine(backend.url, backend.api_key)
+        return client
+
+    async def backend_model(self, resolved: Resolved, client: ExternalEngine) -> str:
+        """Return the model id to send: the resolved one, or for an engine/vLLM backend without `model` (and no
+        adapter to name) the first model the backend lists (asked once)."""
+        backend = resolved.backend
+        if backend.model or backend.kind == "upstream" or (backend.adapters and resolved.adapter):
+            return resolved.backend_model()
+        ident = (backend.url, backend.api_key)
+        model = self._backend_models.get(ident)
+        if model is None:
+            ids = await client.model_ids()
+            if not ids:
+                raise openai_error(502, f"backend {backend.url} serves no model", "upstream_error",
+                                   type_="server_error")  # fmt: skip
+            model = self._backend_models[ident] = ids[0]
+        return model
+
+    async def aclose(self) -> None:
+        """Close every backend client."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    # ---- the request path -------------------------------------------------------------------------------
+
+    async def forward(self, request: Request, key: KeyInfo, body: dict[str, Any], kind: Kind) -> Response:
+        """Return the response to `key`'s /v1 chat or text completion request `body` (see the module docstring)."""
+        m = Metered(request_id=uuid.uuid4().hex, started_s=time.perf_counter(), stream=bool(body.get("stream")))
+        m.key = key
+        m.entry = body.get("model") if isinstance(body.get("model"), str) else None
+        self.metrics.queue_depth.inc()
+        streaming = False
+        try:
+            resolved = await self.resolve(m.entry, m.key)
+            m.resolved = True
+            await self._seed_quota(m.key)
+            refusal = self.limiter.admit(m.key)
+            if refusal is not None:
+                raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
+            try:
+                applied = resolved.apply_chat(body) if kind == "chat" else resolved.apply_completion(body)
+            except RangeError as exc:
+                raise openai_error(400, str(exc), param=exc.param) from None
+            except UserError as exc:
+                raise openai_error(400, str(exc), param="prompt" if kind == "completion" else "messages") from None
+            client = self.client(resolved.backend)
+            applied["model"] = await self.backend_model(resolved, client)
+            if m.stream:
+                response = await self._stream(request, client, applied, kind, m)
+                streaming = True
+                return response
+            call = client.chat(applied) if kind == "chat" else client.complete(applied)
+            answer = await until_disconnect(request, call)
+            answer["model"] = m.entry
+            used = answer.get("usage") or {}
+            m.prompt_tokens = int(used.get("prompt_tokens") or 0)
+            m.completion_tokens = int(used.get("completion_tokens") or 0)
+            if not answer.get("usage"):
+                answer["usage"] = usage(m.prompt_tokens, m.completion_tokens)
+            return JsonResponse(answer, headers={"x-request-id": m.request_id})
+        except BaseException as exc:
+            m.status, m.error = _status_of(exc)
+            raise
+        finally:
+            if not streaming:
+                self.finish(m)
+
+    async def _stream(
+        self, request: Request, client: ExternalEngine, body: dict[str, Any], kind: Kind, m: Metered
+    ) -> Response:
+        """Return the SSE response relaying the backend's stream (waits for the first chunk, so a backend that
+        refuses the request answers with its own status)."""
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        chunks = client.stream_chat(body) if kind == "chat" else client.stream_complete(body)
+        try:
+            first = await until_disconnect(request, chunks.__anext__())
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+        events = self._events(chunks, first, kind, m)
+        finished = False
+
+        async def on_close() -> None:
+            nonlocal finished
+            await events.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]
+            if not finished:
+                finished = True
+                self.finish(m)
+
+        return _EngineStream(events, on_close)
+
+    async def _events(
+        self, chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None, kind: Kind, m: Metered
+    ) -> AsyncIterator[str]:
+        """Yield the client's SSE events: the backend's chunks with `model` = the entry, a usage chunk, [DONE]."""
+        entry = m.entry
+        content_chunks = 0
+        first_token_s = last_token_s = None
+        usage_seen: dict[str, Any] | None = None
+        last: dict[str, Any] | None = None
+        completed = False
+        try:
+            chunk = first
+            while chunk is not None:
+                chunk["model"] = entry
+                last = chunk
+                if chunk.get("usage"):
+                    usage_seen = chunk["usage"]
+                if _has_token(chunk, kind):
+                    last_token_s = time.perf_counter()
+                    if first_token_s is None:
+                        first_token_s = last_token_s
+                    content_chunks += 1
+                yield sse(chunk)
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            completed = True
+        except UpstreamError as exc:
+            m.status, m.error = exc.status_code, exc.message
+            yield sse(exc.body)
+        except Exception as exc:  # a backend that breaks mid-stream: tell the client in the stream, then close
+            m.status, m.error = 500, f"{type(exc).__name__}: {exc}"
+            yield sse(error_body(f"the backend failed this request: {m.error}", "server_error"))
+        except BaseException:
+            m.status, m.error = CLIENT_CLOSED, "client closed the stream"
+            raise
+        finally:
+            if usage_seen is not None:
+                m.prompt_tokens = int(usage_seen.get("prompt_tokens") or 0)
+                m.completion_tokens = int(usage_seen.get("completion_tokens") or 0)
+            else:
+                m.completion_tokens = content_chunks  # a backend that ignores include_usage: one token per chunk
+            if first_token_s is not None:
+                m.ttft_s = first_token_s - m.started_s
+                if m.completion_tokens > 1 and last_token_s is not None:
+                    m.tpot_s = (last_token_s - first_token_s) / (m.completion_tokens - 1)
+        if completed:
+            if usage_seen is None or (last is not None and last.get("choices")):
+                # the backend sent no usage-only last chunk: send one, as OpenAI does with include_usage
+                ident = (last or {}).get("id") or f"portal-{m.request_id}"
+                created = (last or {}).get("created") or int(time.time())
+                total = usage(m.prompt_tokens, m.completion_tokens)
+                make = chat_chunk if kind == "chat" else completion_chunk
+                yield sse(make(ident, entry, created, None, None, True, total))
+            yield SSE_DONE
+
+    # ---- metering ---------------------------------------------------------------------------------------
+
+    def finish(self, m: Metered) -> None:
+        """Meter one finished request: limiter tokens, the usage record, metrics and the log line."""
+        latency_s = time.perf_counter() - m.started_s
+        self.metrics.queue_depth.dec()
+        tokens = m.prompt_tokens + m.completion_tokens
+        if m.key is not None:
+            self.limiter.finish(m.key.id, tokens)
+            if m.entry:
+                self.writer.submit(
+                    UsageRecord(
+                        tenant_id=m.key.tenant_id,
+                        key_id=m.key.id,
+                        entry=m.entry,
+                        prompt_tokens=m.prompt_tokens,
+                        completion_tokens=m.completion_tokens,
+                        status_code=m.status,
+                        latency_ms=latency_s * 1000.0,
+                        ttft_ms=None if m.ttft_s is None else m.ttft_s * 1000.0,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+        if m.key is not None:
+            label = m.entry if m.resolved and m.entry else UNKNOWN_ENTRY  # random names must not make new series
+            self.metrics.observe(label, m.status, m.prompt_tokens, m.completion_tokens, m.ttft_s, m.tpot_s)
+        if LOG.isEnabledFor(logging.INFO):
+            self._log(m, latency_s)
+
+    def log_rejected(self, request: Request, status: int, message: str, key: KeyInfo | None = None) -> None:
+        """Log the line of a /v1 request refused before it reached `forward` (no key, an invalid body)."""
+        if LOG.isEnabledFor(logging.INFO):
+            m = Metered(request_id=uuid.uuid4().hex, started_s=time.perf_counter(), key=key, status=status)
+            m.error = message
+            m.extra["path"] = request.url.path
+            self._log(m, 0.0)
+
+    def _log(self, m: Metered, latency_s: float) -> None:
+        line = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": m.request_id,
+            "tenant": m.key.tenant if m.key else None,
+            "key": m.key.prefix if m.key else None,
+            "entry": m.entry,
+            "status": m.status,
+            "stream": m.stream,
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "latency_ms": round(latency_s * 1000.0, 3),
+            "ttft_ms": None if m.ttft_s is None else round(m.ttft_s * 1000.0, 3),
+        }
+        if m.error:
+            line["error"] = m.error
+        line.update(m.extra)
+        if self.log_json:
+            LOG.info(dumps(line), extra={"portal": line})
+        else:
+            LOG.info(" ".join(f"{k}={v}" for k, v in line.items()), extra={"portal": line})
+
+
+def _has_token(chunk: dict[str, Any], kind: Kind) -> bool:
+    """Return True when a stream chunk carries generated text."""
+    for choice in chunk.get("choices") or ():
+        if kind == "chat":
+            if (choice.get("delta") or {}).get("content"):
+                return True
+        elif choice.get("text"):
+            return True
+    return False
+
+
+def _status_of(exc: BaseException) -> tuple[int, str]:
+    """Return (HTTP status, message) a request that raised `exc` is metered with."""
+    if isinstance(exc, OpenAIError):
+        return exc.status_code, exc.message
+    if isinstance(exc, UpstreamError):
+        return exc.status_code, exc.message
+    if isinstance(exc, ClientGone):
+        return CLIENT_CLOSED, "client closed the request"
+    if isinstance(exc, Exception):
+        return 500, f"{type(exc).__name__}: {exc}"
+    return CLIENT_CLOSED, "cancelled"
+
+
+GatewayFactory = Callable[..., Gateway]
