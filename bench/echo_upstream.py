@@ -1,6 +1,6 @@
 """A small, fast OpenAI-compatible server with a fixed answer: the upstream of `bench/portal_overhead.py`.
 
-Usage: `python bench/echo_upstream.py [--host 127.0.0.1] [--port 8001] [--model echo]`.
+Usage: `python bench/echo_upstream.py [--host 127.0.0.1] [--port 8001] [--model echo] [--delay-ms 0]`.
 
 Routes: `GET /health`, `GET /v1/models` (one model), `POST /v1/chat/completions` and `POST /v1/completions`,
 non-streamed or streamed (SSE, one chunk per word, a finish chunk, a usage chunk when
@@ -8,7 +8,8 @@ non-streamed or streamed (SSE, one chunk per word, a finish chunk, a usage chunk
 (`COMPLETION`, cut to `max_tokens` words when that is smaller); usage counts are real counts for that request:
 prompt tokens = whitespace-separated words of the prompt (chat: of every message's content), completion tokens =
 words answered. `model` in a response is the `model` of the request. An unknown model is a 404 in OpenAI's error
-format, so a misrouted request cannot pass for a served one.
+format, so a misrouted request cannot pass for a served one. `--delay-ms D` waits D ms (without using the CPU)
+before answering, as a model's latency would; streamed, the wait comes before the first chunk.
 
 Why an echo server and not the tiny-moe engine: the bench measures what the portal adds to a request (auth,
 catalog resolution, one more HTTP hop, metering). The engine spends tens of milliseconds of CPU per request on
@@ -21,6 +22,7 @@ validation) for the same reason: the less it spends, the more of the shared CPU 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 import uuid
@@ -73,9 +75,10 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> JS
     return JSONResponse(body, status_code=status)
 
 
-def create_app(model: str = DEFAULT_MODEL) -> Starlette:
-    """Return the echo server's ASGI app serving one model id, `model`."""
+def create_app(model: str = DEFAULT_MODEL, delay_ms: float = 0.0) -> Starlette:
+    """Return the echo server's ASGI app serving one model id, `model`, answering after `delay_ms`."""
     created = int(time.time())
+    delay_s = delay_ms / 1000
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -99,6 +102,8 @@ def create_app(model: str = DEFAULT_MODEL) -> Starlette:
                 "model",
             )
         chat = request.url.path.endswith("/chat/completions")
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
         words = answer_words(body)
         finish = "length" if len(words) < len(COMPLETION.split()) else "stop"
         usage = _usage(prompt_tokens(body), len(words))
@@ -183,8 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="wait this long before answering")
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(args.model), host=args.host, port=args.port, log_level="warning", access_log=False)
+    if args.delay_ms < 0:
+        parser.error("--delay-ms must be 0 or more")
+    app = create_app(args.model, args.delay_ms)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

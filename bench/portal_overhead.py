@@ -1,9 +1,10 @@
 """What the portal adds to a request: the same upstream called directly and through the portal, in one run.
 
 Usage: `python bench/portal_overhead.py [--json] [--requests 2000] [--concurrency 32] [--warmup 200]
-[--rounds 2] [--serial 200] [--no-stream] [--litellm auto|off|PATH] [--no-plot] [--out FILE]`.
-Results go to bench/results/portal_overhead.json (`--out`), with --json the last line printed is the same JSON
-object, and the latency distributions (CDF) of every path go to bench/results/portal_overhead.png.
+[--rounds 2] [--serial 200] [--no-stream] [--client raw|httpx] [--upstream-delay-ms 0] [--litellm auto|off|PATH]
+[--no-plot] [--quiet] [--out FILE]`. Results go to bench/results/portal_overhead.json (`--out`), with --json the
+last line printed is the same JSON object, and the latency distributions (CDF) of every path go to the PNG beside
+it (bench/results/portal_overhead.png). A rich progress bar on stderr shows each phase while it runs.
 
 The upstream is `bench/echo_upstream.py`, an OpenAI-compatible server that answers every request at once with
 the same short completion and real usage counts (its docstring says why it is not the tiny-moe engine: the
@@ -23,22 +24,30 @@ process, all in front of that one upstream process:
   `python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'` and
   `--litellm /tmp/litellm-venv/bin/litellm`.
 
-The load. The bench process is the client: `httpx.AsyncClient` per path (HTTP/1.1, keep-alive, a pool of
-`--concurrency` connections) and `--concurrency` workers taking requests from one counter until `--requests`
-are done. Every path gets the same request body (a non-streamed chat completion, `CHAT_BODY`; the `model` is the
-name that path serves), first `--warmup` requests that are not timed, then `--requests` timed ones split into
+The load. The bench process is the client (`bench/http_load.py`): `--concurrency` workers, each with its own
+keep-alive HTTP/1.1 connection, taking requests from one counter until `--requests` are done. The default client
+(`raw`, HTTP/1.1 on asyncio streams) spends ~0.1 ms of CPU per request; `--client httpx` uses one
+`httpx.AsyncClient` per worker instead (~1 ms, which on two shared cores makes the client the bottleneck of the
+direct path). Every path gets the same request body (a non-streamed chat completion, `CHAT_BODY`; the `model` is
+the name that path serves), first `--warmup` requests that are not timed, then `--requests` timed ones split into
 `--rounds` rounds, the paths alternating round by round, so that a slow patch of a shared machine does not land
 on one path only. A request counts as served when it answers 200 with a usage object (streamed: a usage chunk
 and `[DONE]`). Latency is the client's time from sending the request to the whole response read; throughput is
 the served requests over the timed wall time of that path's rounds. A streamed variant (the same body with
 `stream: true` and `stream_options.include_usage`) runs the same way unless `--no-stream`, and reports the time to
 first token (the first content chunk) as well. `--serial N` also sends N requests one at a time on each path:
-the added latency without any queueing, the portal's own cost per request.
+the added latency without any queueing, the portal's own cost per request. `cpu_ms_per_request` says how much
+CPU each process (the client, the upstream, the portal, LiteLLM) spent per request during a path's timed rounds
+(read from /proc; absent elsewhere): where the time goes. `--upstream-delay-ms D` makes the upstream wait D ms
+per request (without CPU), as a model would, to see the overhead when the upstream is not the faster side.
 
 Targets (issue 6): p50 added latency (portal p50 - direct p50, non-streamed, at the given concurrency) <= 2 ms,
 portal throughput >= 80% of direct. The machine has few cores (`cpu_count` in the JSON) and nothing is pinned: the
 client, the portal, LiteLLM and the upstream share them, so every path but `direct` also pays for its server's
-CPU with the client's and the upstream's share; this is what a portal on the same host costs.
+CPU with the client's and the upstream's share; this is what a portal on the same host costs. With an echo
+upstream at concurrency 32 the two targets ask the same thing (Little's law: latency = concurrency / throughput):
+that the portal spend about as little CPU per request as the echo server itself (~0.2 ms), since the direct path
+is bound by it; `serial` shows the added latency without queueing.
 """
 
 from __future__ import annotations
@@ -102,9 +111,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def upstream_command(port: int) -> list[str]:
-    """Return the command line that serves the echo upstream on `port`."""
-    return [sys.executable, str(BENCH_DIR / "echo_upstream.py"), "--host", HOST, "--port", str(port)]
+def upstream_command(port: int, delay_ms: float = 0.0) -> list[str]:
+    """Return the command line that serves the echo upstream on `port`, answering after `delay_ms`."""
+    script = str(BENCH_DIR / "echo_upstream.py")
+    return [sys.executable, script, "--host", HOST, "--port", str(port), "--delay-ms", str(delay_ms)]
 
 
 def portal_command(db_url: str, port: int) -> list[str]:
@@ -144,6 +154,27 @@ class Server:
             return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
         except OSError:
             return ""
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """Return the CPU seconds (user + system) process `pid` has used so far (None where /proc cannot tell)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_probe(servers: list[Server]) -> Callable[[], dict[str, float | None]]:
+    """Return a function that reads the CPU seconds used so far by this process (`client`) and every server."""
+
+    def probe() -> dict[str, float | None]:
+        cpu = {"client": time.process_time()}
+        for server in servers:
+            cpu[server.name] = process_cpu_s(server.process.pid) if server.process else None
+        return cpu
+
+    return probe
 
 
 def start_server(server: Server, health_path: str, timeout_s: float, env: dict[str, str] | None = None) -> Server:
@@ -291,6 +322,7 @@ class PathRun:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
     warmup_served: int = 0
+    cpu_s: dict[str, float | None] = field(default_factory=dict)  # CPU seconds per process over the timed rounds
 
 
 async def measure(
@@ -302,8 +334,10 @@ async def measure(
     rounds: int,
     stream: bool,
     progress: Callable[[str, int], Callable[[], None]],
+    cpu: Callable[[], dict[str, float | None]] = dict,
 ) -> dict[str, PathRun]:
-    """Warm every path up, then time them round by round, the order alternating; return each path's run."""
+    """Warm every path up, then time them round by round, the order alternating; return each path's run (with
+    the CPU time `cpu()` says each process spent during that path's rounds)."""
     connections = {t.name: [connect(client, t, CHAT_BODY, stream) for _ in range(concurrency)] for t in targets}
     runs = {t.name: PathRun() for t in targets}
     label = "stream" if stream else ("chat" if concurrency > 1 else "serial")
@@ -315,9 +349,15 @@ async def measure(
         advances = {t.name: progress(f"{label} {t.name}", requests) for t in targets}
         for i, count in enumerate(split(requests, rounds)):
             for t in targets if i % 2 == 0 else targets[::-1]:
+                before = cpu()
                 samples, wall_s = await run_load(connections[t.name], count, advances[t.name])
-                runs[t.name].samples += samples
-                runs[t.name].wall_s += wall_s
+                after = cpu()
+                run = runs[t.name]
+                run.samples += samples
+                run.wall_s += wall_s
+                for name, used_s in after.items():
+                    spent = None if used_s is None or before.get(name) is None else used_s - before[name]
+                    run.cpu_s[name] = None if spent is None else run.cpu_s.get(name, 0.0) + spent
     finally:
         for connection in itertools.chain.from_iterable(connections.values()):
             await connection.aclose()
@@ -360,6 +400,9 @@ def summarize(run: PathRun) -> dict:
         "throughput_rps": round(len(served) / wall_s, 1) if wall_s > 0 else 0.0,
         "wall_s": round(wall_s, 3),
     }
+    if run.cpu_s and samples:
+        per_request = {name: None if used is None else used * 1000 / len(samples) for name, used in run.cpu_s.items()}
+        summary["cpu_ms_per_request"] = {name: None if ms is None else round(ms, 3) for name, ms in per_request.items()}
     ttfts = [s.ttft_s for s in served if s.ttft_s is not None]
     if ttfts:
         summary["ttft_ms"] = latency_figures(ttfts)
@@ -455,9 +498,12 @@ class _progress:
 
 
 @contextlib.contextmanager
-def servers(directory: Path, litellm_choice: str) -> Iterator[tuple[list[Target], dict, dict]]:
-    """Start the upstream, the portal and (when found) LiteLLM; yield the paths to measure, the LiteLLM report and
-    the setup report (with the portal's database URL); stop every process on the way out."""
+def servers(
+    directory: Path, litellm_choice: str, upstream_delay_ms: float = 0.0
+) -> Iterator[tuple[list[Target], dict, dict, Callable]]:
+    """Start the upstream, the portal and (when found) LiteLLM; yield the paths to measure, the LiteLLM report,
+    the setup report (with the portal's database URL) and a CPU probe of every process; stop every process on the
+    way out."""
     started: list[Server] = []
 
     def start(name: str, command: Callable[[int], list[str]], health: str, timeout_s: float, env=None) -> Server:
@@ -467,7 +513,8 @@ def servers(directory: Path, litellm_choice: str) -> Iterator[tuple[list[Target]
         return start_server(server, health, timeout_s, env)
 
     try:
-        upstream = start("upstream", upstream_command, "/health", START_TIMEOUT_S)
+        upstream_cmd = lambda port: upstream_command(port, upstream_delay_ms)  # noqa: E731
+        upstream = start("upstream", upstream_cmd, "/health", START_TIMEOUT_S)
         db_url = f"sqlite:///{directory / 'portal.db'}"
         key = setup_portal_db(db_url, upstream.base_url)
         portal = start("portal", lambda port: portal_command(db_url, port), "/health", START_TIMEOUT_S)
@@ -493,7 +540,7 @@ def servers(directory: Path, litellm_choice: str) -> Iterator[tuple[list[Target]
             else:
                 targets.append(Target("litellm", server.base_url, LITELLM_MODEL, LITELLM_HEADERS))
                 litellm.update(available=True, reason="ran", command=_shown(server.command))
-        yield targets, litellm, setup
+        yield targets, litellm, setup, cpu_probe(started)
     finally:
         for server in reversed(started):
             stop_server(server)
@@ -521,12 +568,14 @@ def run_bench(args: argparse.Namespace) -> dict:
         "rounds": args.rounds,
         "serial_requests": args.serial,
         "client": args.client,
+        "upstream_delay_ms": args.upstream_delay_ms,
         "request": {"endpoint": "/v1/chat/completions", "body": CHAT_BODY},
         "upstream": "bench/echo_upstream.py (fixed short completion, usage counted in words)",
         "machine": {
             "cpu_count": os.cpu_count(),
             "cores_shared": "the client (this process), the upstream, the portal and LiteLLM share every core; "
             "nothing is pinned",
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],  # other work on the machine
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
@@ -539,13 +588,13 @@ def run_bench(args: argparse.Namespace) -> dict:
     cdfs: dict[str, dict[str, list[float]]] = {}
     portal_served = 0
     with tempfile.TemporaryDirectory(prefix="matrixstack-portal-bench-") as tmp:
-        with servers(Path(tmp), args.litellm) as (targets, litellm, setup):
+        with servers(Path(tmp), args.litellm, args.upstream_delay_ms) as (targets, litellm, setup, cpu):
             report["setup"] = setup
             report["litellm"] = litellm
             with _progress(not args.quiet) as progress:
                 for kind, stream, concurrency, requests, warmup, rounds in kinds:
                     runs = asyncio.run(
-                        measure(targets, args.client, requests, concurrency, warmup, rounds, stream, progress)
+                        measure(targets, args.client, requests, concurrency, warmup, rounds, stream, progress, cpu)
                     )
                     report[kind] = {name: summarize(run) for name, run in runs.items()}
                     _vs_direct(report[kind])
@@ -583,10 +632,12 @@ def print_summary(report: dict) -> None:
             if "vs_direct" in fig:
                 vs = fig["vs_direct"]
                 extra = f"  +{vs['added_latency_p50_ms']:.2f} ms p50, {vs['throughput_ratio']:.0%} of direct"
+            cpu = fig.get("cpu_ms_per_request", {}).get("upstream" if name == "direct" else name)
+            cpu_text = f"  cpu {cpu:.2f} ms/req" if cpu is not None else ""
             lines.append(
                 f"  {kind:<6} {name:<8} p50 {lat.get('p50', 0):7.2f}  p90 {lat.get('p90', 0):7.2f}  p99 "
                 f"{lat.get('p99', 0):7.2f} ms  {fig['throughput_rps']:7.1f} req/s  served {fig['served']}/"
-                f"{fig['requests']}{extra}"
+                f"{fig['requests']}{cpu_text}{extra}"
             )
     t = report["targets"]
     lines.append(
@@ -607,6 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per path, the paths alternating")
     parser.add_argument("--serial", type=int, default=200, help="also time N requests one at a time (0: skip)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed variant")
+    parser.add_argument(
+        "--upstream-delay-ms", type=float, default=0.0, help="the echo upstream waits this long per request"
+    )
     parser.add_argument("--client", choices=CLIENTS, default="raw", help="the load generator's HTTP client")
     parser.add_argument("--litellm", default="auto", help="auto (find it), off, or the litellm executable")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -617,9 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("requests", "concurrency", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    for name in ("warmup", "serial"):
+    for name in ("warmup", "serial", "upstream_delay_ms"):
         if getattr(args, name) < 0:
-            parser.error(f"--{name} must be 0 or more")
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     return args
 
 
