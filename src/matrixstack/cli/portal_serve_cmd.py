@@ -41,7 +41,7 @@ def serve(
     except BaseException:
         sock.close()
         raise
-    listener = log_to_stdout()
+    log_handler = log_to_stdout()
     bound_port = sock.getsockname()[1]
     err_console.print(
         f"portal on http://{host}:{bound_port}/v1 (dashboard: http://{host}:{bound_port}/dashboard) — Ctrl-C stops it",
@@ -54,5 +54,5 @@ def serve(
         pass
     finally:
         sock.close()
-        listener.stop()
+        log_handler.stop()
     err_console.print("stopped", highlight=False)

@@ -22,65 +22,47 @@ polled while the backend works).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
+import httpx
 from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.engine.external import ExternalEngine, UpstreamError
-from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
-from matrixstack.engine.server import SSE_DONE, ClientGone, OpenAIError, _EngineStream, until_disconnect
+from matrixstack.engine.openai_types import usage
+from matrixstack.engine.server import ClientGone, OpenAIError, _EngineStream, until_disconnect
 from matrixstack.errors import UserError
 from matrixstack.portal.cache import TtlCache
+from matrixstack.portal.encoding import JsonResponse, dumps
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
+from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay
 from matrixstack.portal.resolve import RangeError, Resolved
 from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
+from matrixstack.portal.transport import KeepAliveTransport
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
 DEFAULT_CACHE_TTL_S = 5.0
 UNKNOWN_ENTRY = "(unknown)"
-CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
-Kind = Literal["chat", "completion"]
-
-try:  # the fastest JSON encoder available: orjson when installed, else the standard library
-    import orjson
-
-    def dumps(data: Any) -> str:
-        """Return `data` as compact JSON text."""
-        return orjson.dumps(data).decode()
-
-except ImportError:  # pragma: no cover - depends on the environment
-
-    def dumps(data: Any) -> str:
-        """Return `data` as compact JSON text."""
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+MAX_BACKEND_CONNECTIONS = 512  # idle keep-alive connections per backend client
 
 
-def sse(data: dict[str, Any]) -> str:
-    """Return one server-sent event carrying `data` as JSON."""
-    return f"data: {dumps(data)}\n\n"
-
-
-class JsonResponse(Response):
-    """A JSON response encoded with the fastest encoder available (`dumps`)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        """Return the encoded body."""
-        return dumps(content).encode()
+def backend_transport(url: str) -> httpx.AsyncBaseTransport:
+    """Return the HTTP transport of one backend client: the lean keep-alive transport for plain HTTP (backends
+    on the fabric), httpx's own for HTTPS (hosted APIs), keeping alive as many connections as run at once."""
+    if url.startswith("http://"):
+        return KeepAliveTransport(MAX_BACKEND_CONNECTIONS)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=MAX_BACKEND_CONNECTIONS)
+    return httpx.AsyncHTTPTransport(limits=limits)
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None, **kw) -> Any:
@@ -108,25 +90,6 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
-
-
-@dataclass
-class Metered:
-    """One /v1 request as it is metered and logged: who, which entry, tokens, status and timings."""
-
-    request_id: str
-    started_s: float
-    key: KeyInfo | None = None
-    entry: str | None = None
-    status: int = 200
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    stream: bool = False
-    error: str | None = None
-    resolved: bool = False  # the entry exists for this tenant (else metrics label it UNKNOWN_ENTRY)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Gateway:
@@ -213,7 +176,8 @@ class Gateway:
         ident = (backend.url, backend.api_key)
         client = self._clients.get(ident)
         if client is None:
-            client = self._clients[ident] = ExternalEngine(backend.url, backend.api_key)
+            transport = backend_transport(backend.url)
+            client = self._clients[ident] = ExternalEngine(backend.url, backend.api_key, transport=transport)
         return client
 
     async def backend_model(self, resolved: Resolved, client: ExternalEngine) -> str:
@@ -296,73 +260,8 @@ class Gateway:
         except BaseException:
             await chunks.aclose()  # type: ignore[attr-defined]
             raise
-        events = self._events(chunks, first, kind, m)
-        finished = False
-
-        async def on_close() -> None:
-            nonlocal finished
-            await events.aclose()
-            await chunks.aclose()  # type: ignore[attr-defined]
-            if not finished:
-                finished = True
-                self.finish(m)
-
-        return _EngineStream(events, on_close)
-
-    async def _events(
-        self, chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None, kind: Kind, m: Metered
-    ) -> AsyncIterator[str]:
-        """Yield the client's SSE events: the backend's chunks with `model` = the entry, a usage chunk, [DONE]."""
-        entry = m.entry
-        content_chunks = 0
-        first_token_s = last_token_s = None
-        usage_seen: dict[str, Any] | None = None
-        last: dict[str, Any] | None = None
-        completed = False
-        try:
-            chunk = first
-            while chunk is not None:
-                chunk["model"] = entry
-                last = chunk
-                if chunk.get("usage"):
-                    usage_seen = chunk["usage"]
-                if _has_token(chunk, kind):
-                    last_token_s = time.perf_counter()
-                    if first_token_s is None:
-                        first_token_s = last_token_s
-                    content_chunks += 1
-                yield sse(chunk)
-                chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            completed = True
-        except UpstreamError as exc:
-            m.status, m.error = exc.status_code, exc.message
-            yield sse(exc.body)
-        except Exception as exc:  # a backend that breaks mid-stream: tell the client in the stream, then close
-            m.status, m.error = 500, f"{type(exc).__name__}: {exc}"
-            yield sse(error_body(f"the backend failed this request: {m.error}", "server_error"))
-        except BaseException:
-            m.status, m.error = CLIENT_CLOSED, "client closed the stream"
-            raise
-        finally:
-            if usage_seen is not None:
-                m.prompt_tokens = int(usage_seen.get("prompt_tokens") or 0)
-                m.completion_tokens = int(usage_seen.get("completion_tokens") or 0)
-            else:
-                m.completion_tokens = content_chunks  # a backend that ignores include_usage: one token per chunk
-            if first_token_s is not None:
-                m.ttft_s = first_token_s - m.started_s
-                if m.completion_tokens > 1 and last_token_s is not None:
-                    m.tpot_s = (last_token_s - first_token_s) / (m.completion_tokens - 1)
-        if completed:
-            if usage_seen is None or (last is not None and last.get("choices")):
-                # the backend sent no usage-only last chunk: send one, as OpenAI does with include_usage
-                ident = (last or {}).get("id") or f"portal-{m.request_id}"
-                created = (last or {}).get("created") or int(time.time())
-                total = usage(m.prompt_tokens, m.completion_tokens)
-                make = chat_chunk if kind == "chat" else completion_chunk
-                yield sse(make(ident, entry, created, None, None, True, total))
-            yield SSE_DONE
+        relay = StreamRelay(chunks, first, kind, m, self.finish)
+        return _EngineStream(relay.events(), relay.close)
 
     # ---- metering ---------------------------------------------------------------------------------------
 
@@ -422,17 +321,6 @@ class Gateway:
             LOG.info(dumps(line), extra={"portal": line})
         else:
             LOG.info(" ".join(f"{k}={v}" for k, v in line.items()), extra={"portal": line})
-
-
-def _has_token(chunk: dict[str, Any], kind: Kind) -> bool:
-    """Return True when a stream chunk carries generated text."""
-    for choice in chunk.get("choices") or ():
-        if kind == "chat":
-            if (choice.get("delta") or {}).get("content"):
-                return True
-        elif choice.get("text"):
-            return True
-    return False
 
 
 def _status_of(exc: BaseException) -> tuple[int, str]:

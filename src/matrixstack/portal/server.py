@@ -4,17 +4,17 @@
 uvicorn until Ctrl-C; the app's lifespan starts the usage writer and, on the way out, writes what it still
 holds. `PortalThread(db_url)` does the same on a daemon thread for tests and benchmarks (`start()` returns once
 it accepts connections, `stop()` after the last usage batch is written). `log_to_stdout()` sends the
-`matrixstack.portal` request log (one JSON line per request) to stdout through a queue, so that the event loop
-never waits on the terminal.
+`matrixstack.portal` request log (one JSON line per request) to stdout from a thread that writes every 100 ms, so
+that the event loop never waits on the terminal.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import queue
 import socket
 import sys
+import threading
+from collections import deque
 from typing import TextIO
 
 from fastapi import FastAPI
@@ -23,26 +23,88 @@ from matrixstack.engine.server import ServerThread, _uvicorn_server, bind_socket
 from matrixstack.portal.app import Portal, create_portal_app
 
 PORTAL_LOGGER = "matrixstack.portal"
+LOG_INTERVAL_S = 0.1
 
 
-def log_to_stdout(stream: TextIO | None = None) -> logging.handlers.QueueListener:
-    """Send the portal's log lines (INFO and up, messages only) to `stream` (stdout) from a listener thread; return the
-    listener (`stop()` it once, after the server stopped: it writes what is still queued)."""
-    records: queue.SimpleQueue = queue.SimpleQueue()
-    handler = logging.StreamHandler(stream or sys.stdout)
+class BatchedStreamHandler(logging.Handler):
+    """A log handler that formats each record on the caller's thread and leaves the writing to a thread of its
+    own, which writes what gathered every `interval_s`: the event loop neither waits on the terminal nor wakes a
+    thread per line. `stop()` writes the rest and ends the thread; `close()` (which `logging.config.dictConfig`
+    calls on every handler, as uvicorn's start-up does) only writes what is queued and keeps it working."""
+
+    def __init__(self, stream: TextIO, interval_s: float = LOG_INTERVAL_S):
+        super().__init__()
+        self.stream = stream
+        self._lines: deque[str] = deque()
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._write_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="portal-log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queue the formatted record."""
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            self.flush()
+
+    def _write(self) -> None:
+        lines = []
+        while self._lines:
+            lines.append(self._lines.popleft())
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+
+    def flush(self) -> None:
+        """Write what is queued now."""
+        with self._write_lock:
+            self._write()
+
+    def close(self) -> None:
+        """Write what is queued (the thread goes on: see the class docstring)."""
+        self.flush()
+        super().close()
+
+    def stop(self) -> None:
+        """Write what is still queued and end the thread."""
+        self._stopped.set()
+        self._thread.join()
+        self.flush()
+
+
+def log_to_stdout(stream: TextIO | None = None) -> BatchedStreamHandler:
+    """Send the portal's log lines (INFO and up, messages only) to `stream` (stdout) through a
+    BatchedStreamHandler; return it (`stop()` it once the server stopped)."""
+    handler = BatchedStreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    listener = logging.handlers.QueueListener(records, handler)
     logger = logging.getLogger(PORTAL_LOGGER)
-    logger.handlers = [logging.handlers.QueueHandler(records)]
+    logger.handlers = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    listener.start()
-    return listener
+    return handler
+
+
+def no_delay(sock: socket.socket) -> socket.socket:
+    """Return the listening socket with TCP_NODELAY set, which the connections it accepts inherit.
+
+    asyncio sets TCP_NODELAY itself only on sockets whose `proto` is IPPROTO_TCP; `bind_socket`'s has proto 0, so
+    without this every response written in two pieces (headers, then body) waits ~40 ms for the client's
+    delayed ACK (Nagle's algorithm).
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def serve_socket(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the portal app on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    _uvicorn_server(app, log_level).run(sockets=[sock])
+    _uvicorn_server(app, log_level).run(sockets=[no_delay(sock)])
 
 
 def serve_portal(
@@ -65,6 +127,7 @@ class PortalThread:
         """`app_options` go to `create_portal_app` (log_json, cache_ttl_s, usage_interval_s)."""
         self.app = create_portal_app(db_url, **app_options)
         self._server = ServerThread(self.app, host, port, log_level)
+        no_delay(self._server.sock)
 
     @property
     def portal(self) -> Portal:

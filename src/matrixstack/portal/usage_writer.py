@@ -1,11 +1,12 @@
 """The usage batch writer: requests hand their usage records to a queue; a thread writes them in batches.
 
-`UsageWriter(write_fn)` runs one daemon thread that takes what `submit(record)` queued and calls
-`write_fn(records)` (`PortalService.record_usage`: one transaction for the batch) every `interval_s` (~200 ms)
-while records arrive. `submit` never blocks and never touches the database, so the request path stays free of
-transactions. A batch whose write fails is kept and retried on the next round (the error is logged); `stop()`
-writes everything still queued before it returns, so a clean stop loses no record. `flush()` returns once
-every record submitted before the call is written (tests, shutdown hooks).
+`UsageWriter(write_fn)` runs one daemon thread that wakes every `interval_s` (~200 ms), takes everything
+`submit(record)` queued since and calls `write_fn(records)` (`PortalService.record_usage`: one transaction for the
+batch). `submit` never blocks, never touches the database and wakes no thread (the writer does not wait on the
+queue), so the request path stays free of transactions and thread switches. A batch whose write fails is kept
+and retried on the next round (the error is logged); `stop()` writes everything still queued before it returns,
+so a clean stop loses no record. `flush()` starts a round at once and returns once every record submitted before
+the call is written (tests, shutdown hooks).
 """
 
 from __future__ import annotations
@@ -23,25 +24,20 @@ STOP_RETRIES = 5  # attempts at the last batch on stop before giving up on a dat
 RETRY_PAUSE_S = 0.2
 
 
-class _Flush:
-    """A marker put on the queue: its event is set once every record queued before it is written."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
-_STOP = object()
-
-
 class UsageWriter:
     """Writes usage records in batches from a background thread (see the module docstring)."""
 
     def __init__(self, write_fn: Callable[[list[Any]], None], interval_s: float = INTERVAL_S):
         self._write_fn = write_fn
         self._interval_s = interval_s
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # nobody blocks on it: a put wakes no thread
+        self._wake = threading.Event()  # set by flush() and stop() to start a round at once
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._round_done = threading.Condition()
+        self._rounds = 0
+        self._batch: list[Any] = []  # drained, not written yet (kept across rounds while writes fail)
         self.written = 0  # records written so far
         self.failures = 0  # failed batch writes so far (each retried)
 
@@ -49,21 +45,26 @@ class UsageWriter:
         """Start the writer thread (once); return self."""
         with self._lock:
             if self._thread is None:
+                self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="portal-usage-writer", daemon=True)
                 self._thread.start()
         return self
 
     def submit(self, record: Any) -> None:
-        """Queue one usage record for the next batch (never blocks)."""
+        """Queue one usage record for the next batch (never blocks, wakes no thread)."""
         self._queue.put(record)
 
     def flush(self, timeout_s: float | None = 30.0) -> bool:
-        """Return True once every record submitted before this call is written (False on timeout or no thread)."""
-        if self._thread is None or not self._thread.is_alive():
+        """Return True once every record submitted before this call is written (False on timeout or failure)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
             return self._queue.empty()
-        marker = _Flush()
-        self._queue.put(marker)
-        return marker.done.wait(timeout_s)
+        with self._round_done:
+            # A round that started before this call may have missed the latest records: wait for two.
+            target = self._rounds + 2
+            self._wake.set()
+            ok = self._round_done.wait_for(lambda: self._rounds >= target or not thread.is_alive(), timeout_s)
+        return ok and not self._batch
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Write every queued record, then stop the thread (idempotent)."""
@@ -71,50 +72,32 @@ class UsageWriter:
             thread, self._thread = self._thread, None
         if thread is None:
             return
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         thread.join(timeout_s)
 
     @property
     def pending(self) -> int:
-        """Return roughly how many items wait in the queue."""
-        return self._queue.qsize()
+        """Return roughly how many records wait to be written."""
+        return self._queue.qsize() + len(self._batch)
 
     def _run(self) -> None:
-        batch: list[Any] = []
-        markers: list[_Flush] = []
-        stopping = False
-        while not stopping:
-            deadline = time.monotonic() + self._interval_s
-            while True:  # gather until the round's deadline, a flush marker or the stop marker
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            stopping = self._stopping
+            while True:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    self._batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stopping = True
-                    break
-                if isinstance(item, _Flush):
-                    markers.append(item)
-                    break
-                batch.append(item)
-            if stopping:  # take whatever was queued behind the stop marker too
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(item, _Flush):
-                        markers.append(item)
-                    elif item is not _STOP:
-                        batch.append(item)
-            if batch and self._write(batch, attempts=STOP_RETRIES if stopping else 1):
-                batch = []
-            if not batch:
-                for marker in markers:
-                    marker.done.set()
-                markers = []
-        for marker in markers:  # stop gave up on a failing database: release waiters anyway
-            marker.done.set()
+            if self._batch and self._write(self._batch, attempts=STOP_RETRIES if stopping else 1):
+                self._batch = []
+            with self._round_done:
+                self._rounds += 1
+                self._round_done.notify_all()
+            if stopping:
+                return
 
     def _write(self, batch: list[Any], attempts: int) -> bool:
         """Return True when `batch` was written (retrying up to `attempts` times)."""
