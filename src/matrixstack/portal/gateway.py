@@ -113,6 +113,7 @@ class Gateway:
         self.catalog = TtlCache(cache_ttl_s)
         self._clients: dict[tuple[str, str | None], ExternalEngine] = {}
         self._backend_models: dict[tuple[str, str | None], str] = {}
+        self._seeds = TtlCache(cache_ttl_s)  # shares one database read among a new key's first requests
 
     # ---- caches -------------------------------------------------------------------------------------------
 
@@ -165,9 +166,14 @@ class Gateway:
             lambda: run_in_threadpool(self.service.list_entries, key.tenant, key.is_admin),
         )
 
-    async def _seed_quota(self, key: KeyInfo) -> None:
-        if key.token_quota is not None and self.limiter.needs_seed(key.id):
-            self.limiter.seed(key.id, await run_in_threadpool(self.service.tokens_used, key.id))
+    async def _seed_usage(self, key: KeyInfo) -> None:
+        """Read the key's lifetime tokens from the database once per process, before its first request here (also
+        for keys without a quota: an admin may set one later, and the count must be right then)."""
+        if self.limiter.needs_seed(key.id):
+            self.limiter.seed(key.id, await self._seeds.get_or_load(key.id, lambda: self._tokens_used(key.id)))
+
+    async def _tokens_used(self, key_id: int) -> int:
+        return await run_in_threadpool(self.service.tokens_used, key_id)
 
     # ---- backends -----------------------------------------------------------------------------------------
 
@@ -214,7 +220,7 @@ class Gateway:
         try:
             resolved = await self.resolve(m.entry, m.key)
             m.resolved = True
-            await self._seed_quota(m.key)
+            await self._seed_usage(m.key)
             refusal = self.limiter.admit(m.key)
             if refusal is not None:
                 raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)

@@ -7,7 +7,9 @@ adds a finished request's tokens to the minute and to the key's lifetime total. 
 request ends, so requests already in flight may take a key over its tpm limit once; the next request then waits.
 
 The lifetime total starts from the database (`PortalService.tokens_used(key_id)`, read once per key and process
-by the caller, outside the event loop: `needs_seed` / `seed`) and then grows in memory; over `token_quota` every
+by the caller, outside the event loop, before the key's first request in this process: `needs_seed` / `seed`;
+every key is seeded, with or without a quota, so a quota set later counts what came before) and then grows in
+memory; over `token_quota` every
 request is refused with `insufficient_quota` until an admin raises the quota. A refusal carries `retry_after_s`,
 whole seconds until the oldest entry that blocks the key leaves the window (at least 1); for the quota, which
 no wait restores, `QUOTA_RETRY_AFTER_S`.
