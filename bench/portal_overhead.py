@@ -546,6 +546,21 @@ def servers(
             stop_server(server)
 
 
+def code_version() -> dict:
+    """Return the repository commit this run measured and whether the portal's code had uncommitted changes."""
+    root = BENCH_DIR.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", "src/matrixstack/portal", "src/matrixstack/engine/external.py")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "portal_uncommitted_changes": bool(changed)}
+
+
 def _shown(command: list[str]) -> str:
     """Return a command line as one string, the interpreter shown as `python`."""
     return " ".join("python" if part == sys.executable else part for part in command)
@@ -569,6 +584,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "serial_requests": args.serial,
         "client": args.client,
         "upstream_delay_ms": args.upstream_delay_ms,
+        "code": code_version(),
         "request": {"endpoint": "/v1/chat/completions", "body": CHAT_BODY},
         "upstream": "bench/echo_upstream.py (fixed short completion, usage counted in words)",
         "machine": {
