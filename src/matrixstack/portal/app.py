@@ -32,6 +32,7 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,6 +85,32 @@ def model_card(entry: EntrySpec) -> dict[str, Any]:
         "provider": entry.provider,
         "description": entry.description,
     }
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """Return the OpenAPI fragment of a route whose JSON body is `model` and which takes a Bearer key."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "security": [{"HTTPBearer": []}],
+    }
+
+
+def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Make `app.openapi()` carry the schemas of `models` (and the models they use) in its components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _user_error(exc: UserError) -> OpenAIError:
@@ -209,15 +236,17 @@ def create_portal_app(
         raise openai_error(404, f"The model `{model}` does not exist or you do not have access to it.",
                            "model_not_found", "model")  # fmt: skip
 
-    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"])
-    async def chat_completions(
-        body: ChatCompletionRequest, request: Request, key: KeyInfo = Depends(caller)
-    ) -> Response:
-        return await gateway.forward(request, key, body.model_dump(exclude_unset=True), "chat")
+    # The two hot routes read and validate their bodies themselves (pydantic-core parses and validates the JSON in
+    # one pass, after the key is checked); their schemas are added to the OpenAPI document by `_document_bodies`.
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"],
+              openapi_extra=_body_doc(ChatCompletionRequest))  # fmt: skip
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.handle(request, ChatCompletionRequest, "chat")
 
-    @app.post("/v1/completions", summary="Text completion (OpenAI)", tags=["openai"])
-    async def completions(body: CompletionRequest, request: Request, key: KeyInfo = Depends(caller)) -> Response:
-        return await gateway.forward(request, key, body.model_dump(exclude_unset=True), "completion")
+    @app.post("/v1/completions", summary="Text completion (OpenAI)", tags=["openai"],
+              openapi_extra=_body_doc(CompletionRequest))  # fmt: skip
+    async def completions(request: Request) -> Response:
+        return await gateway.handle(request, CompletionRequest, "completion")
 
     # ---- admin, metrics, health ----
 
@@ -235,6 +264,8 @@ def create_portal_app(
     @app.get("/health", summary="Liveness", tags=["ops"])
     async def health() -> Response:
         return JsonResponse({"status": "ok"})
+
+    _document_bodies(app, (ChatCompletionRequest, CompletionRequest))
 
     # ---- dashboard (portal/dashboard.py) ----
     app.include_router(dashboard_router(lambda: dashboard_state(service, matrix), authorize_admin))

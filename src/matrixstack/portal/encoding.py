@@ -1,4 +1,5 @@
-"""JSON for the portal's hot path: the fastest encoder available, SSE events, and a JSON response using it.
+"""JSON for the portal's hot path: the fastest encoder and decoder available (`dumps`, `loads`), SSE events, and
+a JSON response using them.
 
 orjson when it is installed (several times faster than the standard library on the small dicts of a chat
 stream), else `json` with compact separators; both give the same JSON text.
@@ -18,11 +19,15 @@ try:  # the fastest JSON encoder available: orjson when installed, else the stan
         """Return `data` as compact JSON text."""
         return orjson.dumps(data).decode()
 
+    loads = orjson.loads
+
 except ImportError:  # pragma: no cover - depends on the environment
 
     def dumps(data: Any) -> str:
         """Return `data` as compact JSON text."""
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+    loads = json.loads
 
 
 def sse(data: dict[str, Any]) -> str:

@@ -32,14 +32,15 @@ from typing import Any
 import httpx
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.engine.external import ExternalEngine, UpstreamError
 from matrixstack.engine.openai_types import usage
-from matrixstack.engine.server import ClientGone, OpenAIError, _EngineStream, until_disconnect
+from matrixstack.engine.server import ClientGone, OpenAIError, _EngineStream, until_disconnect, validation_error
 from matrixstack.errors import UserError
 from matrixstack.portal.cache import TtlCache
-from matrixstack.portal.encoding import JsonResponse, dumps
+from matrixstack.portal.encoding import JsonResponse, dumps, loads
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
@@ -118,8 +119,10 @@ class Gateway:
     # ---- caches -------------------------------------------------------------------------------------------
 
     def catalog_changed(self) -> None:
-        """Forget resolved entries and model lists (the catalog changed through this portal)."""
+        """Forget resolved entries, model lists and discovered backend model ids (the catalog changed through this
+        portal)."""
         self.catalog.clear()
+        self._backend_models.clear()
 
     def keys_changed(self) -> None:
         """Forget cached keys (a key was revoked or its limits changed through this portal)."""
@@ -209,6 +212,24 @@ class Gateway:
             await client.aclose()
 
     # ---- the request path -------------------------------------------------------------------------------
+
+    async def handle(self, request: Request, body_model: type[BaseModel], kind: Kind) -> Response:
+        """Return the response to a /v1 completion request: check the key (401), validate the JSON body against
+        `body_model` (400 naming the field), then `forward` it as the client sent it."""
+        try:
+            key = await self.authenticate(request.headers.get("authorization"))
+        except OpenAIError as exc:
+            self.log_rejected(request, exc.status_code, exc.message)
+            raise
+        raw = await request.body()
+        try:
+            body_model.model_validate_json(raw)
+            body = loads(raw)
+        except ValidationError as exc:
+            error = validation_error(exc.errors())
+            self.log_rejected(request, error.status_code, error.message, key)
+            raise error from None
+        return await self.forward(request, key, body, kind)
 
     async def forward(self, request: Request, key: KeyInfo, body: dict[str, Any], kind: Kind) -> Response:
         """Return the response to `key`'s /v1 chat or text completion request `body` (see the module docstring)."""
