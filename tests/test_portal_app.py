@@ -231,9 +231,15 @@ def test_backend_errors_pass_through_in_openai_format(portal):
     with pytest.raises(openai.BadRequestError) as err:  # the engine refuses n=2 and says which param
         chat(c, "tiny", n=2)
     assert err.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as err:  # also when streamed: refused before the stream starts
+        chat(c, "tiny", n=2, stream=True)
+    assert err.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as err:  # the portal's own validation, same format
         chat(c, "tiny", temperature=5)
     assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:  # a system prompt cannot prefix token ids
+        c.completions.create(model="tiny-finance", prompt=[1, 2, 3], max_tokens=1)
+    assert err.value.body["param"] == "prompt"
 
 
 def test_auth_and_visibility_errors(portal):

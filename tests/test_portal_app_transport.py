@@ -271,3 +271,16 @@ def test_a_client_that_hangs_up_cancels_the_backend_request(backend, tmp_path):
             portal.portal.writer.flush()
         row = portal.portal.service.usage_report(group_by=("entry",))[0]
         assert row["errors"] == 1 and row["completion_tokens"] >= 1
+
+
+def test_an_unreachable_backend_is_a_502_in_openai_format(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'p.db'}"
+    with PortalService(db_url) as svc:
+        _, key = svc.create_key("acme")
+        svc.add_entry(EntrySpec(name="gone", level="L0", backend={"kind": "engine", "url": "http://127.0.0.1:9/v1"}))
+    with PortalThread(db_url) as portal:
+        client = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as err:
+                client.chat.completions.create(model="gone", messages=[{"role": "user", "content": "x"}], stream=stream)
+            assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
