@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -358,9 +357,8 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
         return exc.status_code, exc.message
     if isinstance(exc, ClientGone):
         return CLIENT_CLOSED, "client closed the request"
+    if isinstance(exc, UserError):  # answered 404 (unknown entry) or 400 by the app's handler
+        return (404 if isinstance(exc, UnknownEntry) else 400), str(exc)
     if isinstance(exc, Exception):
         return 500, f"{type(exc).__name__}: {exc}"
     return CLIENT_CLOSED, "cancelled"
-
-
-GatewayFactory = Callable[..., Gateway]
