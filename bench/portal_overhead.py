@@ -614,10 +614,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                     )
                     report[kind] = {name: summarize(run) for name, run in runs.items()}
                     _vs_direct(report[kind])
-                    if kind != "serial":
-                        cdfs[kind] = {
-                            name: [s.latency_s * 1000 for s in run.samples if s.ok] for name, run in runs.items()
-                        }
+                    panel = f"{kind}: {requests} requests at concurrency {concurrency}"
+                    cdfs[panel] = {name: [s.latency_s * 1e3 for s in run.samples if s.ok] for name, run in runs.items()}
                     portal_served += runs["portal"].warmup_served + report[kind]["portal"]["served"]
         # read after the portal stopped: its usage writer writes what it still holds on the way out
         metered = metered_requests(setup["db_url"])
@@ -630,7 +628,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         report["litellm"].update(report["chat"]["litellm"]["vs_direct"])
     if not args.no_plot:
         png = Path(args.out).with_suffix(".png")
-        title = f"chat completions, {args.requests} requests at concurrency {args.concurrency}, {os.cpu_count()} cores"
+        title = f"chat completions (stream: streamed) through each path, {os.cpu_count()} cores shared"
         plot(cdfs, png, title)
         report["plot"] = str(png.relative_to(BENCH_DIR.parent)) if png.is_relative_to(BENCH_DIR.parent) else str(png)
     return report
@@ -647,7 +645,7 @@ def print_summary(report: dict) -> None:
             extra = ""
             if "vs_direct" in fig:
                 vs = fig["vs_direct"]
-                extra = f"  +{vs['added_latency_p50_ms']:.2f} ms p50, {vs['throughput_ratio']:.0%} of direct"
+                extra = f"  {vs['added_latency_p50_ms']:+.2f} ms p50, {vs['throughput_ratio']:.0%} of direct"
             cpu = fig.get("cpu_ms_per_request", {}).get("upstream" if name == "direct" else name)
             cpu_text = f"  cpu {cpu:.2f} ms/req" if cpu is not None else ""
             lines.append(
