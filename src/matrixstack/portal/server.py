@@ -90,21 +90,9 @@ def log_to_stdout(stream: TextIO | None = None) -> BatchedStreamHandler:
     return handler
 
 
-def no_delay(sock: socket.socket) -> socket.socket:
-    """Return the listening socket with TCP_NODELAY set, which the connections it accepts inherit.
-
-    asyncio sets TCP_NODELAY itself only on sockets whose `proto` is IPPROTO_TCP; `bind_socket`'s has proto 0, so
-    without this every response written in two pieces (headers, then body) waits ~40 ms for the client's
-    delayed ACK (Nagle's algorithm).
-    """
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def serve_socket(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the portal app on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    _uvicorn_server(app, log_level).run(sockets=[no_delay(sock)])
+    _uvicorn_server(app, log_level).run(sockets=[sock])
 
 
 def serve_portal(
@@ -127,7 +115,6 @@ class PortalThread:
         """`app_options` go to `create_portal_app` (log_json, cache_ttl_s, usage_interval_s)."""
         self.app = create_portal_app(db_url, **app_options)
         self._server = ServerThread(self.app, host, port, log_level)
-        no_delay(self._server.sock)
 
     @property
     def portal(self) -> Portal:
