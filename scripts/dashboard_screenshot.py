@@ -1,6 +1,6 @@
 """Take the README's screenshot of the portal dashboard: a demo world served on loopback, drawn by headless Chromium.
 
-    .venv/bin/python scripts/dashboard_screenshot.py                  # writes docs/dashboard.png
+    .venv/bin/python scripts/dashboard_screenshot.py                  # writes docs/img/dashboard.png
     .venv/bin/python scripts/dashboard_screenshot.py --out /tmp/d.png --keep-db /tmp/demo.db
 
 The demo world lives in a throwaway SQLite file: a CloudMatrix384 pool with five slices (four with a deployment,
@@ -34,9 +34,9 @@ from matrixstack.portal.dashboard import dashboard_router, dashboard_state
 from matrixstack.portal.service import PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "dashboard.png"
 POOL = "cm384"
-WINDOW = "1400,900"
+WINDOW = "1400,960"
 POLLS = 90  # polls the page makes before the shot (2 s of virtual time each)
 REPLAY_STEP_S = 2.0
 TRAFFIC_S = 240  # seconds of recorded traffic before the first poll's moment
@@ -52,12 +52,14 @@ ENTRIES = [
     EntrySpec(
         name="deepseek-r1",
         level="L0",
+        provider="third-party",
         description="DeepSeek-R1 on CloudMatrix384 (disaggregated prefill/decode)",
         backend=BackendSpec(kind="engine", url="http://10.0.0.11:8001/v1", deployment="deepseek-r1-decode"),
     ),
     EntrySpec(
         name="qwen3-235b",
         level="L0",
+        provider="third-party",
         backend=BackendSpec(kind="vllm", url="http://10.0.0.12:8000/v1", deployment="qwen3-235b", adapters=True),
     ),
     EntrySpec(
@@ -78,6 +80,8 @@ ENTRIES = [
     EntrySpec(name="contract-review", level="L2", parent="r1-legal", stop=["</review>"]),
     EntrySpec(name="triage-assistant", level="L2", parent="qwen3-medical", owner="acme"),
     EntrySpec(name="gpt-4o-summarise", level="L2", parent="gpt-4o", provider="third-party"),
+    EntrySpec(name="tiny-moe-python", level="L1", parent="tiny-moe", system_prompt="You answer from the Python docs."),
+    EntrySpec(name="tiny-moe-python-grammar", level="L2", parent="tiny-moe-python", stop=["\n\n"]),
 ]
 TRAFFIC = {  # entry -> (requests per second at peak, mean prompt tokens, mean completion tokens)
     "earnings-report": (1.6, 900, 420),
@@ -85,7 +89,7 @@ TRAFFIC = {  # entry -> (requests per second at peak, mean prompt tokens, mean c
     "r1-finance": (0.8, 300, 260),
     "triage-assistant": (0.7, 200, 150),
     "gpt-4o-summarise": (0.5, 1200, 120),
-    "tiny-moe": (0.4, 40, 60),
+    "tiny-moe-python-grammar": (0.4, 40, 60),
 }
 
 
@@ -193,7 +197,7 @@ def screenshot(page_url: str, out: Path, profile: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT, help="PNG to write (default docs/dashboard.png)")
+    parser.add_argument("--out", type=Path, default=OUT, help="PNG to write (default docs/img/dashboard.png)")
     parser.add_argument("--keep-db", type=Path, default=None, help="write the demo database here and keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="matrixstack-dashboard-") as tmp:
