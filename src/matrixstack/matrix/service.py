@@ -22,13 +22,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, insert, select
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from matrixstack.errors import UserError
@@ -48,13 +46,12 @@ from matrixstack.matrix.store import (
     TenantRow,
     iso,
     open_engine,
+    transact,
     utcnow,
 )
 
 T = TypeVar("T")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-RETRIES = 8
-RETRY_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
 FREE, FAILED, OTHERS = 0, -1, -2  # owner codes in PoolView.owners besides a slice id
 
 
@@ -460,21 +457,8 @@ class MatrixService:
     # --- internals ---------------------------------------------------------------------------------------
 
     def _transact(self, op: Callable[[Session], T], *, write: bool = True) -> T:
-        """Run `op` in one transaction and commit; retry it on lock contention and unique-constraint races."""
-        for attempt in range(RETRIES + 1):
-            try:
-                with Session(self._write if write else self._read, expire_on_commit=False) as session:
-                    with session.begin():
-                        return op(session)
-            except IntegrityError:
-                if attempt == RETRIES:
-                    raise UserError("the database refused a conflicting write several times; try again") from None
-            except DBAPIError as exc:
-                if not _retryable(exc) or attempt == RETRIES:
-                    first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-                    raise UserError(f"database error: {first}") from None
-            time.sleep(min(0.5, 0.01 * 2**attempt))
-        raise AssertionError("unreachable")
+        """Return `op(session)` run in one committed transaction (`matrix.store.transact`: retried on contention)."""
+        return transact(self._write if write else self._read, op)
 
     def _spec(self, row: PoolFabricRow) -> FabricSpec:
         spec = self._specs.get(row.spec_json)
@@ -776,10 +760,3 @@ def _fabric_summary(topo, index: int) -> dict[str, Any]:
         "dies_per_device": topo.dies_per_device,
         "tiers": [{"number": t.number, "name": t.name, "nodes_per_domain": t.nodes_per_domain} for t in topo.tiers],
     }
-
-
-def _retryable(exc: DBAPIError) -> bool:
-    """Return whether a database error is contention worth retrying (busy SQLite, PostgreSQL serialization)."""
-    if isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower():
-        return True
-    return getattr(exc.orig, "sqlstate", None) in RETRY_SQLSTATES

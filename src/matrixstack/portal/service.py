@@ -15,7 +15,6 @@ api_key is stored in the entry spec and shown by `EntrySpec.view()` only as "set
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -25,12 +24,11 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 from sqlalchemy import case, func, insert, select
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from matrixstack.errors import UserError
-from matrixstack.matrix.service import RETRIES, _retryable, _tenant_id, check_name
-from matrixstack.matrix.store import WRITE_OPTION, PoolRow, SliceRow, TenantRow, iso, utcnow
+from matrixstack.matrix.service import _tenant_id, check_name
+from matrixstack.matrix.store import WRITE_OPTION, PoolRow, SliceRow, TenantRow, iso, transact, utcnow
 from matrixstack.portal.keys import hash_key, key_prefix, new_key
 from matrixstack.portal.resolve import Resolved, resolve
 from matrixstack.portal.spec import PARENT_LEVELS, EntrySpec, KeyLimits, UnknownEntry
@@ -433,21 +431,8 @@ class PortalService:
     # --- transactions ------------------------------------------------------------------------------------
 
     def _transact(self, op: Callable[[Session], T], *, write: bool = True) -> T:
-        """Run `op` in one transaction and commit; retry it on lock contention and unique-constraint races."""
-        for attempt in range(RETRIES + 1):
-            try:
-                with Session(self._write if write else self._read, expire_on_commit=False) as session:
-                    with session.begin():
-                        return op(session)
-            except IntegrityError:
-                if attempt == RETRIES:
-                    raise UserError("the database refused a conflicting write several times; try again") from None
-            except DBAPIError as exc:
-                if not _retryable(exc) or attempt == RETRIES:
-                    first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-                    raise UserError(f"database error: {first}") from None
-            time.sleep(min(0.5, 0.01 * 2**attempt))
-        raise AssertionError("unreachable")
+        """Return `op(session)` run in one committed transaction (`matrix.store.transact`: retried on contention)."""
+        return transact(self._write if write else self._read, op)
 
 
 def _utc(moment: datetime) -> datetime:
