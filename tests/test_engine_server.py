@@ -20,9 +20,10 @@ import torch
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, MoETransformer, Tokenizer, load_model
 from matrixstack.engine.config import EngineConfig
+from matrixstack.engine.http import ServerThread
 from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
 from matrixstack.engine.model_runner import ModelRunner
-from matrixstack.engine.server import ServerThread, create_app
+from matrixstack.engine.server import create_app
 
 MODEL_ID = "tiny-moe"
 MAX_MODEL_LEN = 256

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from matrixstack.engine.external import ExternalEngine, UpstreamError
-from matrixstack.engine.server import ServerThread
+from matrixstack.engine.http import ServerThread
 from matrixstack.portal.server import PortalThread
 from matrixstack.portal.service import PortalService
 from matrixstack.portal.spec import EntrySpec

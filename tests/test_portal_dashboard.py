@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from matrixstack.engine.server import ServerThread
+from matrixstack.engine.http import ServerThread
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.service import MatrixService
 from matrixstack.matrix.simulate import resize_pod

@@ -19,26 +19,22 @@ Cancellation: a request whose client goes away is aborted in the engine, freeing
 streamed (the response task is cancelled and closes the engine stream) or not (the server polls the
 connection while it waits).
 
-`create_app(engine, model_id)` builds the app; `serve(...)` runs it in the foreground; `ServerThread` runs it
-on a background thread (tests, embedding).
+`create_app(engine, model_id)` builds the app; `serve(...)` runs it in the foreground; `engine.http.ServerThread`
+runs it on a background thread (tests, embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn) lives in
+`engine.http`, which the portal shares without importing torch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import socket
-import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +43,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE, MoETransformer, Tokenizer, load_weights
 from matrixstack.engine.config import EngineConfig, SamplingParams
+from matrixstack.engine.http import (
+    SSE_DONE,
+    ClientGone,
+    EventStream,
+    OpenAIError,
+    bind_socket,
+    sse_event,
+    until_disconnect,
+    uvicorn_server,
+    validation_error,
+)
 from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.openai_types import (
@@ -57,109 +64,11 @@ from matrixstack.engine.openai_types import (
     chat_response,
     completion_chunk,
     completion_response,
-    error_body,
     model_card,
     now_s,
     usage,
 )
 from matrixstack.errors import UserError
-
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
-GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish on Ctrl-C before they are cut
-SSE_DONE = "data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's format with an HTTP status."""
-
-    def __init__(
-        self, status_code: int, message: str, param: str | None = None, code: str | None = None, type_: str = ""
-    ):
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type_ or ("server_error" if status_code >= 500 else "invalid_request_error")
-
-    def body(self) -> dict[str, Any]:
-        """Return the OpenAI error object."""
-        return error_body(self.message, self.type, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        """Return the error as a JSON response."""
-        return JSONResponse(self.body(), status_code=self.status_code)
-
-
-class ClientGone(Exception):
-    """The client of a non-streamed request disconnected; its request was aborted."""
-
-
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _param_of(loc: tuple | list) -> str | None:
-    """Return the dotted field path of a pydantic error location (without FastAPI's leading "body")."""
-    parts = [str(p) for p in loc if p != "body"]
-    # Union members appear in the path as type names ("str", "list[int]"); they are not fields.
-    parts = [p for p in parts if not ("[" in p or p in ("str", "int", "float", "bool", "function-after"))]
-    return ".".join(parts) or None
-
-
-def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
-    """Return a 400 for pydantic / FastAPI validation errors, naming the first bad field."""
-    if not errors:
-        return OpenAIError(400, "the request is invalid")
-    first = errors[0]
-    kind = first.get("type", "")
-    param = _param_of(first.get("loc", ()))
-    if kind == "json_invalid":
-        return OpenAIError(400, "the request body is not valid JSON; send a JSON object")
-    if kind == "missing" and param is None:
-        return OpenAIError(400, "the request has no body; send a JSON object")
-    if kind == "extra_forbidden":
-        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param)
-    if kind == "missing":
-        return OpenAIError(400, f"'{param}' is a required property", param)
-    message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    bad = first.get("input")
-    if "input" in first and not isinstance(bad, dict | list) and repr(bad) not in message and str(bad) not in message:
-        message = f"{message} (got {bad!r})"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return OpenAIError(400, f"{param or 'the request body'}: {message}{more}", param)
-
-
-class _EngineStream(StreamingResponse):
-    """A streaming response that always runs `on_close` when it ends, also when the client disconnected."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
-
-
-async def until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
-    """Return the result of `awaitable`; cancel it and raise ClientGone when the client disconnects first."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await task
 
 
 class OpenAIServer:
@@ -250,20 +159,20 @@ class OpenAIServer:
         async def events() -> AsyncIterator[str]:
             try:
                 for chunk in head:
-                    yield _sse(chunk)
+                    yield sse_event(chunk)
                 delta = first
                 while True:
                     if delta.error or delta.finish_reason == "error":
                         failed = OpenAIError(500, f"the engine failed this request: {delta.error or 'unknown'}")
-                        yield _sse(failed.body())
+                        yield sse_event(failed.body())
                         return
                     for chunk in chunks(delta):
-                        yield _sse(chunk)
+                        yield sse_event(chunk)
                     if delta.finish_reason:
                         break
                     delta = await deltas.__anext__()
                 if usage_chunk is not None:
-                    yield _sse(usage_chunk(delta))
+                    yield sse_event(usage_chunk(delta))
                 yield SSE_DONE
             finally:
                 await deltas.aclose()  # type: ignore[attr-defined]
@@ -276,7 +185,7 @@ class OpenAIServer:
             with contextlib.suppress(RuntimeError):
                 await deltas.aclose()  # type: ignore[attr-defined]
 
-        return _EngineStream(stream, on_close)
+        return EventStream(stream, on_close)
 
     # ---- routes ----
 
@@ -438,36 +347,9 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
     return app
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Return a listening TCP socket on host:port (port 0 picks a free one); UserError when it cannot bind.
-
-    TCP_NODELAY is set on it, and the connections it accepts inherit it: asyncio sets it itself only on sockets
-    whose `proto` is IPPROTO_TCP, and without it every response written in two pieces (headers, then body) waits
-    ~40 ms for the client's delayed ACK (Nagle's algorithm); measured 44 ms vs 0.7 ms per request."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UserError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host"
-        ) from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
-    return uvicorn.Server(config)
-
-
 def serve_socket(engine: AsyncEngine, model_id: str, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    _uvicorn_server(create_app(engine, model_id), log_level).run(sockets=[sock])
+    uvicorn_server(create_app(engine, model_id), log_level).run(sockets=[sock])
 
 
 def serve(
@@ -480,43 +362,6 @@ def serve(
         serve_socket(engine, model_id, sock, log_level)
     finally:
         sock.close()
-
-
-class ServerThread:
-    """Run an app under uvicorn on a background thread: `start()` returns once it accepts connections."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self.sock = bind_socket(host, port)
-        self.host, self.port = self.sock.getsockname()[:2]
-        self.server = _uvicorn_server(app, log_level)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """Return the server's root URL (http://host:port)."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout_s: float = 30.0) -> ServerThread:
-        """Start serving; raise RuntimeError if uvicorn is not up within `timeout_s`."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Shut the server down and wait for its thread."""
-        self.server.should_exit = True
-        self._thread.join(timeout=timeout_s)
-        self.sock.close()
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---- one deployment: model + runner + engine, as `matrixstack engine serve` builds it ----------------------------

@@ -37,8 +37,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matrixstack.engine.external import UpstreamError
+from matrixstack.engine.http import ClientGone, OpenAIError, validation_error
 from matrixstack.engine.openai_types import ChatCompletionRequest, CompletionRequest, error_body
-from matrixstack.engine.server import ClientGone, OpenAIError, validation_error
 from matrixstack.errors import UserError
 from matrixstack.matrix.service import MatrixService
 from matrixstack.portal.admin_api import admin_router

@@ -35,8 +35,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.engine.external import ExternalEngine, UpstreamError
+from matrixstack.engine.http import ClientGone, EventStream, OpenAIError, until_disconnect, validation_error
 from matrixstack.engine.openai_types import usage
-from matrixstack.engine.server import ClientGone, OpenAIError, _EngineStream, until_disconnect, validation_error
 from matrixstack.errors import UserError
 from matrixstack.portal.cache import TtlCache
 from matrixstack.portal.encoding import JsonResponse, dumps, loads
@@ -66,7 +66,7 @@ def backend_transport(url: str) -> httpx.AsyncBaseTransport:
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None, **kw) -> Any:
-    """Return an OpenAIError (engine.server's, answered in OpenAI's error format by the app's handler)."""
+    """Return an OpenAIError (engine.http's, answered in OpenAI's error format by the app's handler)."""
     return OpenAIError(status_code, message, param=param, code=code, **kw)
 
 
@@ -287,7 +287,7 @@ class Gateway:
             await chunks.aclose()  # type: ignore[attr-defined]
             raise
         relay = StreamRelay(chunks, first, kind, m, self.finish)
-        return _EngineStream(relay.events(), relay.close)
+        return EventStream(relay.events(), relay.close)
 
     # ---- metering ---------------------------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from matrixstack.engine.external import UpstreamError
+from matrixstack.engine.http import SSE_DONE
 from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
-from matrixstack.engine.server import SSE_DONE
 from matrixstack.portal.encoding import sse
 from matrixstack.portal.service import KeyInfo
 

@@ -19,7 +19,7 @@ from typing import TextIO
 
 from fastapi import FastAPI
 
-from matrixstack.engine.server import ServerThread, _uvicorn_server, bind_socket
+from matrixstack.engine.http import ServerThread, bind_socket, uvicorn_server
 from matrixstack.portal.app import Portal, create_portal_app
 
 PORTAL_LOGGER = "matrixstack.portal"
@@ -92,7 +92,7 @@ def log_to_stdout(stream: TextIO | None = None) -> BatchedStreamHandler:
 
 def serve_socket(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the portal app on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    _uvicorn_server(app, log_level).run(sockets=[sock])
+    uvicorn_server(app, log_level).run(sockets=[sock])
 
 
 def serve_portal(
