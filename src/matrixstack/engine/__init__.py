@@ -8,49 +8,59 @@ Public API:
   expert parallelism;
 - `load_weights`, `save_weights` (`engine.weights`): safetensors under Hugging Face tensor names;
 - `Tokenizer` (`engine.tokenizer`): byte-level BPE with `<|bos|>` / `<|eos|>` and a chat template;
-- `load_model(arch, weights_dir)`: an arch, its weights and its tokenizer in one call; `tiny-moe` ships its own
-  weights in `engine/assets/tiny-moe` (made by `scripts/make_tiny_moe.py`).
+- `load_model(arch, weights_dir)` (`engine.loading`): an arch, its weights and its tokenizer in one call;
+  `tiny-moe` ships its own weights in `engine/assets/tiny-moe` (made by `scripts/make_tiny_moe.py`).
+
+These names are imported on first use (PEP 562), so that importing the package, or a torch-free module in it
+(`engine.http`, `engine.openai_types`, `engine.external`, which the portal uses), does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from matrixstack.arch import load_arch
-from matrixstack.engine.attention import AttentionMetadata, build_metadata
-from matrixstack.engine.model import MoETransformer, greedy_generate
-from matrixstack.engine.moe import ExpertExecutor, LocalExperts, apply_experts
-from matrixstack.engine.tokenizer import Tokenizer
-from matrixstack.engine.weights import load_weights, save_weights
-from matrixstack.errors import UserError
+if TYPE_CHECKING:
+    from matrixstack.engine.attention import AttentionMetadata, build_metadata
+    from matrixstack.engine.loading import load_model
+    from matrixstack.engine.model import MoETransformer, greedy_generate
+    from matrixstack.engine.moe import ExpertExecutor, LocalExperts, apply_experts
+    from matrixstack.engine.tokenizer import Tokenizer
+    from matrixstack.engine.weights import load_weights, save_weights
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 PACKAGED_WEIGHTS = {"tiny-moe": ASSETS_DIR / "tiny-moe"}
 TOKENIZER_FILE = "tokenizer.json"
 
+_LAZY = {  # public name -> the module that defines it
+    "AttentionMetadata": "matrixstack.engine.attention",
+    "build_metadata": "matrixstack.engine.attention",
+    "ExpertExecutor": "matrixstack.engine.moe",
+    "LocalExperts": "matrixstack.engine.moe",
+    "apply_experts": "matrixstack.engine.moe",
+    "MoETransformer": "matrixstack.engine.model",
+    "greedy_generate": "matrixstack.engine.model",
+    "Tokenizer": "matrixstack.engine.tokenizer",
+    "load_weights": "matrixstack.engine.weights",
+    "save_weights": "matrixstack.engine.weights",
+    "load_model": "matrixstack.engine.loading",
+}
 
-def load_model(
-    arch_name_or_path: str = "tiny-moe",
-    weights_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-    expert_ids: set[int] | None = None,
-) -> tuple[MoETransformer, Tokenizer]:
-    """Return (model in eval mode with its weights loaded, tokenizer) for an arch name or YAML path.
 
-    `weights_dir` holds the *.safetensors and tokenizer.json; it defaults to the packaged weights, which exist for
-    tiny-moe only. `expert_ids` materialises and loads only those routed experts.
-    """
-    arch = load_arch(arch_name_or_path)
-    if weights_dir is None:
-        if arch.name not in PACKAGED_WEIGHTS:
-            raise UserError(f"arch {arch.name} ships no weights; pass the folder of its safetensors and tokenizer")
-        weights_dir = PACKAGED_WEIGHTS[arch.name]
-    weights_dir = Path(weights_dir)
-    model = MoETransformer(arch, dtype=dtype, expert_ids=expert_ids)
-    load_weights(model, weights_dir)
-    return model.eval(), Tokenizer.from_file(weights_dir / TOKENIZER_FILE)
+def __getattr__(name: str) -> Any:
+    """Return the public name `name`, importing its module on first use (and caching it in this module)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """Return the module's names, the lazy ones included."""
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -1,0 +1,36 @@
+"""`load_model`: an arch, its weights and its tokenizer in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from matrixstack.arch import load_arch
+from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
+from matrixstack.engine.model import MoETransformer
+from matrixstack.engine.tokenizer import Tokenizer
+from matrixstack.engine.weights import load_weights
+from matrixstack.errors import UserError
+
+
+def load_model(
+    arch_name_or_path: str = "tiny-moe",
+    weights_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    expert_ids: set[int] | None = None,
+) -> tuple[MoETransformer, Tokenizer]:
+    """Return (model in eval mode with its weights loaded, tokenizer) for an arch name or YAML path.
+
+    `weights_dir` holds the *.safetensors and tokenizer.json; it defaults to the packaged weights, which exist for
+    tiny-moe only. `expert_ids` materialises and loads only those routed experts.
+    """
+    arch = load_arch(arch_name_or_path)
+    if weights_dir is None:
+        if arch.name not in PACKAGED_WEIGHTS:
+            raise UserError(f"arch {arch.name} ships no weights; pass the folder of its safetensors and tokenizer")
+        weights_dir = PACKAGED_WEIGHTS[arch.name]
+    weights_dir = Path(weights_dir)
+    model = MoETransformer(arch, dtype=dtype, expert_ids=expert_ids)
+    load_weights(model, weights_dir)
+    return model.eval(), Tokenizer.from_file(weights_dir / TOKENIZER_FILE)
