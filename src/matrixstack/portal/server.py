@@ -10,6 +10,7 @@ that the event loop never waits on the terminal.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import sys
@@ -92,7 +93,11 @@ def log_to_stdout(stream: TextIO | None = None) -> BatchedStreamHandler:
 
 def serve_socket(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the portal app on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    uvicorn_server(app, log_level).run(sockets=[sock])
+    server = uvicorn_server(app, log_level)
+    # Objects created at start-up are never garbage; freezing them keeps full collections short.
+    gc.collect()
+    gc.freeze()
+    server.run(sockets=[sock])
 
 
 def serve_portal(
