@@ -7,6 +7,7 @@ the next step fail (a worker that died) and can count the steps run (cancellatio
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, MoETransformer, Tokenizer, load_model
-from matrixstack.engine.config import EngineConfig
+from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.http import ServerThread
 from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
 from matrixstack.engine.model_runner import ModelRunner
@@ -280,6 +281,53 @@ def test_non_streamed_disconnect_aborts_the_request(url, deployment):
         httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
     wait_idle(engine)
     assert runner.steps - steps_before < max_tokens // 2
+
+
+class HeldRunner:
+    """A ModelRunner wrapper whose steps wait, once `hold` is set, until `release` is (a long step); counts steps."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.steps = 0
+        self.hold, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def run(self, out):
+        self.steps += 1
+        if self.hold.is_set():
+            self.held.set()
+            self.release.wait(DRAIN_TIMEOUT_S)
+        return self.runner.run(out)
+
+
+def test_requests_and_aborts_never_wait_for_a_step():
+    model, tokenizer = build_model()
+    runner = HeldRunner(ModelRunner(model, CONFIG))
+    engine = AsyncEngine(LLMEngine(runner, tokenizer, CONFIG))
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+
+    async def scenario() -> float:
+        a = engine.stream([1, 2, 3], params, "a")
+        await a.__anext__()
+        runner.hold.set()
+        assert await asyncio.to_thread(runner.held.wait, DRAIN_TIMEOUT_S)  # a step runs, and holds
+        started = time.monotonic()
+        first_b = asyncio.ensure_future(engine.stream([4, 5, 6], params, "b").__anext__())
+        await asyncio.sleep(0)  # b is handed to the engine thread
+        await a.aclose()  # aborts a
+        first_b.cancel()  # b's consumer leaves before the engine took b in
+        with pytest.raises(asyncio.CancelledError):
+            await first_b
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(scenario()) < 1.0  # while the step still holds
+        steps = runner.steps
+        runner.release.set()
+        wait_idle(engine)
+        assert runner.steps == steps  # the held step was the last: a aborted, b never started
+    finally:
+        runner.release.set()
+        engine.close()
 
 
 @pytest.mark.parametrize(

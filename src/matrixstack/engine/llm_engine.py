@@ -2,8 +2,8 @@
 
 `LLMEngine` is synchronous and single-threaded, like nano-vllm's: `add_request`, `step`, `abort`, `generate`.
 `AsyncEngine` runs an `LLMEngine` on a background thread for a server: each request gets an asyncio queue of
-`Delta`s; aborting (the client went away) is handed to the engine thread, which frees the request's KV blocks
-before its next step.
+`Delta`s; new requests and aborts (the client went away) are handed to the engine thread, which takes them in
+before its next step (an abort frees the request's KV blocks there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import asyncio
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from matrixstack.engine.config import EngineConfig, SamplingParams
@@ -161,11 +163,16 @@ class LLMEngine:
 
 
 class AsyncEngine:
-    """An `LLMEngine` on a background thread, with per-request asyncio streams for a server."""
+    """An `LLMEngine` on a background thread, with per-request asyncio streams for a server.
+
+    Only the engine thread touches the `LLMEngine`: other threads hand it new requests and aborts through an inbox,
+    which it empties before every step. An event loop thus never waits for a step to end (it did while the two
+    shared a lock: the engine thread takes it again right after each step, and under uvloop a request or an abort
+    waited up to ~250 ms for it, the whole server stalled meanwhile)."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._inbox: deque[_Add | str] = deque()  # new requests, and the ids of requests to abort, in order
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
@@ -175,18 +182,37 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stopped:
+            self._wake.clear()
+            self._take_inbox()
             if not self.engine.has_work():
                 self._wake.wait(0.05)
-                self._wake.clear()
                 continue
             try:
-                with self._lock:
-                    deltas = self.engine.step()
+                deltas = self.engine.step()
             except Exception as exc:  # a failed step fails its requests, never hangs them
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
             for delta in deltas:
                 self._publish(delta)
+        while self._inbox:  # requests handed in as the engine stopped never start
+            item = self._inbox.popleft()
+            if isinstance(item, _Add) and item.added.set_running_or_notify_cancel():
+                item.added.set_exception(RuntimeError("the engine has stopped"))
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, str):
+                self.engine.abort(item)
+                continue
+            if not item.added.set_running_or_notify_cancel():
+                continue  # its consumer went away before the request was taken in
+            try:
+                self.engine.add_request(item.prompt, item.params, item.request_id)
+            except Exception as exc:
+                item.added.set_exception(exc)
+            else:
+                item.added.set_result(None)
 
     def _publish(self, delta: Delta) -> None:
         target = self._queues.get(delta.request_id)
@@ -198,20 +224,32 @@ class AsyncEngine:
             self._queues.pop(delta.request_id, None)
 
     def _fail_all(self, message: str) -> None:
-        with self._lock:
-            live = list(self._queues)
-            for request_id in live:
-                self.engine.abort(request_id)
+        live = list(self._queues)
+        for request_id in live:
+            self.engine.abort(request_id)
         for request_id in live:
             self._publish(Delta(request_id, "", [], "error", error=message))
 
     async def stream(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        """Yield the request's deltas until it finishes; abort it if the consumer stops early."""
+        """Yield the request's deltas until it finishes; abort it if the consumer stops early.
+
+        The first delta waits for the engine thread to take the request in: a request that can never run raises
+        its UserError there (`LLMEngine.add_request`), a reused `request_id` a ValueError."""
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(prompt, params, request_id)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        add = _Add(prompt, params, request_id)
+        self._inbox.append(add)
         self._wake.set()
+        try:
+            await asyncio.wrap_future(add.added)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # in case the engine thread took it in already: the abort follows it
+            raise
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
         finished = False
         try:
             while True:
@@ -225,13 +263,24 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request from any thread (a client that disconnected)."""
-        with self._lock:
-            self._queues.pop(request_id, None)
-            self.engine.abort(request_id)
+        """Abort a request from any thread (a client that disconnected): no more deltas are published for it, and
+        the engine thread frees its KV blocks before its next step."""
+        self._queues.pop(request_id, None)
+        self._inbox.append(request_id)
+        self._wake.set()
 
     def close(self) -> None:
         """Stop the background thread."""
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
+
+
+@dataclass
+class _Add:
+    """A request handed to the engine thread; `added` resolves once the engine queued it (or refused it)."""
+
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+    added: Future = field(default_factory=Future)
