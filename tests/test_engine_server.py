@@ -33,18 +33,22 @@ CONFIG = EngineConfig(
 )
 NO_EOS = {"ignore_eos": True}  # the extension field: outputs of exactly max_tokens tokens
 DRAIN_TIMEOUT_S = 30.0  # how long a test waits for the engine to drop an aborted request before failing
+STEP_DELAY_S = 0.01  # the disconnect tests' steps take at least this: a whole request then outlasts the detection
 
 
 class ControlledRunner:
-    """A ModelRunner wrapper: counts steps, and fails the next step on demand (a worker that died)."""
+    """A ModelRunner wrapper: counts steps, fails the next step on demand (a worker that died), and can make every
+    step take at least `delay_s` (a model slow enough that aborting a request saves most of its steps)."""
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.steps = 0
         self.fail_next = threading.Event()
+        self.delay_s = 0.0
 
     def run(self, out):
         self.steps += 1
+        time.sleep(self.delay_s)
         if self.fail_next.is_set():
             self.fail_next.clear()
             raise RuntimeError("worker 1 died (exit code -9)")
@@ -257,7 +261,16 @@ def test_engine_failure_is_500_and_stream_error_event(client, deployment):
     assert client.completions.create(model=MODEL_ID, prompt="z", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_stream_disconnect_aborts_the_request(url, deployment):
+@pytest.fixture
+def slow_steps(deployment):
+    """Make every step of the module's runner take at least STEP_DELAY_S during a test."""
+    runner = deployment[2]
+    runner.delay_s = STEP_DELAY_S
+    yield
+    runner.delay_s = 0.0
+
+
+def test_stream_disconnect_aborts_the_request(url, deployment, slow_steps):
     _, engine, runner = deployment
     max_tokens = MAX_MODEL_LEN - 16
     body = {"model": MODEL_ID, "prompt": "Go on and on", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
@@ -272,7 +285,7 @@ def test_stream_disconnect_aborts_the_request(url, deployment):
     assert runner.steps - steps_before < max_tokens // 2  # aborted, not run to max_tokens
 
 
-def test_non_streamed_disconnect_aborts_the_request(url, deployment):
+def test_non_streamed_disconnect_aborts_the_request(url, deployment, slow_steps):
     _, engine, runner = deployment
     max_tokens = MAX_MODEL_LEN - 16
     body = {"model": MODEL_ID, "prompt": "Go on", "max_tokens": max_tokens, "ignore_eos": True}
@@ -280,7 +293,7 @@ def test_non_streamed_disconnect_aborts_the_request(url, deployment):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
     wait_idle(engine)
-    assert runner.steps - steps_before < max_tokens // 2
+    assert runner.steps - steps_before < max_tokens // 2  # ~0.75 s to notice at most: ~75 steps of 240
 
 
 class HeldRunner:
