@@ -19,9 +19,8 @@ process, all in front of that one upstream process:
 - `litellm` (optional): LiteLLM's proxy (`litellm --config config.yaml`) with one `model_list` entry pointing at
   the same upstream, as the peer. It is found on PATH, beside this Python, in $LITELLM_BIN or at `--litellm
   PATH`; when it is missing the run goes on without it and says why in the JSON (`litellm.reason`). Installing
-  `litellm[proxy]` into the project's own environment downgrades rich and adds uvloop (which uvicorn then uses
-  for every server, the portal's included), so a separate environment is the cleaner home for it:
-  `python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'` and
+  `litellm[proxy]` into the project's own environment downgrades rich, so a separate environment is the cleaner
+  home for it: `python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'` and
   `--litellm /tmp/litellm-venv/bin/litellm`.
 
 The load. The bench process is the client (`bench/http_load.py`): `--concurrency` workers, each with its own
