@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 
-from matrixstack.engine.server import ServerThread
+from matrixstack.engine.http import ServerThread
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.service import MatrixService
 from matrixstack.matrix.spec import SliceRequest
