@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -22,7 +18,6 @@ from matrixstack.errors import UserError
 from matrixstack.perf.spec import InstancePlan
 
 MODEL_ID = "tiny-moe"
-START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 NO_EOS = {"ignore_eos": True}
 
@@ -102,41 +97,12 @@ def test_vllm_launch_serves_and_stops():
 # ---- the external client against a real engine server process ------------------------------------------------
 
 
-async def healthy(base_url: str) -> bool:
-    async with ExternalEngine(base_url) as engine:
-        return await engine.health()
-
-
 @pytest.fixture(scope="module")
-def upstream():
-    """Start `matrixstack engine serve` on a free port in a second process; yield its base URL; Ctrl-C it."""
-    cmd = [
-        sys.executable,
-        "-c",
-        "from matrixstack.cli.main import app; app()",
-        *["engine", "serve", "tiny-moe", "--random-weights", "--port", "0", "--log-level", "warning"],
-        *["--max-model-len", "128", "--num-kv-blocks", "16", "--max-num-seqs", "4", "--max-num-batched-tokens", "128"],
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    lines = []
-    base_url = None
-    while base_url is None:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            pytest.fail("engine serve exited:\n" + "".join(lines))
-        lines.append(line)
-        if match := re.search(r"(http://127\.0\.0\.1:\d+/v1)", line):
-            base_url = match.group(1)
-        assert time.monotonic() < deadline, "engine serve did not start:\n" + "".join(lines)
-    while not asyncio.run(healthy(base_url)):  # the URL is printed just before uvicorn starts
-        assert process.poll() is None and time.monotonic() < deadline, "engine serve did not come up"
-        time.sleep(0.1)
-    yield process, base_url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+def upstream(engine_process):
+    """Start `matrixstack engine serve` on a free port in a second process; yield (process, base URL)."""
+    return engine_process(
+        *["--max-model-len", "128", "--num-kv-blocks", "16", "--max-num-seqs", "4", "--max-num-batched-tokens", "128"]
+    )
 
 
 def run(coro):

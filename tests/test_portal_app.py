@@ -11,20 +11,15 @@ client is the official `openai` package (admin routes and /metrics through httpx
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from matrixstack.engine.external import ExternalEngine
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.simulate import resize_pod
 from matrixstack.matrix.spec import SliceRequest
@@ -33,7 +28,6 @@ from matrixstack.portal.server import PortalThread
 from matrixstack.portal.service import PortalService, UsageRecord
 from matrixstack.portal.spec import EntrySpec
 
-START_TIMEOUT_S = 120.0
 WAIT_S = 30.0  # deadline of the polls below: a failure guard, never a timing assertion
 UPSTREAM_MODEL = "tiny-moe"
 NO_EOS = {"ignore_eos": True}  # the engine's extension: generate exactly max_tokens tokens
@@ -48,39 +42,10 @@ USER = [{"role": "user", "content": "How are we doing?"}]
 # ---- fixtures --------------------------------------------------------------------------------------------------
 
 
-async def _healthy(base_url: str) -> bool:
-    async with ExternalEngine(base_url) as engine:
-        return await engine.health()
-
-
 @pytest.fixture(scope="module")
-def upstream():
+def upstream(engine_process):
     """Start `matrixstack engine serve tiny-moe` on a free port in a second process; yield its base URL."""
-    cmd = [
-        sys.executable,
-        "-c",
-        "from matrixstack.cli.main import app; app()",
-        *["engine", "serve", "tiny-moe", "--random-weights", "--port", "0", "--log-level", "warning"],
-        *["--max-model-len", "256", "--num-kv-blocks", "96", "--max-num-seqs", "8"],
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    lines, base_url = [], None
-    while base_url is None:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            pytest.fail("engine serve exited:\n" + "".join(lines))
-        lines.append(line)
-        if match := re.search(r"(http://127\.0\.0\.1:\d+/v1)", line):
-            base_url = match.group(1)
-        assert time.monotonic() < deadline, "engine serve did not start:\n" + "".join(lines)
-    while not asyncio.run(_healthy(base_url)):
-        assert process.poll() is None and time.monotonic() < deadline, "engine serve did not come up"
-        time.sleep(0.1)
-    yield base_url
-    process.kill()
-    process.wait()
+    return engine_process("--max-model-len", "256", "--num-kv-blocks", "96", "--max-num-seqs", "8")[1]
 
 
 @pytest.fixture(scope="module")
