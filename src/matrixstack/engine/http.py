@@ -23,7 +23,8 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matrixstack.engine.openai_types import error_body
 from matrixstack.errors import UserError
@@ -94,6 +95,26 @@ def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
         message = f"{message} (got {bad!r})"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return OpenAIError(400, f"{param or 'the request body'}: {message}{more}", param)
+
+
+def install_openai_error_handlers(app: FastAPI) -> None:
+    """Register on `app` the handlers every OpenAI-compatible server here shares: an `OpenAIError` as its own
+    response, Starlette's HTTP errors (unknown route, wrong method) in OpenAI's format, and `ClientGone` as a 499
+    nobody reads. Validation and internal errors stay each app's own."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code = "not_found" if exc.status_code == 404 else None
+        return OpenAIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
 
 class EventStream(StreamingResponse):

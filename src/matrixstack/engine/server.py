@@ -38,17 +38,16 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE, MoETransformer, Tokenizer, load_weights
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.http import (
     SSE_DONE,
-    ClientGone,
     EventStream,
     OpenAIError,
     bind_socket,
+    install_openai_error_handlers,
     sse_event,
     until_disconnect,
     uvicorn_server,
@@ -302,23 +301,11 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
     )
     app.state.server = server
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
+    install_openai_error_handlers(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error(list(exc.errors())).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        code = "not_found" if exc.status_code == 404 else None
-        return OpenAIError(exc.status_code, message, code=code).response()
-
-    @app.exception_handler(ClientGone)
-    async def _client_gone(_: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:

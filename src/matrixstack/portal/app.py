@@ -34,10 +34,9 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matrixstack.engine.external import UpstreamError
-from matrixstack.engine.http import ClientGone, OpenAIError, validation_error
+from matrixstack.engine.http import OpenAIError, install_openai_error_handlers, validation_error
 from matrixstack.engine.openai_types import ChatCompletionRequest, CompletionRequest, error_body
 from matrixstack.errors import UserError
 from matrixstack.matrix.service import MatrixService
@@ -126,9 +125,7 @@ def _user_error(exc: UserError) -> OpenAIError:
 def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
     """Answer every error in OpenAI's format."""
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> Response:
-        return exc.response()
+    install_openai_error_handlers(app)
 
     @app.exception_handler(UpstreamError)
     async def _upstream_error(_: Request, exc: UpstreamError) -> Response:
@@ -144,16 +141,6 @@ def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
         if request.url.path.startswith("/v1/"):
             gateway.log_rejected(request, error.status_code, error.message, getattr(request.state, "key", None))
         return error.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        code = "not_found" if exc.status_code == 404 else None
-        return OpenAIError(exc.status_code, message, code=code).response()
-
-    @app.exception_handler(ClientGone)
-    async def _client_gone(_: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> Response:
