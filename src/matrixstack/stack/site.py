@@ -1,0 +1,69 @@
+"""What a site is given and what it gives back: one `Launch` per deployment in, one OpenAI base URL per deployment out.
+
+A site (local processes, a Ray cluster) starts the engines of a shape's deployments on their slices. The shape
+has been applied before (pools made, slices allocated, plans found: `stack.apply`), so a site needs no database:
+each `Launch` says what to run and on which devices. `Site.start` returns when every engine answers its health
+check, or raises UserError naming the deployment that did not come up (after stopping what it started);
+`Site.stop` stops everything it started and may be called more than once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from matrixstack.errors import UserError
+from matrixstack.stack.spec import EngineArgs, SiteShape
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One deployment's engine as a site starts it."""
+
+    name: str  # the deployment's name; the engine serves it as its model id
+    arch: str  # built-in arch name or arch YAML path
+    weights: str  # "packaged", "random" or a folder path (spec.WEIGHTS_*)
+    engine: str  # "matrixstack" or "vllm"
+    workers: int  # engine worker processes: the plan's expert-parallel degree (1 = one process)
+    device_kind: str  # "cpu" (devices are CPU cores) or "cuda" (devices are GPU indices)
+    devices: tuple[int, ...]  # the slice's devices, as indices on their node (CPU core ids or GPU ids)
+    strategy: str  # placement of the devices: "STRICT_PACK" (one node), "PACK" or "SPREAD" (Ray's words)
+    engine_args: EngineArgs = field(default_factory=EngineArgs)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A running deployment: its name and the OpenAI base URL (…/v1) the portal routes to."""
+
+    name: str
+    url: str
+
+
+class Site(Protocol):
+    """Something that runs a shape's engines (see the module docstring)."""
+
+    kind: str
+
+    def start(self, launches: list[Launch]) -> list[Started]:
+        """Start every launch's engine and return them running, in the same order; UserError when one fails."""
+        ...
+
+    def stop(self) -> None:
+        """Stop every engine this site started (idempotent)."""
+        ...
+
+
+def open_site(site: SiteShape) -> Site:
+    """Return the site `site` names: a LocalSite or a RaySite; UserError for k8s (rendered, not run)."""
+    if site.kind == "local":
+        from matrixstack.stack.local_site import LocalSite
+
+        return LocalSite(site)
+    if site.kind == "ray":
+        from matrixstack.stack.ray_site import RaySite
+
+        return RaySite(site)
+    raise UserError(
+        "a k8s site is not run from here: render its manifests with `matrixstack stack render k8s SHAPE --out DIR` "
+        "and apply them with kubectl; `matrixstack up` runs local and ray sites"
+    )
