@@ -1,0 +1,97 @@
+"""The local site: a real `matrixstack engine serve` child process bound to CPU core 0, served through the `openai`
+client, then stopped with nothing of its process group left; launches it cannot run are refused before any
+process starts, and an engine that dies while starting is reported with the end of its log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import openai
+import pytest
+
+from matrixstack.errors import UserError
+from matrixstack.stack.local_site import LocalSite, group_alive
+from matrixstack.stack.site import Launch
+from matrixstack.stack.spec import EngineArgs, SiteShape
+
+SMALL = EngineArgs(max_model_len=256, num_kv_blocks=64, max_num_seqs=8)
+
+
+def launch(**fields) -> Launch:
+    values = dict(
+        name="tiny",
+        arch="tiny-moe",
+        weights="random",
+        engine="matrixstack",
+        workers=1,
+        device_kind="cpu",
+        devices=(0,),
+        strategy="STRICT_PACK",
+        engine_args=SMALL,
+    )
+    return Launch(**(values | fields))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("home")
+        mp.setenv("MATRIXSTACK_HOME", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def running(home):
+    site = LocalSite(SiteShape())
+    started = site.start([launch()])
+    yield site, started
+    site.stop()
+
+
+def test_engine_runs_on_its_core_and_serves(running, home):
+    site, started = running
+    assert [s.name for s in started] == ["tiny"]
+    pid = site.pids["tiny"]
+    assert os.getpgid(pid) == pid  # a session and process group of its own
+    assert os.sched_getaffinity(pid) == {0}
+    assert started[0].url.startswith("http://127.0.0.1:") and started[0].url.endswith("/v1")
+    client = openai.OpenAI(base_url=started[0].url, api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+    assert reply.model == "tiny" and reply.usage.completion_tokens > 0
+    log = Path(home) / "logs" / "tiny.log"
+    assert "http://127.0.0.1:" in log.read_text()
+
+
+def test_stop_leaves_no_process_of_its_group(running):
+    site, _ = running
+    pid = site.pids["tiny"]
+    assert group_alive(pid)
+    site.stop()
+    assert not group_alive(pid)
+    site.stop()  # idempotent
+    assert site.pids == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"device_kind": "npu"}, "deployment tiny asks for npu devices; a local site runs cpu or cuda slices"),
+        ({"engine": "vllm"}, "deployment tiny runs engine vllm"),
+        ({"devices": (0, 4096)}, r"CPU cores \[4096\]"),
+    ],
+)
+def test_launches_this_machine_cannot_run_are_refused(home, fields, message):
+    site = LocalSite(SiteShape())
+    with pytest.raises(UserError, match=message):
+        site.start([launch(**fields)])
+    assert site.pids == {}
+
+
+def test_engine_that_exits_while_starting_is_reported_with_its_log(home):
+    site = LocalSite(SiteShape())
+    with pytest.raises(UserError, match=r"(?s)deployment broken exited with code 2.*no-such-arch"):
+        site.start([launch(name="broken", arch="no-such-arch")])
+    assert site.pids == {}
