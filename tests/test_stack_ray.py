@@ -1,0 +1,222 @@
+"""The ray site against a real Ray head that this module starts on this machine: placement groups, engine actors
+serving the OpenAI API, the portal routing to them, clean stops, and clear errors for what the cluster lacks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray site needs `ray` (pip extra `ray`: pip install 'matrixstack[ray]')")
+
+import openai  # noqa: E402
+from ray.util.placement_group import placement_group_table  # noqa: E402
+
+from matrixstack.errors import UserError  # noqa: E402
+from matrixstack.portal.server import PortalThread  # noqa: E402
+from matrixstack.portal.service import PortalService  # noqa: E402
+from matrixstack.portal.spec import EntrySpec  # noqa: E402
+from matrixstack.stack.ray_site import NAMESPACE, RaySite  # noqa: E402
+from matrixstack.stack.site import Launch  # noqa: E402
+from matrixstack.stack.spec import EngineArgs, SiteShape  # noqa: E402
+
+HEAD_START_TIMEOUT_S = 120.0
+HEAD_STOP_TIMEOUT_S = 30.0
+HEAD_CPUS = 2
+SMALL_ENGINE = EngineArgs(max_model_len=256, num_kv_blocks=32, max_num_seqs=4)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """Start a Ray head (2 CPUs, small object store, no dashboard UI, every port free) in its own session and temp
+    dir; yield its address; stop exactly that head (SIGTERM to `ray start --block`, which stops its processes,
+    then SIGKILL to whatever of its process group is left) — never `ray stop`, which would stop other heads."""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    ports = {
+        flag: str(_free_port())
+        for flag in (
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+    }
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        *["start", "--head", "--block", "--port", str(port), "--num-cpus", str(HEAD_CPUS)],
+        *["--object-store-memory", "100000000", "--include-dashboard=false", "--disable-usage-stats"],
+        *["--temp-dir", temp_dir, *[part for item in ports.items() for part in item]],
+    ]
+    log_path = Path(temp_dir) / "head.log"
+    with log_path.open("w") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while "Ray runtime started" not in log_path.read_text():
+            assert head.poll() is None, f"ray start exited:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"ray start did not come up:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=HEAD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def launch(name: str, devices: int = 1, device_kind: str = "cpu", workers: int = 1, **changes) -> Launch:
+    """Return a tiny-moe launch (random weights unless `changes` says otherwise)."""
+    fields = dict(
+        name=name,
+        arch="tiny-moe",
+        weights="random",
+        engine="matrixstack",
+        workers=workers,
+        device_kind=device_kind,
+        devices=tuple(range(devices)),
+        strategy="STRICT_PACK",
+        engine_args=SMALL_ENGINE,
+    )
+    return Launch(**(fields | changes))
+
+
+def alive(pid: int) -> bool:
+    """Return whether process `pid` exists (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout_s: float = 30.0) -> list[int]:
+    """Return the pids still alive after waiting up to `timeout_s` for them to exit."""
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def our_named_actors(prefix: str) -> list[str]:
+    """Return the live named actors of the site's namespace whose names start with `prefix`."""
+    return [a for a in ray.util.list_named_actors() if a.startswith(prefix)]
+
+
+def chat(base_url: str, key: str, model: str) -> openai.types.chat.ChatCompletion:
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+
+
+def test_engine_actor_in_its_placement_group_serves_through_the_portal(ray_head, tmp_path):
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    try:
+        (started,) = site.start([launch("tiny-ray")])
+        assert started.name == "tiny-ray" and started.url.startswith("http://") and started.url.endswith("/v1")
+
+        group = site.placement_groups()["tiny-ray"]
+        table = placement_group_table(group)
+        assert table["state"] == "CREATED"
+        assert table["strategy"] == "STRICT_PACK"
+        assert table["bundles"] == {0: {"CPU": 1.0}}
+        assert our_named_actors("matrixstack-engine:tiny-ray:"), ray.util.list_named_actors()
+        (pids,) = site.engine_pids().values()
+        assert alive(pids[0]) and pids[0] != os.getpid()
+
+        direct = chat(started.url, "unused", "tiny-ray")
+        assert direct.model == "tiny-ray" and direct.usage.completion_tokens == 4
+
+        db_url = f"sqlite:///{tmp_path / 'portal.db'}"
+        with PortalService(db_url) as svc:
+            key = svc.create_key("acme")[1]
+            svc.add_entry(
+                EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": started.url, "model": "tiny-ray"})
+            )
+        with PortalThread(db_url) as portal:
+            routed = chat(portal.base_url, key, "tiny")
+        assert routed.model == "tiny" and routed.usage.completion_tokens == 4
+        assert routed.choices[0].message.content == direct.choices[0].message.content  # greedy: same engine
+    finally:
+        site.stop()
+    site.stop()  # idempotent
+    assert not ray.is_initialized()  # the site disconnected; the cluster keeps running:
+    ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        assert placement_group_table(group)["state"] == "REMOVED"
+        assert not our_named_actors("matrixstack-engine:tiny-ray:")
+        assert not wait_gone(pids)
+        assert ray.available_resources().get("CPU") == HEAD_CPUS
+    finally:
+        ray.shutdown()
+
+
+def test_expert_parallel_ranks_are_children_of_the_engine_actor(ray_head):
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    try:
+        (started,) = site.start([launch("tiny-ep", devices=2, workers=2, weights="packaged")])
+        assert placement_group_table(site.placement_groups()["tiny-ep"])["bundles"] == {
+            0: {"CPU": 1.0},
+            1: {"CPU": 1.0},
+        }
+        assert ray.available_resources().get("CPU", 0.0) == 0.0  # both bundles hold their device
+        (pids,) = site.engine_pids().values()
+        assert len(pids) == 3 and all(alive(p) for p in pids)  # the engine actor and its two EP ranks
+        answer = chat(started.url, "unused", "tiny-ep")
+        assert answer.usage.completion_tokens == 4
+    finally:
+        site.stop()
+    assert not wait_gone(pids)
+
+
+def test_a_slice_the_cluster_cannot_hold_is_a_user_error_naming_what_it_lacks(ray_head):
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    with pytest.raises(UserError, match=r"tiny-big.*needs 8 CPU on one node; the cluster has 2 CPU in all"):
+        site.start([launch("tiny-big", devices=8)])
+    with pytest.raises(UserError, match=r"tiny-npu.*the cluster has no NPU resource"):
+        site.start([launch("tiny-npu", device_kind="npu")])
+    assert not ray.is_initialized()
+    ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        left = [
+            g
+            for g in placement_group_table().values()
+            if g["name"].startswith("matrixstack:tiny-") and g["state"] != "REMOVED"
+        ]
+        assert not left, left
+    finally:
+        ray.shutdown()
+
+
+def test_no_cluster_at_the_address_is_a_user_error():
+    address = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(UserError, match=rf"no Ray cluster at {address}.*ray start --head"):
+        RaySite(SiteShape(kind="ray", ray_address=address)).start([launch("tiny-none")])
