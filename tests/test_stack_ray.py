@@ -4,6 +4,7 @@ serving the OpenAI API, the portal routing to them, clean stops, and clear error
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 ray = pytest.importorskip("ray", reason="the ray site needs `ray` (pip extra `ray`: pip install 'matrixstack[ray]')")
 
 import openai  # noqa: E402
 from ray.util.placement_group import placement_group_table  # noqa: E402
 
+import matrixstack.stack as stack_pkg  # noqa: E402
 from matrixstack.errors import UserError  # noqa: E402
 from matrixstack.portal.server import PortalThread  # noqa: E402
 from matrixstack.portal.service import PortalService  # noqa: E402
@@ -35,10 +38,16 @@ HEAD_CPUS = 2
 SMALL_ENGINE = EngineArgs(max_model_len=256, num_kv_blocks=32, max_num_seqs=4)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports that were free a moment ago (held together while picked)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +56,20 @@ def ray_head() -> Iterator[str]:
     dir; yield its address; stop exactly that head (SIGTERM to `ray start --block`, which stops its processes,
     then SIGKILL to whatever of its process group is left) — never `ray stop`, which would stop other heads."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
-    ports = {
-        flag: str(_free_port())
-        for flag in (
-            "--node-manager-port",
-            "--object-manager-port",
-            "--dashboard-port",
-            "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port",
-            "--runtime-env-agent-port",
-            "--metrics-export-port",
-        )
-    }
+    flags = (
+        "--port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    )
+    ports = dict(zip(flags, map(str, _free_ports(len(flags))), strict=True))
     cmd = [
         str(Path(sys.executable).with_name("ray")),
-        *["start", "--head", "--block", "--port", str(port), "--num-cpus", str(HEAD_CPUS)],
+        *["start", "--head", "--block", "--num-cpus", str(HEAD_CPUS)],
         *["--object-store-memory", "100000000", "--include-dashboard=false", "--disable-usage-stats"],
         *["--temp-dir", temp_dir, *[part for item in ports.items() for part in item]],
     ]
@@ -75,7 +82,7 @@ def ray_head() -> Iterator[str]:
             assert head.poll() is None, f"ray start exited:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"ray start did not come up:\n{log_path.read_text()}"
             time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{ports['--port']}"
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -123,6 +130,16 @@ def wait_gone(pids: list[int], timeout_s: float = 30.0) -> list[int]:
     while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
+
+
+def eventually(check, timeout_s: float = 30.0) -> bool:
+    """Return whether `check()` comes true within `timeout_s` (Ray frees resources a moment after a removal)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def our_named_actors(prefix: str) -> list[str]:
@@ -174,7 +191,7 @@ def test_engine_actor_in_its_placement_group_serves_through_the_portal(ray_head,
         assert placement_group_table(group)["state"] == "REMOVED"
         assert not our_named_actors("matrixstack-engine:tiny-ray:")
         assert not wait_gone(pids)
-        assert ray.available_resources().get("CPU") == HEAD_CPUS
+        assert eventually(lambda: ray.available_resources().get("CPU") == HEAD_CPUS), ray.available_resources()
     finally:
         ray.shutdown()
 
@@ -197,6 +214,20 @@ def test_expert_parallel_ranks_are_children_of_the_engine_actor(ray_head):
     assert not wait_gone(pids)
 
 
+def test_a_cuda_slice_takes_gpu_bundles(ray_head):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: the cuda launch needs one GPU")
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    try:
+        (started,) = site.start([launch("tiny-gpu", device_kind="cuda")])
+        assert placement_group_table(site.placement_groups()["tiny-gpu"])["bundles"] == {0: {"GPU": 1.0}}
+        assert chat(started.url, "unused", "tiny-gpu").usage.completion_tokens == 4
+    finally:
+        site.stop()
+
+
 def test_a_slice_the_cluster_cannot_hold_is_a_user_error_naming_what_it_lacks(ray_head):
     site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
     with pytest.raises(UserError, match=r"tiny-big.*needs 8 CPU on one node; the cluster has 2 CPU in all"):
@@ -217,6 +248,70 @@ def test_a_slice_the_cluster_cannot_hold_is_a_user_error_naming_what_it_lacks(ra
 
 
 def test_no_cluster_at_the_address_is_a_user_error():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{_free_ports(1)[0]}"
     with pytest.raises(UserError, match=rf"no Ray cluster at {address}.*ray start --head"):
         RaySite(SiteShape(kind="ray", ray_address=address)).start([launch("tiny-none")])
+
+
+UP_START_TIMEOUT_S = 300.0
+UP_STOP_TIMEOUT_S = 60.0
+UP_READY = "ready: Ctrl-C stops the portal and every engine it started"  # stack.up.READY_LINE
+UP_KEY_LINE = re.compile(r"new key for tenant default \(default\): (sk-\S+)  shown once")
+UP_PORTAL_LINE = re.compile(r"portal: (http://127\.0\.0\.1:\d+/v1)")
+
+
+def small_default_shape(path: Path) -> Path:
+    """Write the embedded default shape with random weights, one device and no EP pin to `path`; return it."""
+    shape = yaml.safe_load((Path(stack_pkg.__file__).parent / "shapes" / "default.yaml").read_text())
+    (deployment,) = shape["deployments"]
+    deployment.update(weights="random", slice={"devices": 1})
+    deployment.pop("pins")
+    deployment["engine_args"] = SMALL_ENGINE.model_dump()
+    path.write_text(yaml.safe_dump(shape, sort_keys=False))
+    return path
+
+
+def test_up_runs_a_shape_on_the_ray_site(ray_head, tmp_path):
+    shape = small_default_shape(tmp_path / "shape.yaml")
+    cmd = [sys.executable, "-c", "from matrixstack.cli.main import app; app()", "up", str(shape)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_head, "MATRIXSTACK_HOME": str(tmp_path)}
+    env.pop("MATRIXSTACK_DB", None)
+    stderr_path = tmp_path / "up.stderr"
+    with stderr_path.open("wb") as stderr:
+        up = subprocess.Popen(
+            [*cmd, "--site", "ray", "--port", "0"], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
+    lines: list[str] = []
+
+    def output() -> str:
+        return "\n".join(lines) + "\n--- stderr ---\n" + stderr_path.read_text(errors="replace")
+
+    try:
+        deadline = time.monotonic() + UP_START_TIMEOUT_S
+        while UP_READY not in lines:
+            line = up.stdout.readline()
+            if not line and up.poll() is not None:
+                pytest.fail(f"matrixstack up exited with {up.returncode}:\n{output()}")
+            lines.append(line.rstrip("\n"))
+            assert time.monotonic() < deadline, f"matrixstack up did not get ready:\n{output()}"
+        key = next(m.group(1) for m in map(UP_KEY_LINE.search, lines) if m)
+        portal_url = next(m.group(1) for m in map(UP_PORTAL_LINE.search, lines) if m)
+        for model in ("tiny-moe", "tiny-moe-faq"):  # the L0 and an L2 over it
+            reply = chat(portal_url, key, model)
+            assert reply.model == model and reply.usage.completion_tokens == 4, output()
+        ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+        groups = [g for g in placement_group_table().values() if g["name"].startswith("matrixstack:tiny-moe:")]
+        assert [(g["state"], g["strategy"], g["bundles"]) for g in groups] == [
+            ("CREATED", "STRICT_PACK", {0: {"CPU": 1.0}})
+        ]
+        assert our_named_actors("matrixstack-engine:tiny-moe:")
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=UP_STOP_TIMEOUT_S) == 0, output()
+        assert placement_group_table()[groups[0]["placement_group_id"]]["state"] == "REMOVED"
+        assert eventually(lambda: not our_named_actors("matrixstack-engine:tiny-moe:"))
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if ray.is_initialized():
+            ray.shutdown()

@@ -109,8 +109,7 @@ class EngineActor:
             num_kv_blocks=args.num_kv_blocks,
             block_size=args.block_size,
             max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=max(args.max_model_len, args.max_num_seqs),
-        )
+        )  # the other limits as `matrixstack engine serve` has them by default, as on a local site
         self.deployment = build_deployment(
             launch.arch,
             config,
