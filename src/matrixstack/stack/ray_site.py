@@ -207,9 +207,10 @@ class RaySite:
         _probe(self.address)
         try:
             ray.init(address=self.address, namespace=NAMESPACE, logging_level="WARNING")
-        except ConnectionError as exc:
+        except ConnectionError:
             raise UserError(
-                f"no Ray cluster at {self.address}: {exc}; start one with `ray start --head` or set ray_address"
+                f"no Ray cluster at {self.address}; start one with `ray start --head` or set ray_address (or "
+                f"${RAY_ADDRESS_ENV})"
             ) from None
         self._connected = True
 
