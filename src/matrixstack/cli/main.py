@@ -13,6 +13,7 @@ from matrixstack.cli.perf_cmd import register as register_perf
 from matrixstack.cli.portal_cmd import catalog_app, deployment_app, key_app, tenant_app, usage
 from matrixstack.cli.portal_serve_cmd import portal_app
 from matrixstack.cli.stack_cmd import stack_app
+from matrixstack.cli.up_cmd import register as register_up
 
 app = typer.Typer(
     name="matrixstack",
@@ -33,3 +34,4 @@ app.add_typer(stack_app, name="stack")
 app.command("usage")(usage)
 register_perf(app)
 register_calibrate(app)
+register_up(app)
