@@ -44,7 +44,7 @@ from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay
-from matrixstack.portal.resolve import RangeError, Resolved
+from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
 from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
 from matrixstack.portal.transport import KeepAliveTransport
@@ -145,20 +145,25 @@ class Gateway:
         return key
 
     async def resolve(self, entry: str, key: KeyInfo) -> Resolved:
-        """Return the resolved settings of `entry` as `key`'s tenant sees it; a 404 `model_not_found` otherwise."""
+        """Return the resolved settings of `entry` as `key`'s tenant sees it; a 404 `model_not_found` otherwise, a
+        503 `deployment_not_running` while the deployment its L0 names is registered but not running."""
         if not isinstance(entry, str) or not entry:
             raise openai_error(400, "'model' is a required property", param="model")
 
-        async def load() -> Resolved | str:
+        async def load() -> Resolved | str | DeploymentNotRunning:
             try:
                 return await run_in_threadpool(self.service.resolve, entry, key.tenant, key.is_admin)
             except UnknownEntry as exc:
                 return str(exc)  # cached like a hit, so unknown names do not reach the database each time
+            except DeploymentNotRunning as exc:
+                return exc  # cached the same way: a stopped deployment is asked about once per cache period
 
         resolved = await self.catalog.get_or_load(("resolve", entry, key.tenant, key.is_admin), load)
         if isinstance(resolved, str):
             raise openai_error(404, f"The model `{entry}` does not exist or you do not have access to it.",
                                "model_not_found", "model")  # fmt: skip
+        if isinstance(resolved, DeploymentNotRunning):
+            raise openai_error(503, str(resolved), "deployment_not_running")
         return resolved
 
     async def visible_entries(self, key: KeyInfo) -> list[EntrySpec]:

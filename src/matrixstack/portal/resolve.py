@@ -17,6 +17,14 @@ from matrixstack.portal.spec import BackendSpec, EntrySpec
 REFERENCE_HEADER = "Reference material:\n"
 
 
+class DeploymentNotRunning(UserError):
+    """An entry whose backend is a registered deployment that is not running (HTTP 503)."""
+
+    def __init__(self, deployment: str, status: str):
+        self.deployment, self.status = deployment, status
+        super().__init__(f"deployment {deployment} is not running ({status}); start it with `matrixstack up`")
+
+
 class RangeError(UserError):
     """A request parameter outside the range the catalog entry allows (HTTP 400 with param=<name>)."""
 

@@ -30,7 +30,7 @@ from matrixstack.errors import UserError
 from matrixstack.matrix.service import _tenant_id, check_name
 from matrixstack.matrix.store import WRITE_OPTION, PoolRow, SliceRow, TenantRow, iso, transact, utcnow
 from matrixstack.portal.keys import hash_key, key_prefix, new_key
-from matrixstack.portal.resolve import Resolved, resolve
+from matrixstack.portal.resolve import DeploymentNotRunning, Resolved, resolve
 from matrixstack.portal.spec import PARENT_LEVELS, EntrySpec, KeyLimits, UnknownEntry
 from matrixstack.portal.store import ApiKeyRow, CatalogEntryRow, DeploymentRow, UsageRow, open_portal_engine
 from matrixstack.specio import format_validation_error, validate_spec
@@ -278,14 +278,18 @@ class PortalService:
         return self._transact(lambda session: _chain(session, _entry_row(session, name)), write=False)
 
     def resolve(self, name: str, tenant: str | None, admin: bool = False) -> Resolved:
-        """Return the merged settings of entry `name` for `tenant`; UnknownEntry when it may not see it."""
+        """Return the merged settings of entry `name` for `tenant`; UnknownEntry when it may not see it.
+
+        When the L0's backend names a registered deployment, the request goes to that deployment's current URL,
+        and DeploymentNotRunning is raised while its status is not `running`.
+        """
 
         def op(session: Session) -> Resolved:
             chain = _chain(session, _entry_row(session, name))
             owner = chain[-1].owner
             if not admin and owner is not None and owner != tenant:
                 raise _unknown(name)
-            return resolve(chain)
+            return _routed(session, resolve(chain))
 
         return self._transact(op, write=False)
 
@@ -528,6 +532,21 @@ def _put_entry(session: Session, spec: EntrySpec, replace: bool) -> EntrySpec:
     session.flush()
     _check_subtree(session, row)
     return spec
+
+
+def _routed(session: Session, resolved: Resolved) -> Resolved:
+    """Return `resolved` sent to its deployment's current URL when its backend names a registered deployment
+    (unchanged otherwise); DeploymentNotRunning when that deployment's status is not `running`."""
+    name = resolved.backend.deployment
+    if name is None:
+        return resolved
+    row = session.scalars(select(DeploymentRow).where(DeploymentRow.name == name)).first()
+    if row is None:
+        return resolved
+    if row.status != "running":
+        raise DeploymentNotRunning(name, row.status)
+    resolved.backend = resolved.backend.model_copy(update={"url": row.url.rstrip("/")})
+    return resolved
 
 
 def _check_subtree(session: Session, row: CatalogEntryRow) -> None:
