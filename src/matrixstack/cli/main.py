@@ -12,6 +12,7 @@ from matrixstack.cli.matrix_cmd import matrix_app
 from matrixstack.cli.perf_cmd import register as register_perf
 from matrixstack.cli.portal_cmd import catalog_app, deployment_app, key_app, tenant_app, usage
 from matrixstack.cli.portal_serve_cmd import portal_app
+from matrixstack.cli.shape_cmd import shape_app
 from matrixstack.cli.stack_cmd import stack_app
 from matrixstack.cli.up_cmd import register as register_up
 
@@ -30,6 +31,7 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(deployment_app, name="deployment")
+app.add_typer(shape_app, name="shape")
 app.add_typer(stack_app, name="stack")
 app.command("usage")(usage)
 register_perf(app)

@@ -111,15 +111,16 @@ class DeploymentShape(Strict):
 
 
 class ShapeBackend(Strict):
-    """An L0 entry's backend in a shape: a deployment of this shape, or an upstream URL.
+    """An L0 entry's backend in a shape: a deployment of this shape, an engine/vLLM server at a URL, or an upstream.
 
-    The URL of a deployment is only known once a site runs it, so a shape names the deployment; the upstream's
-    secret is never in the file: `api_key_env` names the environment variable that holds it.
+    The URL of a deployment is only known once a site runs it, so a shape names the deployment; an engine or vLLM
+    server that the shape does not run (registered by hand) is given by its URL. The upstream's secret is never in
+    the file: `api_key_env` names the environment variable that holds it.
     """
 
     kind: Literal["engine", "upstream", "vllm"] = Field(description="engine, upstream or vllm")
-    deployment: str | None = Field(None, description="engine/vllm: a deployment of this shape")
-    url: str | None = Field(None, description="upstream: its OpenAI base URL including /v1")
+    deployment: str | None = Field(None, description="engine/vllm: a deployment of this shape (or give url)")
+    url: str | None = Field(None, description="OpenAI base URL including /v1: upstream, or engine/vllm not run here")
     model: str | None = Field(None, description="model id sent to the backend (default: the deployment's name)")
     api_key_env: str | None = Field(None, description="upstream: environment variable holding its secret")
     adapters: bool = Field(False, description="the backend serves adapters by name")
@@ -129,10 +130,11 @@ class ShapeBackend(Strict):
         if self.kind == "upstream":
             if self.url is None or self.deployment is not None:
                 raise ValueError("an upstream backend needs url (its OpenAI base URL) and no deployment")
-        elif self.deployment is None:
-            raise ValueError(f"a {self.kind} backend needs deployment: the name of a deployment of this shape")
-        elif self.url is not None:
-            raise ValueError(f"a {self.kind} backend gets its url from its deployment; drop url")
+        elif (self.deployment is None) == (self.url is None):
+            raise ValueError(
+                f"a {self.kind} backend needs exactly one of deployment (a deployment of this shape) or url (a "
+                "server this shape does not run)"
+            )
         return self
 
 
@@ -240,8 +242,24 @@ class Shape(Strict):
         raise KeyError(name)
 
     def dump(self) -> dict[str, Any]:
-        """Return the shape as YAML-ready data without defaults that say nothing (round-trips through load)."""
-        return self.model_dump(mode="json", exclude_defaults=True, exclude={"version"}) | {"version": SHAPE_VERSION}
+        """Return the shape as YAML-ready data without defaults that say nothing (round-trips through load).
+
+        The version comes first, and pools, keys and the site's kind are written even when they are the defaults,
+        so that a reader sees every name (a key is never `{}`).
+        """
+        data = self.model_dump(mode="json", exclude_defaults=True, exclude={"version"})
+        data["pools"] = _named(self.pools, data.get("pools", [{} for _ in self.pools]))
+        for tenant, dumped in zip(self.tenants, data.get("tenants", []), strict=True):
+            if "keys" in dumped:
+                dumped["keys"] = _named(tenant.keys, dumped["keys"])
+        data["site"] = {"kind": self.site.kind} | data.get("site", {})
+        data["version"] = SHAPE_VERSION
+        return {name: data[name] for name in type(self).model_fields if name in data}
+
+
+def _named(models: list[Any], dumped: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return dumped models each with its `name` first, also when the name is the default."""
+    return [{"name": model.name} | item for model, item in zip(models, dumped, strict=True)]
 
 
 def parse_shape(data: dict[str, Any], source: str) -> Shape:
