@@ -235,7 +235,8 @@ class LocalSite:
 
     def stop(self) -> None:
         """Stop every engine this site started: SIGTERM to each process group, SIGKILL to what is left after the
-        stop timeout; return once none of their processes is alive. Safe to call more than once."""
+        stop timeout; return once none of their processes is alive (or, for one stuck in the kernel, after another
+        stop timeout). Safe to call more than once."""
         engines, self._engines = self._engines, []
         for engine in engines:
             _signal_group(engine.process.pid, signal.SIGTERM)
@@ -250,7 +251,8 @@ class LocalSite:
         for engine in engines:
             _signal_group(engine.process.pid, signal.SIGKILL)
             engine.process.wait()
-        while any(group_alive(e.process.pid) for e in engines):
+        deadline = time.monotonic() + self.stop_timeout_s  # SIGKILL is final; only a process stuck in the kernel waits
+        while any(group_alive(e.process.pid) for e in engines) and time.monotonic() < deadline:
             time.sleep(POLL_S / 4)
 
 
