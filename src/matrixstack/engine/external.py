@@ -63,20 +63,37 @@ def _error_type(status_code: int) -> str:
     return "server_error" if status_code >= 500 else "invalid_request_error"
 
 
-def _upstream_error(response: httpx.Response, text: str) -> UpstreamError:
-    """Return the error of a non-2xx upstream response, keeping an OpenAI error body as it is."""
+def upstream_error(status_code: int, text: str, reason: str = "") -> UpstreamError:
+    """Return the error of a non-2xx upstream response with body `text`, keeping an OpenAI error body as it is."""
     try:
         body = json.loads(text)
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return UpstreamError(response.status_code, body)
-    message = text.strip()[:500] or response.reason_phrase or f"HTTP {response.status_code}"
+        return UpstreamError(status_code, body)
+    message = text.strip()[:500] or reason or f"HTTP {status_code}"
     if isinstance(body, dict) and "detail" in body:  # FastAPI's default error shape
         message = str(body["detail"])
+    return UpstreamError(status_code, error_body(message, _error_type(status_code), code="upstream_error"))
+
+
+def transport_error(base_url: str, exc: httpx.TransportError) -> UpstreamError:
+    """Return the error of an upstream that could not be reached (502) or did not answer in time (504)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(
+            504, error_body(f"upstream {base_url} timed out: {exc}", "server_error", code="upstream_timeout")
+        )
     return UpstreamError(
-        response.status_code, error_body(message, _error_type(response.status_code), code="upstream_error")
+        502, error_body(f"cannot reach upstream {base_url}: {exc}", "server_error", code="upstream_unreachable")
     )
+
+
+def stream_error(chunk: dict[str, Any]) -> UpstreamError | None:
+    """Return the error an SSE chunk carries (`{"error": {...}}`), None for an ordinary chunk."""
+    if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
+        status = chunk["error"].get("code")
+        return UpstreamError(status if isinstance(status, int) and status >= 400 else 500, chunk)
+    return None
 
 
 class ExternalEngine:
@@ -115,23 +132,13 @@ class ExternalEngine:
         """Close the connection pool."""
         await self._client.aclose()
 
-    def _transport_error(self, exc: httpx.TransportError) -> UpstreamError:
-        if isinstance(exc, httpx.TimeoutException):
-            return UpstreamError(
-                504, error_body(f"upstream {self.base_url} timed out: {exc}", "server_error", code="upstream_timeout")
-            )
-        return UpstreamError(
-            502,
-            error_body(f"cannot reach upstream {self.base_url}: {exc}", "server_error", code="upstream_unreachable"),
-        )
-
     async def _request(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             response = await self._client.request(method, url, json=body)
         except httpx.TransportError as exc:
-            raise self._transport_error(exc) from None
+            raise transport_error(self.base_url, exc) from None
         if response.status_code >= 400:
-            raise _upstream_error(response, response.text)
+            raise upstream_error(response.status_code, response.text, response.reason_phrase)
         try:
             return response.json()
         except ValueError:
@@ -144,7 +151,8 @@ class ExternalEngine:
         try:
             async with self._client.stream("POST", url, json={**body, "stream": True}) as response:
                 if response.status_code >= 400:
-                    raise _upstream_error(response, (await response.aread()).decode("utf-8", "replace"))
+                    text = (await response.aread()).decode("utf-8", "replace")
+                    raise upstream_error(response.status_code, text, response.reason_phrase)
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, comments (": ping"), event names
@@ -152,12 +160,12 @@ class ExternalEngine:
                     if data == "[DONE]":
                         return
                     chunk = json.loads(data)
-                    if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
-                        status = chunk["error"].get("code")
-                        raise UpstreamError(status if isinstance(status, int) and status >= 400 else 500, chunk)
+                    error = stream_error(chunk)
+                    if error is not None:
+                        raise error
                     yield chunk
         except httpx.TransportError as exc:
-            raise self._transport_error(exc) from None
+            raise transport_error(self.base_url, exc) from None
 
     async def models(self) -> list[dict[str, Any]]:
         """Return the upstream's model cards (`GET /models`'s `data`)."""

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.engine.external import UpstreamError
-from matrixstack.engine.http import OpenAIError, install_openai_error_handlers, validation_error
+from matrixstack.engine.http import ClientGone, OpenAIError, install_openai_error_handlers, validation_error
 from matrixstack.engine.openai_types import ChatCompletionRequest, CompletionRequest, error_body
 from matrixstack.errors import UserError
 from matrixstack.matrix.service import MatrixService
@@ -122,18 +122,63 @@ def _user_error(exc: UserError) -> OpenAIError:
     return OpenAIError(400, str(exc))
 
 
+def error_response(exc: Exception) -> Response:
+    """Return the OpenAI-format response of an error raised on the request path (the hot routes' handler)."""
+    if isinstance(exc, OpenAIError):
+        return exc.response()
+    if isinstance(exc, UpstreamError):
+        return JsonResponse(exc.body, status_code=exc.status_code)
+    if isinstance(exc, ClientGone):
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    if isinstance(exc, UserError):
+        return _user_error(exc).response()
+    LOG.exception("internal error", exc_info=exc)
+    return JsonResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+
+
+class PortalApp(FastAPI):
+    """The portal's FastAPI app, answering the two completion routes before its middleware and router.
+
+    Every request passes through FastAPI's middleware stack (error, exception, exit-stack and body-limit
+    middleware), its router and its endpoint wrapper before reaching a route: ~0.1 ms of CPU together, a sixth of
+    what the portal spends on a proxied request. `POST /v1/chat/completions` and `POST /v1/completions` go to the
+    gateway directly instead, errors answered as the app's handlers would (`error_response`); the routes stay
+    declared on the app, so the OpenAPI schema and every other route are FastAPI's as usual.
+    """
+
+    gateway: Gateway
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Serve one ASGI connection: a hot route here, anything else through FastAPI."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = HOT_ROUTES.get(scope["path"])
+            if route is not None:
+                scope["app"] = self
+                request = Request(scope, receive, send)
+                try:
+                    response = await self.gateway.handle(request, *route)
+                except Exception as exc:
+                    response = error_response(exc)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+HOT_ROUTES: dict[str, tuple[type[BaseModel], str]] = {
+    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
+    "/v1/completions": (CompletionRequest, "completion"),
+}
+
+
 def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
     """Answer every error in OpenAI's format."""
 
     install_openai_error_handlers(app)
 
     @app.exception_handler(UpstreamError)
-    async def _upstream_error(_: Request, exc: UpstreamError) -> Response:
-        return JsonResponse(exc.body, status_code=exc.status_code)
-
     @app.exception_handler(UserError)
-    async def _user_error_handler(_: Request, exc: UserError) -> Response:
-        return _user_error(exc).response()
+    async def _path_error(_: Request, exc: Exception) -> Response:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -144,8 +189,7 @@ def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> Response:
-        LOG.exception("internal error")
-        return JsonResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+        return error_response(exc)
 
 
 def create_portal_app(
@@ -176,7 +220,7 @@ def create_portal_app(
             await gateway.aclose()
             await run_in_threadpool(portal.close)
 
-    app = FastAPI(
+    app = PortalApp(
         title="MatrixStack portal",
         description="OpenAI-compatible API over the MatrixStack catalog (L0 / L1 / L2 entries, first- and "
         "third-party), with tenants, API keys, limits, usage, metrics and an admin API.",
@@ -187,6 +231,7 @@ def create_portal_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.portal = portal
+    app.gateway = gateway
     _install_error_handlers(app, gateway)
 
     async def caller(
@@ -223,8 +268,9 @@ def create_portal_app(
         raise openai_error(404, f"The model `{model}` does not exist or you do not have access to it.",
                            "model_not_found", "model")  # fmt: skip
 
-    # The two hot routes read and validate their bodies themselves (pydantic-core parses and validates the JSON in
-    # one pass, after the key is checked); their schemas are added to the OpenAPI document by `_document_bodies`.
+    # PortalApp answers the two hot routes before FastAPI's routing; these declarations put them in the OpenAPI
+    # document. They read and validate their bodies themselves (pydantic-core parses and validates the JSON in one
+    # pass, after the key is checked); `_document_bodies` adds the body schemas.
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"],
               openapi_extra=_body_doc(ChatCompletionRequest))  # fmt: skip
     async def chat_completions(request: Request) -> Response:

@@ -5,7 +5,8 @@
   CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
   changes through this portal's admin API;
-- one `ExternalEngine` (an async HTTP client with its connection pool) per (backend URL, api_key);
+- one backend client per (backend URL, api_key): a `Backend` (portal/backend.py) over keep-alive connections for
+  plain-HTTP backends on the fabric, an `ExternalEngine` (httpx) for HTTPS ones (hosted APIs);
 - `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
 - usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
 
@@ -23,8 +24,8 @@ polled while the backend works).
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,12 +39,13 @@ from matrixstack.engine.external import ExternalEngine, UpstreamError
 from matrixstack.engine.http import ClientGone, EventStream, OpenAIError, until_disconnect, validation_error
 from matrixstack.engine.openai_types import usage
 from matrixstack.errors import UserError
+from matrixstack.portal.backend import Backend
 from matrixstack.portal.cache import TtlCache
 from matrixstack.portal.encoding import JsonResponse, dumps, loads
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
-from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay
+from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay, one_per_batch
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
 from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
@@ -56,13 +58,14 @@ UNKNOWN_ENTRY = "(unknown)"
 MAX_BACKEND_CONNECTIONS = 512  # idle keep-alive connections per backend client
 
 
-def backend_transport(url: str) -> httpx.AsyncBaseTransport:
-    """Return the HTTP transport of one backend client: the lean keep-alive transport for plain HTTP (backends
-    on the fabric), httpx's own for HTTPS (hosted APIs), keeping alive as many connections as run at once."""
+def backend_client(url: str, api_key: str | None) -> Backend | ExternalEngine:
+    """Return the client of one backend: a lean `Backend` over keep-alive connections for plain HTTP (backends on
+    the fabric), httpx's `ExternalEngine` for HTTPS (hosted APIs: TLS, proxies), keeping alive as many connections
+    as run at once."""
     if url.startswith("http://"):
-        return KeepAliveTransport(MAX_BACKEND_CONNECTIONS)
+        return Backend(url, api_key, KeepAliveTransport(MAX_BACKEND_CONNECTIONS))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=MAX_BACKEND_CONNECTIONS)
-    return httpx.AsyncHTTPTransport(limits=limits)
+    return ExternalEngine(url, api_key, transport=httpx.AsyncHTTPTransport(limits=limits))
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None, **kw) -> Any:
@@ -111,7 +114,7 @@ class Gateway:
         self.log_json = log_json
         self.keys = TtlCache(cache_ttl_s)
         self.catalog = TtlCache(cache_ttl_s)
-        self._clients: dict[tuple[str, str | None], ExternalEngine] = {}
+        self._clients: dict[tuple[str, str | None], Backend | ExternalEngine] = {}
         self._backend_models: dict[tuple[str, str | None], str] = {}
         self._seeds = TtlCache(cache_ttl_s)  # shares one database read among a new key's first requests
 
@@ -184,16 +187,15 @@ class Gateway:
 
     # ---- backends -----------------------------------------------------------------------------------------
 
-    def client(self, backend: BackendSpec) -> ExternalEngine:
-        """Return the one ExternalEngine of (backend URL, api_key), made on first use."""
+    def client(self, backend: BackendSpec) -> Backend | ExternalEngine:
+        """Return the one client of (backend URL, api_key), made on first use."""
         ident = (backend.url, backend.api_key)
         client = self._clients.get(ident)
         if client is None:
-            transport = backend_transport(backend.url)
-            client = self._clients[ident] = ExternalEngine(backend.url, backend.api_key, transport=transport)
+            client = self._clients[ident] = backend_client(backend.url, backend.api_key)
         return client
 
-    async def backend_model(self, resolved: Resolved, client: ExternalEngine) -> str:
+    async def backend_model(self, resolved: Resolved, client: Backend | ExternalEngine) -> str:
         """Return the model id to send: the resolved one, or for an engine/vLLM backend without `model` (and no
         adapter to name) the first model the backend lists (asked once)."""
         backend = resolved.backend
@@ -237,7 +239,7 @@ class Gateway:
 
     async def forward(self, request: Request, key: KeyInfo, body: dict[str, Any], kind: Kind) -> Response:
         """Return the response to `key`'s /v1 chat or text completion request `body` (see the module docstring)."""
-        m = Metered(request_id=uuid.uuid4().hex, started_s=time.perf_counter(), stream=bool(body.get("stream")))
+        m = Metered(request_id=os.urandom(16).hex(), started_s=time.perf_counter(), stream=bool(body.get("stream")))
         m.key = key
         m.entry = body.get("model") if isinstance(body.get("model"), str) else None
         self.metrics.queue_depth.inc()
@@ -278,20 +280,23 @@ class Gateway:
                 self.finish(m)
 
     async def _stream(
-        self, request: Request, client: ExternalEngine, body: dict[str, Any], kind: Kind, m: Metered
+        self, request: Request, client: Backend | ExternalEngine, body: dict[str, Any], kind: Kind, m: Metered
     ) -> Response:
         """Return the SSE response relaying the backend's stream (waits for the first chunk, so a backend that
         refuses the request answers with its own status)."""
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        chunks = client.stream_chat(body) if kind == "chat" else client.stream_complete(body)
+        if isinstance(client, Backend):
+            batches = client.stream_chat_batches(body) if kind == "chat" else client.stream_complete_batches(body)
+        else:
+            batches = one_per_batch(client.stream_chat(body) if kind == "chat" else client.stream_complete(body))
         try:
-            first = await until_disconnect(request, chunks.__anext__())
+            first = await until_disconnect(request, batches.__anext__())
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()  # type: ignore[attr-defined]
             raise
-        relay = StreamRelay(chunks, first, kind, m, self.finish)
+        relay = StreamRelay(batches, first, kind, m, self.finish)
         return EventStream(relay.events(), relay.close)
 
     # ---- metering ---------------------------------------------------------------------------------------
@@ -326,7 +331,7 @@ class Gateway:
     def log_rejected(self, request: Request, status: int, message: str, key: KeyInfo | None = None) -> None:
         """Log the line of a /v1 request refused before it reached `forward` (no key, an invalid body)."""
         if LOG.isEnabledFor(logging.INFO):
-            m = Metered(request_id=uuid.uuid4().hex, started_s=time.perf_counter(), key=key, status=status)
+            m = Metered(request_id=os.urandom(16).hex(), started_s=time.perf_counter(), key=key, status=status)
             m.error = message
             m.extra["path"] = request.url.path
             self._log(m, 0.0)

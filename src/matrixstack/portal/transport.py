@@ -241,20 +241,37 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         if scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"{scheme}:// is not supported; use http:// or https://")
         origin = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
-        connect_s, read_s, write_s = _timeouts(request)
-        head = _head(request)
         if isinstance(request.stream, httpx.ByteStream):
             body, chunks = request.read(), None
         else:  # a streamed body: httpx set Transfer-Encoding: chunked (or a Content-Length it knows)
             body, chunks = b"", request.stream
         chunked_body = chunks is not None and "chunked" in request.headers.get("transfer-encoding", "")
+        status, headers, stream = await self.exchange(
+            origin, _head(request), body, _timeouts(request), chunks, chunked_body, request.method == "HEAD"
+        )
+        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
+
+    async def exchange(
+        self,
+        origin: tuple[str, str, int],
+        head: bytes,
+        body: bytes,
+        timeouts_s: tuple[float | None, float | None, float | None],
+        chunks: Any = None,
+        chunked_body: bool = False,
+        head_request: bool = False,
+    ) -> tuple[int, list[tuple[bytes, bytes]], _ResponseStream]:
+        """Send one request (its head, and its body as bytes or as `chunks`) to `origin` (scheme, host, port) and
+        return (status, headers, body stream) once the response head arrived; `timeouts_s` = (connect, read, write).
+        The caller reads the stream to its end or closes it (`aclose`), which gives the connection back."""
+        connect_s, read_s, write_s = timeouts_s
         for attempt in (0, 1):
             conn = self._take(origin) if attempt == 0 else None
             if conn is None:
                 conn = await self._connect(origin, connect_s)
             try:
                 await _send(conn, head, body, chunks, chunked_body, write_s)
-                return await self._response(conn, request, read_s)
+                return await self._response(conn, read_s, head_request)
             except _StaleConnection:
                 conn.close()
                 if chunks is not None:  # a streamed body cannot be sent twice
@@ -264,8 +281,10 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 raise
         raise httpx.RemoteProtocolError("the server closed the connection twice without answering")
 
-    async def _response(self, conn: _Connection, request: httpx.Request, read_s: float | None) -> httpx.Response:
-        """Return the response whose head arrives on `conn` (its body still to read)."""
+    async def _response(
+        self, conn: _Connection, read_s: float | None, head_request: bool
+    ) -> tuple[int, list[tuple[bytes, bytes]], _ResponseStream]:
+        """Return (status, headers, body stream) of the response whose head arrives on `conn`."""
         conn.arm(read_s)
         try:
             while True:
@@ -294,10 +313,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 chunked = b"chunked" in value.lower()
             elif lname == b"connection":
                 keep = b"close" not in value.lower() and (keep or b"keep-alive" in value.lower())
-        if request.method == "HEAD" or status in (204, 304):
+        if head_request or status in (204, 304):
             length, chunked = 0, False
-        stream = _ResponseStream(self, conn, length, chunked, keep)
-        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
+        return status, headers, _ResponseStream(self, conn, length, chunked, keep)
 
     async def aclose(self) -> None:
         """Close every idle connection."""
