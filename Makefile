@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $(STAMP)
 
+# the main job: `matrixstack up` on the embedded default shape (this machine, tiny-moe with EP, the portal on
+# 127.0.0.1:8080); Ctrl-C stops it, a rerun keeps its state
 run: $(STAMP)
-	$(VENV)/bin/matrixstack fabric show cloudmatrix384
+	$(VENV)/bin/matrixstack up
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard bench)
