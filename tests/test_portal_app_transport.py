@@ -283,3 +283,18 @@ def test_an_unreachable_backend_is_a_502_in_openai_format(tmp_path):
             with pytest.raises(openai.InternalServerError) as err:
                 client.chat.completions.create(model="gone", messages=[{"role": "user", "content": "x"}], stream=stream)
             assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
+
+
+def test_the_chunked_decoder_gives_the_same_payload_for_any_split_of_the_body():
+    from matrixstack.portal.transport import _ChunkedBody
+
+    payload = [b"data: one\n\n", b"data: two\n\n", b"x" * 300]
+    body = b"".join(b"%x;ext=1\r\n%b\r\n" % (len(p), p) for p in payload) + b"0\r\nTrailer: t\r\n\r\n"
+    for step in (1, 2, 7, len(body)):
+        decoder = _ChunkedBody()
+        out = b"".join(decoder.feed(body[i : i + step]) for i in range(0, len(body), step))
+        assert out == b"".join(payload) and decoder.done, step
+    with pytest.raises(httpx.RemoteProtocolError, match="chunk size"):
+        _ChunkedBody().feed(b"zz\r\n")
+    with pytest.raises(httpx.RemoteProtocolError, match="longer than its size"):
+        _ChunkedBody().feed(b"2\r\nabc\r\n")

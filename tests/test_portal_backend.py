@@ -79,7 +79,7 @@ def test_streams_are_split_into_events_on_any_boundary_and_batched_per_read():
         return batches, seen
 
     batches, seen = asyncio.run(main())
-    assert [c for batch in batches for c in batch] == CHUNKS
+    assert [json.loads(c) for batch in batches for c in batch] == CHUNKS  # each event's JSON text, unparsed
     assert len(batches) >= 2  # the pieces came apart in time, so they are not one batch
     path, headers, body = seen[0]
     assert path == "/v1/chat/completions"
@@ -148,5 +148,5 @@ def test_an_error_event_in_the_stream_is_raised_after_the_chunks_before_it():
         return got, raised.value
 
     got, exc = asyncio.run(main())
-    assert got == [CHUNKS[0]]
+    assert [json.loads(c) for c in got] == [CHUNKS[0]]
     assert exc.status_code == 500 and exc.message == "engine failed"

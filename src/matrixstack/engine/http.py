@@ -32,6 +32,7 @@ from matrixstack.errors import UserError
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish on Ctrl-C before they are cut
 SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE_BYTES = SSE_DONE.encode()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -130,7 +131,7 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
+    def __init__(self, content: AsyncIterator[str | bytes], on_close: Callable[[], Awaitable[None]]):
         self.status_code = 200
         self.background = None
         self.init_headers(SSE_HEADERS)  # no body yet, so no Content-Length: the server sends it chunked
@@ -153,9 +154,10 @@ class EventStream(Response):
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for text in self._content:
-                done = text.endswith(SSE_DONE)  # the last event of an OpenAI stream: end the response with it
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": not done})
+            async for piece in self._content:
+                body = piece if isinstance(piece, bytes) else piece.encode()
+                done = body.endswith(SSE_DONE_BYTES)  # the last event of an OpenAI stream: end the response with it
+                await send({"type": "http.response.body", "body": body, "more_body": not done})
                 if done:
                     break
             else:

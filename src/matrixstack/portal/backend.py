@@ -1,9 +1,9 @@
 """The portal's client for a plain-HTTP backend: OpenAI requests straight over `KeepAliveTransport`'s connections.
 
 `Backend(base_url, api_key, transport)` has the methods of `engine.external.ExternalEngine` that the gateway uses
-(`chat`, `complete`, `model_ids`, `aclose`) with the same results and errors, and streams as batches
-(`stream_chat_batches`, `stream_complete_batches`: the chunks that arrived in one read, so that a relay writes
-them to its client in one piece):
+(`chat`, `complete`, `model_ids`, `aclose`) with the same results and errors, and streams as batches of raw
+events (`stream_chat_batches`, `stream_complete_batches`: the JSON text of each `data:` event that arrived in one
+read, unparsed, so that a relay can pass them on in one piece without decoding and encoding each):
 an upstream's error is an `UpstreamError` with its status and OpenAI error body as sent, an unreachable backend
 a 502 and a timeout a 504. What it leaves out is httpx's client layer: building an `httpx.Request` (URL parsing,
 header merging, cookies, auth and redirect hooks) and wrapping the response cost about as much CPU as the rest of
@@ -14,6 +14,7 @@ length, and a stream is split into SSE events on bytes. Backends on the fabric a
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
@@ -35,6 +36,7 @@ from matrixstack.portal.transport import KeepAliveTransport
 
 DATA = b"data:"
 DONE = b"[DONE]"
+ERROR_EVENT = re.compile(rb'\{\s*"error"\s*:')  # an event that is an error object: parsed and raised
 
 
 class Backend:
@@ -93,9 +95,9 @@ class Backend:
                 502, error_body(f"upstream {url} answered non-JSON", "server_error", code="upstream_error")
             ) from None
 
-    async def _batches(self, path: bytes, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield the parsed `data:` events of a streamed request up to `[DONE]`, a list per read of the response;
-        closing it closes the request (which aborts it at the backend)."""
+    async def _batches(self, path: bytes, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """Yield the JSON text of the `data:` events of a streamed request up to `[DONE]`, a list per read of the
+        response; an error event raises UpstreamError. Closing it closes the request (aborting it at the backend)."""
         status, stream = await self._send(b"POST", path, dumps_bytes({**body, "stream": True}))
         try:
             if status >= 400:
@@ -114,13 +116,13 @@ class Backend:
                         if batch:
                             yield batch
                         return
-                    chunk = loads(data)
-                    error = stream_error(chunk)
-                    if error is not None:
-                        if batch:
-                            yield batch
-                        raise error
-                    batch.append(chunk)
+                    if ERROR_EVENT.match(data):
+                        error = stream_error(loads(data))
+                        if error is not None:
+                            if batch:
+                                yield batch
+                            raise error
+                    batch.append(data)
                 if batch:
                     yield batch
         except httpx.TransportError as exc:
@@ -136,12 +138,12 @@ class Backend:
         """Return the backend's non-streamed `/completions` response to the OpenAI request `body`."""
         return await self._json(b"POST", b"/completions", {**body, "stream": False})
 
-    def stream_chat_batches(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield the parsed chunks of a streamed `/chat/completions` (up to `[DONE]`) in batches, one per read."""
+    def stream_chat_batches(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """Yield the chunks (JSON text) of a streamed `/chat/completions` (up to `[DONE]`) in batches, one per read."""
         return self._batches(b"/chat/completions", body)
 
-    def stream_complete_batches(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield the parsed chunks of a streamed `/completions` (up to `[DONE]`) in batches, one per read."""
+    def stream_complete_batches(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """Yield the chunks (JSON text) of a streamed `/completions` (up to `[DONE]`) in batches, one per read."""
         return self._batches(b"/completions", body)
 
     async def model_ids(self) -> list[str]:

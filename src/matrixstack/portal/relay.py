@@ -1,9 +1,12 @@
 """Relaying a backend's SSE stream to the client, and the record of one metered request.
 
-`StreamRelay(batches, first, kind, metered, finish)` turns the backend's chunks, in batches (those that arrived
-in one read: `Backend.stream_*_batches`; one chunk per batch from `ExternalEngine`), into the client's events:
-each chunk with `model` set to the catalog entry, then a usage chunk (the backend's own when it sent one, else one
-the relay makes) and `data: [DONE]`. A batch is written as one piece: a stream whose backend is faster than the
+`StreamRelay(batches, first, kind, metered, finish)` turns the backend's chunks — JSON text, in batches (those
+that arrived in one read: `Backend.stream_*_batches`; one per batch from `ExternalEngine`, via `one_per_batch`) —
+into the client's events: each chunk with `model` set to the catalog entry, then a usage chunk (the backend's own
+when it sent one, else one the relay makes) and `data: [DONE]`. Chunks are passed on as text: the `model` field is
+replaced in place, usage is read from the (one) chunk that carries a usage object, and a chunk carries a token
+when its `content` (chat) or `text` (completion) string is not empty; decoding and encoding every chunk cost more
+than the rest of the relay. A batch is written as one piece: a stream whose backend is faster than the
 client costs one write per read rather than one per token (writes are the dearest part of a relay), and the
 chunks of a batch have all arrived, so none waits for another. The relay reads the next batch only when the last
 one was written, which is the backpressure. A backend error in the middle of the stream becomes one
@@ -18,6 +21,7 @@ backend's usage (or one per content chunk when the backend sent none), TTFT (to 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ from typing import Any, Literal
 from matrixstack.engine.external import UpstreamError
 from matrixstack.engine.http import SSE_DONE
 from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
-from matrixstack.portal.encoding import sse
+from matrixstack.portal.encoding import dumps_bytes, loads, sse
 from matrixstack.portal.service import KeyInfo
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
@@ -52,15 +56,9 @@ class Metered:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def has_token(chunk: dict[str, Any], kind: Kind) -> bool:
-    """Return True when a stream chunk carries generated text."""
-    for choice in chunk.get("choices") or ():
-        if kind == "chat":
-            if (choice.get("delta") or {}).get("content"):
-                return True
-        elif choice.get("text"):
-            return True
-    return False
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+TOKEN_FIELD = {"chat": re.compile(rb'"content"\s*:\s*"[^"]'), "completion": re.compile(rb'"text"\s*:\s*"[^"]')}
 
 
 class StreamRelay:
@@ -68,38 +66,45 @@ class StreamRelay:
 
     def __init__(
         self,
-        batches: AsyncIterator[list[dict[str, Any]]],
-        first: list[dict[str, Any]] | None,
+        batches: AsyncIterator[list[bytes]],
+        first: list[bytes] | None,
         kind: Kind,
         metered: Metered,
         finish: Callable[[Metered], None],
     ):
         self._batches, self._first, self._kind, self._m, self._finish = batches, first, kind, metered, finish
+        self._model_field = b'"model":' + dumps_bytes(metered.entry)
+        self._token = TOKEN_FIELD[kind]
         self._closed = False
         self._delivered = False  # events() wrote everything, [DONE] included
         self._content_chunks = 0
         self._first_token_s: float | None = None
         self._last_token_s: float | None = None
         self._usage: dict[str, Any] | None = None
-        self._last: dict[str, Any] | None = None
+        self._last: bytes | None = None
 
-    def _encode(self, batch: list[dict[str, Any]]) -> str:
+    def _encode(self, batch: list[bytes]) -> bytes:
         """Return the batch's events, each chunk with the entry as its model, noting usage and token timing."""
         now = time.perf_counter()
+        model = self._model_field
+        out = []
         for chunk in batch:
-            chunk["model"] = self._m.entry
-            if chunk.get("usage"):
-                self._usage = chunk["usage"]
-            if has_token(chunk, self._kind):
+            if USAGE_OBJECT.search(chunk):
+                self._usage = loads(chunk).get("usage")
+            if self._token.search(chunk):
                 self._last_token_s = now
                 if self._first_token_s is None:
                     self._first_token_s = now
                 self._content_chunks += 1
+            chunk, found = MODEL_FIELD.subn(lambda _: model, chunk, count=1)
+            if not found and chunk.startswith(b"{"):
+                chunk = b"{" + model + (b"," if chunk[1:].strip() != b"}" else b"") + chunk[1:]
+            out.append(b"data: " + chunk + b"\n\n")
         self._last = batch[-1]
-        return "".join([sse(chunk) for chunk in batch])
+        return b"".join(out)
 
-    async def events(self) -> AsyncIterator[str]:
-        """Yield the client's SSE text: a piece per backend batch, then the usage chunk and [DONE]."""
+    async def events(self) -> AsyncIterator[bytes]:
+        """Yield the client's SSE bytes: a piece per backend batch, then the usage chunk and [DONE]."""
         m = self._m
         if self._first:
             yield self._encode(self._first)
@@ -108,13 +113,13 @@ class StreamRelay:
                 yield self._encode(batch)
         except UpstreamError as exc:
             m.status, m.error = exc.status_code, exc.message
-            yield sse(exc.body)
+            yield sse(exc.body).encode()
             return
         except Exception as exc:  # a backend that breaks mid-stream: tell the client in the stream, then close
             m.status, m.error = 500, f"{type(exc).__name__}: {exc}"
-            yield sse(error_body(f"the backend failed this request: {m.error}", "server_error"))
+            yield sse(error_body(f"the backend failed this request: {m.error}", "server_error")).encode()
             return
-        last = self._last
+        last = loads(self._last) if self._last is not None else None
         tail = ""
         if self._usage is None or (last is not None and last.get("choices")):
             # the backend sent no usage-only last chunk: send one, as OpenAI does with include_usage
@@ -123,7 +128,7 @@ class StreamRelay:
             make = chat_chunk if self._kind == "chat" else completion_chunk
             tail = sse(make(ident, m.entry, created, None, None, True, usage(*self._tokens())))
         self._delivered = True  # the response ends with this piece (EventStream closes the stream after [DONE])
-        yield tail + SSE_DONE
+        yield (tail + SSE_DONE).encode()
 
     def _tokens(self) -> tuple[int, int]:
         """Return (prompt, completion) tokens: the backend's usage, or one completion token per content chunk."""
@@ -149,10 +154,11 @@ class StreamRelay:
         self._finish(m)
 
 
-async def one_per_batch(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
-    """Yield each chunk of a stream as a batch of its own (`ExternalEngine`'s streams); closing it closes `chunks`."""
+async def one_per_batch(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[list[bytes]]:
+    """Yield each parsed chunk of a stream (`ExternalEngine`'s) as JSON text in a batch of its own; closing it closes
+    `chunks`."""
     try:
         async for chunk in chunks:
-            yield [chunk]
+            yield [dumps_bytes(chunk)]
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]

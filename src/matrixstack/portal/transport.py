@@ -112,14 +112,68 @@ def _timeouts(request: httpx.Request) -> tuple[float | None, float | None, float
     return timeout.get("connect"), timeout.get("read"), timeout.get("write")
 
 
+class _ChunkedBody:
+    """Decodes a chunked transfer-encoded body fed in pieces of any size: `feed(data)` returns the payload bytes
+    the pieces so far complete, `done` turns True after the last chunk and its trailers."""
+
+    __slots__ = ("_pending", "_left", "_after_data", "_trailers", "done")
+
+    def __init__(self) -> None:
+        self._pending = b""  # bytes not yet decoded (an incomplete size line, CRLF or trailer line)
+        self._left = 0  # payload bytes of the current chunk still to come
+        self._after_data = False  # the CRLF after a chunk's payload is next
+        self._trailers = False  # the last chunk was seen: trailer lines until an empty one
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the payload bytes decoded from `data` (with what earlier calls left undecoded)."""
+        buf = self._pending + data if self._pending else data
+        pos, end, out = 0, len(buf), []
+        while not self.done:
+            if self._left:
+                take = min(self._left, end - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self._left -= take
+                if self._left:
+                    break
+                self._after_data = True
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                if end - pos > MAX_HEADER_BYTES:
+                    raise httpx.RemoteProtocolError("a chunk size or trailer line is too long")
+                break
+            line = buf[pos:line_end]
+            pos = line_end + 2
+            if self._after_data:
+                if line:
+                    raise httpx.RemoteProtocolError("a chunk's payload is longer than its size")
+                self._after_data = False
+            elif self._trailers:
+                self.done = not line
+            else:
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}") from None
+                self._left = size
+                self._trailers = size == 0
+        self._pending = buf[pos:]
+        return b"".join(out)
+
+
 class _ResponseStream(httpx.AsyncByteStream):
-    """The body of one response, read as the caller iterates (see the module docstring for the ending)."""
+    """The body of one response, read as the caller iterates (see the module docstring for the ending).
+
+    Each step reads what the connection has (up to READ_CHUNK_BYTES), so a chunked stream whose pieces arrived
+    together (the events of a fast backend) comes out as one piece, not one per chunk."""
 
     def __init__(self, transport: KeepAliveTransport, conn: _Connection, length: int | None, chunked: bool, keep: bool):
         self._transport, self._conn = transport, conn
-        self._left, self._chunked, self._keep = length, chunked, keep
+        self._left, self._keep = length, keep
+        self._chunks = _ChunkedBody() if chunked else None
         self._done = False
-        self._reading = False  # a read is under way (the body position is inside a chunk)
+        self._reading = False  # a read is under way
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -133,21 +187,17 @@ class _ResponseStream(httpx.AsyncByteStream):
         if conn is None:
             raise httpx.StreamClosed()
         reader = conn.reader
+        chunks = self._chunks
         while not self._done:
             self._reading = True
-            if self._chunked:
-                size_line = await conn.read(reader.readuntil(b"\r\n"))
-                try:
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
-                if size == 0:
-                    while (await conn.read(reader.readuntil(b"\r\n"))) != b"\r\n":
-                        pass  # trailers
-                    data = b""
-                    self._done = True
-                else:
-                    data = (await conn.read(reader.readexactly(size + 2)))[:-2]
+            if chunks is not None:
+                raw = await conn.read(reader.read(READ_CHUNK_BYTES))
+                if not raw:
+                    raise httpx.RemoteProtocolError("the server closed the connection before the body ended")
+                data = chunks.feed(raw)
+                self._done = chunks.done
+                if self._done and chunks._pending:  # bytes after the body: the connection is not reusable
+                    self._keep = False
             elif self._left is not None:
                 if self._left == 0:
                     data, self._done = b"", True

@@ -1,0 +1,63 @@
+"""The stream relay (portal/relay.py) on raw chunks: the model rewritten in place, usage and tokens read from the
+text, and the usage chunk the relay adds when the backend sent none."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from matrixstack.portal.relay import Metered, StreamRelay
+
+
+async def _batches(batches):
+    for batch in batches:
+        yield batch
+
+
+def _relay(batches, kind="chat"):
+    finished: list[Metered] = []
+    metered = Metered(request_id="r1", started_s=0.0, entry="tiny-moe-faq", stream=True)
+    raw = [[json.dumps(c, separators=sep).encode() for c, sep in batch] for batch in batches]
+    relay = StreamRelay(_batches(raw[1:]), raw[0], kind, metered, finished.append)
+
+    async def run():
+        pieces = [piece async for piece in relay.events()]
+        await relay.close()
+        return pieces
+
+    pieces = asyncio.run(run())
+    text = b"".join(pieces).decode()
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    return pieces, events, finished
+
+
+def _chunk(content, **extra):
+    return {"id": "c", "object": "chat.completion.chunk", "created": 7, "model": "backend-model",
+            "choices": [{"index": 0, "delta": {"content": content}}], **extra}  # fmt: skip
+
+
+def test_model_is_rewritten_whatever_the_spacing_and_usage_comes_from_the_backend():
+    compact, spaced = (",", ":"), (", ", ": ")
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    tricky = _chunk('say "model": "x"')  # a quoted "model" inside the content is content, not the field
+    batches = [[(_chunk("Hi"), compact)], [(tricky, spaced), (_chunk(""), spaced)],
+               [({"id": "c", "choices": [], "model": "backend-model", "usage": usage}, compact)]]  # fmt: skip
+    pieces, events, finished = _relay(batches)
+    assert len(pieces) == 4 and pieces[-1] == b"data: [DONE]\n\n"  # a write per batch, then [DONE] alone
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["model"] for c in chunks] == ["tiny-moe-faq"] * 4
+    assert chunks[1]["choices"][0]["delta"]["content"] == 'say "model": "x"'
+    m = finished[0]
+    assert (m.status, m.prompt_tokens, m.completion_tokens) == (200, 5, 2)
+
+
+def test_without_backend_usage_the_relay_counts_content_chunks_and_adds_a_usage_chunk():
+    nameless = {"id": "t", "created": 9, "choices": [{"index": 0, "text": "abc"}]}
+    batches = [[(nameless, (",", ":"))], [({"id": "t", "created": 9, "choices": [{"text": ""}]}, (",", ":"))]]
+    _, events, finished = _relay(batches, kind="completion")
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["model"] == "tiny-moe-faq"  # added where the backend sent none
+    assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}
+    assert chunks[-1]["id"] == "t" and chunks[-1]["choices"] == []
+    assert finished[0].completion_tokens == 1 and finished[0].ttft_s is not None
