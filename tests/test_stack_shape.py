@@ -133,7 +133,7 @@ def test_the_hybrid_pair_differs_only_in_site():
     prem_text = (EXAMPLES / "hybrid" / "on-prem.yaml").read_text()
     assert cloud_text.split("\nsite:\n")[0] == prem_text.split("\nsite:\n")[0]
     cloud, prem = (load_shape(EXAMPLES / "hybrid" / f) for f in ("cloud-region.yaml", "on-prem.yaml"))
-    assert cloud.site != prem.site and (cloud.site.kind, prem.site.kind) == ("k8s", "ray")
+    assert cloud.site != prem.site and (cloud.site.name, prem.site.name) == ("cloud-region", "on-prem")
     assert cloud.model_dump(exclude={"site"}) == prem.model_dump(exclude={"site"})
 
 

@@ -185,3 +185,13 @@ def test_user_errors_exit_2(cli, home, tmp_path):
         taken.listen()
         result = cli("up", "--port", str(taken.getsockname()[1]))
     assert result.exit_code == 2 and "cannot listen" in result.output, result.output
+
+
+def test_a_shape_the_sites_cannot_run_is_refused_before_anything_is_applied(cli, tmp_path):
+    db = tmp_path / "state.db"
+    examples = Path(__file__).resolve().parents[1] / "examples" / "shapes"
+    result = cli("up", str(examples / "hybrid" / "on-prem.yaml"), "--db", f"sqlite:///{db}", "--port", "0")
+    assert result.exit_code == 2 and "runs engine vllm" in result.output and "stack render k8s" in result.output
+    assert "new key" not in result.output
+    export = cli("shape", "export", "--db", f"sqlite:///{db}")
+    assert export.exit_code == 2, export.output  # nothing was applied: there is no shape to export

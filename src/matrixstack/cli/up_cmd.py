@@ -26,7 +26,8 @@ def up(
     New API keys are printed once. A restart keeps the state (keys, catalog, usage, slices) in the database."""
     from matrixstack.stack.up import choose_shape, run_up
 
-    run_up(choose_shape(shape, site, host, port), db)
+    chosen, run_site = choose_shape(shape, site, host, port)
+    run_up(chosen, db, site=run_site)
 
 
 def register(app: typer.Typer) -> None:

@@ -84,7 +84,7 @@ class EntrySpec(Strict):
     parameters: dict[str, float | int] = Field(
         default_factory=dict, description=f"default values of {', '.join(PARAMETERS)}"
     )
-    parameter_ranges: dict[str, tuple[float, float]] = Field(
+    parameter_ranges: dict[str, tuple[int | float, int | float]] = Field(
         default_factory=dict, description="allowed [min, max] per parameter"
     )
     stop: list[str] = Field(default_factory=list, description="stop strings added to every request")

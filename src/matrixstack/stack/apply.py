@@ -86,10 +86,12 @@ def apply_shape(shape: Shape, db_url: str | None = None) -> Applied:
 
 
 def record_started(shape: Shape, started: list[Started], db_url: str | None = None) -> None:
-    """Register each started deployment of `shape` at its URL with status `running`; UserError for a deployment
-    that is not in the shape or was never applied."""
+    """Register each started deployment of `shape` at its URL with status `running`, and write that URL into the
+    L0 entries of the shape that name it (what `catalog show` prints; the portal routes by the deployment either
+    way); UserError for a deployment that is not in the shape or was never applied."""
     with PortalService(db_url) as portal:
         current = _registered(portal, shape)
+        urls = {}
         for run in started:
             row = current.get(run.name)
             if row is None:
@@ -97,6 +99,10 @@ def record_started(shape: Shape, started: list[Started], db_url: str | None = No
             portal.register_deployment(
                 run.name, row["kind"], run.url, row["arch"], row["pool"], row["slice_id"], status="running"
             )
+            urls[run.name] = run.url
+        for entry in shape.catalog:
+            if entry.backend is not None and entry.backend.deployment in urls:
+                portal.update_entry(entry.name, {"backend": {"url": urls[entry.backend.deployment]}})
 
 
 def record_stopped(shape: Shape, db_url: str | None = None) -> None:

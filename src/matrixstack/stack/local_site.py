@@ -83,7 +83,7 @@ def check_launch(launch: Launch) -> None:
     if launch.engine != "matrixstack":
         raise UserError(
             f"deployment {launch.name} runs engine {launch.engine}; a local site runs the builtin engine "
-            "(engine: matrixstack); run it on a ray site or render it for k8s"
+            "(engine: matrixstack), as the ray site does; a vllm deployment runs on k8s: `matrixstack stack render k8s`"
         )
     if launch.device_kind not in DEVICE_KINDS:
         raise UserError(

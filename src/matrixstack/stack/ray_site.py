@@ -223,7 +223,7 @@ class RaySite:
             if launch.engine != "matrixstack":
                 raise UserError(
                     f"deployment {launch.name}: the ray site runs the builtin engine (engine: matrixstack); "
-                    f"run the {launch.engine} deployment on a local site or render it for k8s"
+                    f"as the local site does; a {launch.engine} deployment runs on k8s: `matrixstack stack render k8s`"
                 )
             if launch.strategy not in STRATEGIES:
                 raise UserError(f"deployment {launch.name}: strategy {launch.strategy!r} is not one of {STRATEGIES}")

@@ -83,7 +83,7 @@ class DeploymentShape(Strict):
     slice: SliceRequest = Field(description="the slice it asks for (devices or dies, host CPUs, DRAM, constraints)")
     policy: PolicyName = Field("matrix", description="allocation policy: matrix, server or tiered")
     plan: Literal["auto"] | InstancePlan | Plan = Field("auto", description="'auto' (from perf) or a given plan")
-    pins: dict[str, float] = Field(
+    pins: dict[str, int | float] = Field(
         default_factory=dict, description="with plan auto: fixed plan fields, e.g. {'decode.ep': 2}"
     )
     workload: Workload = Field(default_factory=Workload, description="the requests the plan is made for")

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TextIO
 
 from matrixstack.errors import UserError
-from matrixstack.stack.apply import NewKey, apply_shape, record_started, record_stopped
+from matrixstack.stack.apply import NewKey, apply_shape, device_kind, record_started, record_stopped
 from matrixstack.stack.export import default_shape
 from matrixstack.stack.site import open_site
-from matrixstack.stack.spec import Shape, load_shape
+from matrixstack.stack.spec import Shape, SiteShape, load_shape
+from matrixstack.stack.validate import shape_fabric
 
 RUNNABLE_SITES = ("local", "ray")
 TRY_PROMPT = "What is MatrixStack?"
@@ -36,9 +37,10 @@ PORTAL_LOG_LEVEL = "warning"  # uvicorn's own lines; the request log is always o
 
 def choose_shape(
     path: Path | str | None, site_kind: str | None = None, host: str | None = None, port: int | None = None
-) -> Shape:
-    """Return the shape at `path` (None: the embedded default) with the site kind and portal address overridden
-    where given; UserError (SpecError) for a bad file or a site `up` cannot run."""
+) -> tuple[Shape, SiteShape]:
+    """Return the shape at `path` (None: the embedded default) and the site to run it on: the shape's own with the
+    site kind and portal address overridden where given (the shape applied keeps its own, so an export does not
+    carry a one-off `--port 0`); UserError (SpecError) for a bad file or a site `up` cannot run."""
     shape = default_shape() if path is None else load_shape(path)
     changes: dict[str, object] = {}
     if site_kind is not None:
@@ -49,9 +51,25 @@ def choose_shape(
         changes["portal_host"] = host
     if port is not None:
         changes["portal_port"] = port
-    if not changes:
-        return shape
-    return shape.model_copy(update={"site": shape.site.model_copy(update=changes)})
+    return shape, shape.site.model_copy(update=changes)
+
+
+def check_runnable(shape: Shape) -> None:
+    """Return None when a local or ray site can run every deployment of `shape`; else UserError, raised before
+    anything is applied (so a refused shape creates no keys, slices or entries)."""
+    kind = device_kind(shape_fabric(shape))
+    for d in shape.deployments:
+        if d.engine != "matrixstack":
+            raise UserError(
+                f"deployment {d.name} runs engine {d.engine}; `matrixstack up` runs the builtin engine (engine: "
+                "matrixstack) on local and ray sites. Render the shape for k8s (`matrixstack stack render k8s SHAPE "
+                "--out DIR`) or import its catalog and slices (`matrixstack shape import SHAPE`)"
+            )
+        if kind not in ("cpu", "cuda"):
+            raise UserError(
+                f"deployment {d.name} asks for {kind} devices; the builtin engine runs on CPU cores or CUDA GPUs. "
+                "Render the shape for k8s (`matrixstack stack render k8s SHAPE --out DIR`) or use a local fabric"
+            )
 
 
 def showcase_entry(shape: Shape) -> str | None:
@@ -165,22 +183,25 @@ def _write(out: TextIO, lines: list[str]) -> None:
     out.flush()
 
 
-def run_up(shape: Shape, db_url: str | None = None, out: TextIO | None = None) -> None:
-    """Run `shape` (see the module docstring) until SIGINT or SIGTERM; return once everything it started is
-    stopped. UserError when the port is taken, the shape cannot be applied or an engine does not come up."""
+def run_up(shape: Shape, db_url: str | None = None, out: TextIO | None = None, site: SiteShape | None = None) -> None:
+    """Run `shape` on `site` (default: its own; see the module docstring) until SIGINT or SIGTERM; return once
+    everything it started is stopped. UserError when the port is taken, a deployment cannot run on a local or ray
+    site, the shape cannot be applied or an engine does not come up."""
     from matrixstack.engine.http import bind_socket
     from matrixstack.portal.app import create_portal_app
     from matrixstack.portal.server import log_to_stdout, serve_socket
 
     out = out or sys.stdout
-    sock = bind_socket(shape.site.portal_host, shape.site.portal_port)
-    base_url = client_base_url(shape.site.portal_host, sock.getsockname()[1])
+    run_site = site or shape.site
+    check_runnable(shape)
+    sock = bind_socket(run_site.portal_host, run_site.portal_port)
+    base_url = client_base_url(run_site.portal_host, sock.getsockname()[1])
     site = None
     applied = False
     log_handler = None
     with _stop_signals() as ignore_signals:
         try:
-            site = open_site(shape.site)
+            site = open_site(run_site)
             result = apply_shape(shape, db_url)
             applied = True
             for warning in result.warnings:
