@@ -21,8 +21,9 @@ from matrixstack.stack.spec import load_shape, parse_shape
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPE = REPO / "src" / "matrixstack" / "stack" / "shapes" / "default.yaml"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "k8s"
-HYPERNODE_CRD = CRD_DIR / "topology.volcano.sh_hypernodes.yaml"
+# the HyperNode CRD schema: a copy of ../shared/data/k8s's, so every checkout validates (test below keeps them equal)
+HYPERNODE_CRD = REPO / "tests" / "data" / "k8s" / "topology.volcano.sh_hypernodes.yaml"
+SHARED_HYPERNODE_CRD = REPO.parent / "shared" / "data" / "k8s" / "topology.volcano.sh_hypernodes.yaml"
 EXAMPLE_SHAPES = sorted((REPO / "examples" / "shapes").rglob("*.yaml"))
 
 # A CloudMatrix384 shape: a first-party tiny-moe on 4 NPUs (8 dies), a vLLM deployment over two nodes that may
@@ -158,11 +159,15 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def hypernode_validator() -> jsonschema.Draft7Validator:
-    if not HYPERNODE_CRD.is_file():
-        pytest.skip(f"the HyperNode CRD is not at {HYPERNODE_CRD} (shared/data/k8s beside the repo)")
     crd = yaml.safe_load(HYPERNODE_CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
     return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
+
+
+def test_the_crd_copy_is_the_shared_one():
+    if not SHARED_HYPERNODE_CRD.is_file():
+        pytest.skip(f"no {SHARED_HYPERNODE_CRD} beside this checkout to compare the copy with")
+    assert HYPERNODE_CRD.read_bytes() == SHARED_HYPERNODE_CRD.read_bytes()
 
 
 def load_dir(out: Path) -> dict[str, list[dict[str, Any]]]:
