@@ -1,23 +1,25 @@
 """A lean HTTP/1.1 transport for the portal's backend clients: keep-alive connections on asyncio streams.
 
-`ExternalEngine` talks to a backend through httpx; httpx's default transport (httpcore) spends most of a proxied
-request's CPU on its connection pool: every request scans every pooled connection and polls each idle socket to
-see whether it is still open, which at 32 requests in flight costs milliseconds per request. `KeepAliveTransport`
-is an `httpx.AsyncBaseTransport` that keeps idle connections in a stack (the most recent first) and checks only
-the one it takes, cheaply (`at_eof` / `is_closing`, which the event loop sets when the peer closed it).
+httpx's default transport (httpcore) spends most of a proxied request's CPU on its connection pool: every request
+scans every pooled connection and polls each idle socket to see whether it is still open, which at 32 requests in
+flight costs milliseconds per request. `KeepAliveTransport` keeps idle connections in a stack (the most recent
+first) and checks only the one it takes, cheaply (`at_eof` / `is_closing`, which the event loop sets when the peer
+closed it). It has two faces: `exchange(origin, head, body, timeouts)`, which the portal's `Backend` uses (a
+request head as bytes in, status, headers and a body stream out), and `handle_async_request`, which makes it an
+`httpx.AsyncBaseTransport` for any httpx client (e.g. `ExternalEngine(url, transport=KeepAliveTransport())`).
 
 What it does: HTTP/1.1 over TCP or TLS; request bodies as bytes (what `json=` makes) or streamed; response bodies
 by Content-Length, chunked transfer encoding or up to the close, streamed to the caller (an SSE relay gets each
 chunk as it comes). A connection goes back to the stack once its response was read to the end and neither side
-said `Connection: close`. A caller that stops reading early (ExternalEngine stops at `data: [DONE]`, before the
-last empty chunk) gets its connection kept when the rest of the body arrives within `DRAIN_S`; otherwise (a
+said `Connection: close`. A caller that stops reading early (a stream's reader stops at `data: [DONE]`, before
+the last empty chunk) gets its connection kept when the rest of the body arrives within `DRAIN_S`; otherwise (a
 cancelled stream) the connection is closed, so the backend sees the disconnect and aborts the request.
 
 Timeouts come from httpx's per-request timeout extension. The read timeout is httpx's: the longest wait for the
 next bytes. It is kept by one timer per response (not one per read): the timer aborts the connection when a
 read has waited that long, and the read then raises `httpx.ReadTimeout`. Errors are httpx's (`ConnectError`,
-`ConnectTimeout`, `ReadError`, `ReadTimeout`, `WriteError`, `RemoteProtocolError`), so `ExternalEngine` maps them
-to 502 / 504 as before. A request that fails on a reused connection before any response byte arrived (the
+`ConnectTimeout`, `ReadError`, `ReadTimeout`, `WriteError`, `RemoteProtocolError`), which `Backend` and
+`ExternalEngine` map to 502 / 504. A request that fails on a reused connection before any response byte arrived (the
 backend closed the idle connection at that moment) is sent again once on a fresh connection. No HTTP/2, no
 proxies.
 """
