@@ -1,6 +1,7 @@
 """Expert parallelism with real worker processes (gloo on CPU): an EP deployment gives the single-process output
 (greedy tokens, seeded samples and logits), with default, custom and redundant expert placement; a killed worker
-fails its step fast with a clear error and the deployment recovers; no worker outlives its driver."""
+fails its step fast with a clear error and the deployment recovers; no worker outlives its driver. The same holds for
+ranks started elsewhere that connect back over TCP (`TcpLauncher`, what the ray site uses), here local processes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from matrixstack.arch import Arch, load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, MoETransformer, Tokenizer, load_weights, save_weights
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.ep import ExpertParallelRunner, WorkerError
+from matrixstack.engine.ep_launch import TcpLauncher, connect_rank
 from matrixstack.engine.ep_worker import ExpertPlacement
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.model_runner import ModelRunner
@@ -334,3 +336,52 @@ def test_placement_rules_and_errors(tiny_weights):
         ExpertParallelRunner("tiny-moe", tiny_weights, CONFIG, workers=2, backend="mpi")
     with pytest.raises(UserError, match="no safetensors"):
         ExpertParallelRunner("tiny-moe", tiny_weights / "nowhere", CONFIG, workers=2)
+
+
+def start_local_rank(rank: int, spec, address: tuple[str, int], authkey: bytes):
+    """A `TcpLauncher` start_rank for tests: rank `rank` as a fresh local process that connects back over TCP, as a
+    Ray actor does on the ray site; returns the callable that kills (and reaps) it."""
+    process = torch.multiprocessing.get_context("forkserver").Process(
+        target=connect_rank, args=(rank, spec, address, authkey), daemon=True
+    )
+    process.start()
+
+    def kill() -> None:
+        process.kill()
+        process.join()
+
+    return kill
+
+
+def test_ranks_connected_over_tcp_match_and_a_killed_one_fails_fast(tiny_weights, tiny_reference, tokenizer):
+    _, want = tiny_reference
+    launcher = TcpLauncher(start_local_rank)
+    with ExpertParallelRunner("tiny-moe", tiny_weights, CONFIG, workers=2, launcher=launcher, **EP_KWARGS) as ep:
+        engine = LLMEngine(ep, tokenizer, CONFIG)
+        assert [c.token_ids for c in engine.generate(PROMPTS[:2], PARAMS[:2])] == want[:2]
+
+        long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        seqs = [engine.add_request(p, long) for p in PROMPTS[:2]]
+        for _ in range(2):
+            engine.step()
+        victim = ep.worker_pids[1]
+        os.kill(victim, signal.SIGKILL)  # no process sentinel here: the driver sees its connections close
+        returned, error = step_in_thread(engine)
+        assert returned, "run() hung after a remote worker died"
+        assert isinstance(error, WorkerError)
+        assert f"worker 1 (pid {victim}) died: its connection closed" in str(error)
+        assert sorted(error.request_ids) == sorted(s.request_id for s in seqs)
+        assert wait_until_gone(ep.worker_pids) == []  # the other rank was killed through the launcher
+
+        [done] = engine.generate([PROMPTS[2]], PARAMS[2])  # a fresh pair of ranks connects back
+        assert done.token_ids == want[2] and ep.restarts == 1 and victim not in ep.worker_pids
+        pids = ep.worker_pids
+    assert wait_until_gone(pids) == []
+
+
+def test_a_rank_that_never_connects_back_fails_the_start(tiny_weights):
+    killed = []
+    launcher = TcpLauncher(lambda rank, spec, address, authkey: lambda: killed.append(rank))
+    with pytest.raises(WorkerError, match=r"could not start: ranks \[0, 1\] did not connect back"):
+        ExpertParallelRunner("tiny-moe", tiny_weights, CONFIG, workers=2, launcher=launcher, start_timeout_s=0.5)
+    assert killed == [0, 1]

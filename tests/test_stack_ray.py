@@ -196,22 +196,68 @@ def test_engine_actor_in_its_placement_group_serves_through_the_portal(ray_head,
         ray.shutdown()
 
 
-def test_expert_parallel_ranks_are_children_of_the_engine_actor(ray_head):
+def test_expert_parallel_ranks_are_ray_actors_one_per_bundle(ray_head):
     site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
     try:
         (started,) = site.start([launch("tiny-ep", devices=2, workers=2, weights="packaged")])
-        assert placement_group_table(site.placement_groups()["tiny-ep"])["bundles"] == {
-            0: {"CPU": 1.0},
-            1: {"CPU": 1.0},
-        }
-        assert ray.available_resources().get("CPU", 0.0) == 0.0  # both bundles hold their device
+        group = site.placement_groups()["tiny-ep"]
+        table = placement_group_table(group)
+        assert table["bundles"] == {0: {"CPU": 1.0}, 1: {"CPU": 1.0}}
+        free = ray.available_resources()
+        assert free.get("CPU", 0.0) == 0.0, free
+        # Each bundle's core is taken (Ray names a bundle's resource CPU_group_INDEX_GROUPID), and only the rank
+        # actors take cores (the engine actor asks for none): each rank sits in its own bundle.
+        assert all(free.get(f"CPU_group_{i}_{group.id.hex()}", 0.0) == 0.0 for i in (0, 1)), free
+        assert {k for k in ray.cluster_resources() if k.startswith("CPU_group_") and group.id.hex() in k} >= {
+            f"CPU_group_{i}_{group.id.hex()}" for i in (0, 1)
+        }, ray.cluster_resources()
         (pids,) = site.engine_pids().values()
-        assert len(pids) == 3 and all(alive(p) for p in pids)  # the engine actor and its two EP ranks
+        assert len(pids) == 3 and all(alive(p) for p in pids)  # the engine actor (the driver) and its two ranks
+
+        names = sorted(our_named_actors("matrixstack-rank:tiny-ep:"))
+        assert [name.split(":")[3] for name in names] == ["0", "1"], names
+        for rank, name in enumerate(names):
+            where = ray.get(ray.get_actor(name, namespace=NAMESPACE).placement.remote(), timeout=30)
+            assert where["pid"] == pids[1 + rank] and where["pid"] != pids[0]  # the rank is the actor's process
+            assert where["placement_group_id"] == group.id.hex()
+            assert where["node_id"] == table["bundles_to_node_id"][rank]
+            assert where["resources"] == {"CPU": 1.0}, where  # one core: its bundle's, not the other rank's
+
         answer = chat(started.url, "unused", "tiny-ep")
         assert answer.usage.completion_tokens == 4
+
+        ray.kill(ray.get_actor(names[1], namespace=NAMESPACE))  # a rank's actor dies between requests ...
+        assert not wait_gone([pids[2]])
+        again = chat(started.url, "unused", "tiny-ep")  # ... the engine starts fresh rank actors in the bundles
+        assert again.choices[0].message.content == answer.choices[0].message.content
+        (restarted,) = site.engine_pids().values()
+        assert restarted[0] == pids[0] and not set(restarted[1:]) & set(pids[1:]), (pids, restarted)
+        assert eventually(lambda: not set(our_named_actors("matrixstack-rank:tiny-ep:")) & set(names))
+        pids = restarted
     finally:
         site.stop()
     assert not wait_gone(pids)
+
+    from matrixstack.engine.config import EngineConfig
+    from matrixstack.engine.http import ServerThread
+    from matrixstack.engine.server import build_deployment, create_app
+
+    config = EngineConfig(**SMALL_ENGINE.model_dump(exclude={"dtype"}))  # as the engine actor builds it
+    with build_deployment("tiny-moe", config, workers=2, model_id="tiny-ep") as local:  # local processes
+        server = ServerThread(create_app(local.engine, local.model_id), host="127.0.0.1", port=0).start()
+        try:
+            local_answer = chat(f"{server.url}/v1", "unused", "tiny-ep")
+        finally:
+            server.stop()
+    assert local_answer.choices[0].message.content == answer.choices[0].message.content  # greedy: same tokens
+
+    ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        assert placement_group_table(group)["state"] == "REMOVED"
+        assert eventually(lambda: not our_named_actors("matrixstack-rank:tiny-ep:")), ray.util.list_named_actors()
+        assert eventually(lambda: ray.available_resources().get("CPU") == HEAD_CPUS), ray.available_resources()
+    finally:
+        ray.shutdown()
 
 
 def test_a_cuda_slice_takes_gpu_bundles(ray_head):

@@ -1,30 +1,33 @@
 """Expert-parallel deployment: N worker processes, attention data-parallel, the routed experts spread over them.
 
-`ExpertParallelRunner(arch, weights_dir, config, workers, placement, redundant, backend)` has the model runner's
-interface, `run(SchedulerOutput) -> list[int]`, so `LLMEngine` drives it unchanged; `run_logits` returns the
-sampled rows' logits instead (a debug and test hook), `restart()` brings up a fresh set of workers, `close()`
+`ExpertParallelRunner(arch, weights_dir, config, workers, placement, redundant, backend, launcher)` has the model
+runner's interface, `run(SchedulerOutput) -> list[int]`, so `LLMEngine` drives it unchanged; `run_logits` returns
+the sampled rows' logits instead (a debug and test hook), `restart()` brings up a fresh set of workers, `close()`
 (or leaving a `with` block) stops them.
 
-Layout. Worker `r` is a process in a torch.distributed group (gloo on CPU; NCCL on CUDA with GPU `r` per worker)
-that joins over loopback TCP on a free port. It holds the whole model except the routed experts, of which it
-loads only its own (`ExpertPlacement`: expert e on worker e % N by default, one expert per worker when N equals
-the expert count; `redundant={e: [ranks]}` adds copies of hot experts, and each source worker spreads its tokens
-for such an expert round-robin over the copies). Attention, dense FFNs, shared experts and the LM head are
+Layout. Worker `r` is a process in a torch.distributed group (gloo on CPU; NCCL on CUDA with GPU `r` per worker,
+or the one GPU a remote worker sees) that joins over TCP on a free port of the launcher's host (loopback for local
+processes). It holds the whole model except the routed experts, of which it loads only its own (`ExpertPlacement`:
+expert e on worker e % N by default, one expert per worker when N equals the expert count; `redundant={e: [ranks]}`
+adds copies of hot experts, and each source worker spreads its tokens for such an expert round-robin over the
+copies). Attention, dense FFNs, shared experts and the LM head are
 data-parallel: each sequence belongs to one worker for its life (assigned when first seen, to the worker with the
 fewest live sequences) and its KV cache lives there. In each MoE layer the tokens travel to their experts and
 back with all-to-all (`engine.ep_worker.AllToAllExperts`).
 
-Workers start fresh, never forked from the driver (no inherited CUDA context, threads or locks):
-`start_method="forkserver"` (default) forks them from a clean server process that imported torch and the worker
-module once, so a start or restart costs a fork instead of an interpreter and a torch import per worker (under
-a second instead of 5-10 s for 4 workers on 2 cores); `"spawn"` starts each from scratch.
+Where the workers run is the launcher's business (`engine.ep_launch`): by default local child processes over
+pipes; with a `TcpLauncher`, wherever its callable starts them (the ray site: one Ray actor per rank), connected
+back over TCP with the same protocol. Local workers start fresh, never forked from the driver (no inherited CUDA
+context, threads or locks): `start_method="forkserver"` (default) forks them from a clean server process that
+imported torch and the worker module once, so a start or restart costs a fork instead of an interpreter and a torch
+import per worker (under a second instead of 5-10 s for 4 workers on 2 cores); `"spawn"` starts each from scratch.
 
 KV memory trade-off: every worker allocates a cache of the full `config.num_kv_blocks`, and the scheduler's global
 block ids index it directly; a worker only ever touches the blocks of its own sequences. This keeps one scheduler
 and one block manager unchanged and exact, at the price of N x the KV memory the scheduler believes it has
 (on a real deployment size `num_kv_blocks` for one worker's memory; per-worker block pools are the refinement).
 
-Protocol (one duplex pipe per worker, pickled tuples):
+Protocol (one duplex connection per worker, a pipe or TCP, pickled tuples):
 
 - driver -> worker: ("step", WorkerBatch) or ("logits", WorkerBatch) every step, to every worker, even one with
   no sequences this step (it still joins each MoE layer's collectives with zero-size tensors), so all workers
@@ -35,24 +38,24 @@ Protocol (one duplex pipe per worker, pickled tuples):
   step; ("error", (summary, traceback)) when anything fails, after which the worker exits.
 
 Sampling happens on the owning worker, which keeps each seeded request's `torch.Generator` until the request
-finishes; the driver merges the tokens back in `sample_seqs` order. Each worker also holds a second pipe, the
+finishes; the driver merges the tokens back in `sample_seqs` order. Each worker also holds a second connection, the
 lifeline, that the driver never writes to: a watcher thread exits the worker when it closes (the driver died or
 let go), even while the worker is blocked in a collective.
 
-Failures never hang the driver: it waits on the pipes and on the processes' sentinels with a deadline
-(`step_timeout_s`), so a worker that is killed, crashes or stops answering makes `run` raise `WorkerError`
-("worker 1 (pid N) died: killed by signal SIGKILL; ...") within moments, listing the in-flight request ids in
+Failures never hang the driver: it waits on the connections and on the processes' sentinels (a remote worker's
+lifeline, at end of file once it is gone) with a deadline (`step_timeout_s`), so a worker that is killed, crashes
+or stops answering makes `run` raise `WorkerError` ("worker 1 (pid N) died: killed by signal SIGKILL; ...", or
+"...: its connection closed" for a remote one) within moments, listing the in-flight request ids in
 `WorkerError.request_ids`. The collective group cannot survive a dead member, so the runner kills the other
 workers too and the next `run` restarts them all (`restarts` counts it); the caller must fail the sequences that
 were running (their KV caches are gone); a sequence that comes back expecting a cached prefix raises
-`WorkerError` instead of producing garbage. Workers exit when their pipe closes or the driver process dies.
+`WorkerError` instead of producing garbage. Workers exit when their connection closes or the driver process dies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 import weakref
@@ -61,10 +64,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from matrixstack.arch import Arch, load_arch
 from matrixstack.engine.config import EngineConfig
+from matrixstack.engine.ep_launch import LocalRank, ProcessLauncher, RemoteRank, TcpLauncher
 from matrixstack.engine.ep_worker import (
     CLOSE,
     ERROR,
@@ -74,7 +77,6 @@ from matrixstack.engine.ep_worker import (
     ExpertPlacement,
     WorkerBatch,
     WorkerSpec,
-    worker_main,
 )
 from matrixstack.engine.scheduler import SchedulerOutput
 from matrixstack.engine.sequence import Sequence
@@ -82,7 +84,6 @@ from matrixstack.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 DEATH_GRACE_S = 2.0  # after a worker reports an error, how long to wait for the peer whose death caused it
 CLOSE_JOIN_S = 5.0  # how long close() waits for a worker to exit before killing it
 
@@ -100,32 +101,20 @@ class WorkerError(RuntimeError):
         self.details = details
 
 
-def _free_port() -> int:
-    """Return a TCP port on the loopback interface that was free a moment ago."""
+def _free_port(host: str) -> int:
+    """Return a TCP port on `host` that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def _describe_exit(exitcode: int | None) -> str:
-    """Return how a process ended, in words."""
-    if exitcode is None:
-        return "stopped answering"
-    if exitcode < 0:
-        try:
-            return f"killed by signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
-
-
-def _kill(processes: list) -> None:
-    """Kill and reap the processes still alive (also the finaliser of a runner that was never closed)."""
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    for process in processes:
-        process.join(timeout=CLOSE_JOIN_S)
+def _kill(ranks: list[LocalRank | RemoteRank]) -> None:
+    """Kill the ranks still alive and wait for them to end (also the finaliser of a runner never closed)."""
+    for rank in ranks:
+        if rank.is_alive():
+            rank.kill()
+    for rank in ranks:
+        rank.join(CLOSE_JOIN_S)
 
 
 def _resolve_weights(arch: Arch, weights_dir: str | Path | None) -> Path:
@@ -142,14 +131,15 @@ def _resolve_weights(arch: Arch, weights_dir: str | Path | None) -> Path:
     return path
 
 
-def _resolve_backend(backend: str | None, workers: int) -> str:
-    """Return "gloo" or "nccl": NCCL when asked or, by default, when there is one CUDA device per worker."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def _resolve_backend(backend: str | None, workers: int, local: bool) -> str:
+    """Return "gloo" or "nccl": NCCL when asked or, by default, when there is one CUDA device here per worker.
+    Remote workers (`local` False) default to gloo and are trusted to see a GPU each when NCCL is asked for."""
+    gpus = torch.cuda.device_count() if local and torch.cuda.is_available() else 0
     if backend is None:
-        return "nccl" if gpus >= workers else "gloo"
+        return "nccl" if local and gpus >= workers else "gloo"
     if backend not in ("gloo", "nccl"):
         raise UserError(f"backend={backend!r} is not supported; use 'gloo' (CPU) or 'nccl' (one GPU per worker)")
-    if backend == "nccl" and gpus < workers:
+    if backend == "nccl" and local and gpus < workers:
         raise UserError(
             f"backend='nccl' needs one CUDA device per worker: {workers} workers, {gpus} devices visible; "
             "use backend='gloo' or fewer workers"
@@ -164,6 +154,7 @@ class ExpertParallelRunner:
     copies of expert e. `backend` defaults to NCCL when there is one CUDA device per worker, else gloo.
     `threads_per_worker` (torch intra-op threads) defaults to the CPU cores divided among the workers.
     `step_timeout_s` bounds a step (and each collective); `start_timeout_s` bounds loading the workers.
+    `launcher` starts the workers (`engine.ep_launch`); by default local processes with `start_method`.
     """
 
     def __init__(
@@ -180,6 +171,7 @@ class ExpertParallelRunner:
         step_timeout_s: float = 120.0,
         start_timeout_s: float = 300.0,
         start_method: str = "forkserver",
+        launcher: ProcessLauncher | TcpLauncher | None = None,
     ):
         if workers < 1:
             raise UserError(f"workers={workers}: an expert-parallel deployment needs at least 1 worker")
@@ -191,17 +183,15 @@ class ExpertParallelRunner:
         self.config = config or EngineConfig()
         self.workers = workers
         self.placement = ExpertPlacement.build(moe.routed_experts if moe else 0, workers, placement, redundant)
-        self.backend = _resolve_backend(backend, workers)
+        self.launcher = launcher or ProcessLauncher(start_method)
+        self.backend = _resolve_backend(backend, workers, self.launcher.local)
         self.weights_dir = _resolve_weights(arch, weights_dir)
         self.dtype = dtype
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s
-        if start_method not in ("forkserver", "spawn"):
-            raise UserError(f"start_method={start_method!r}: use 'forkserver' (default) or 'spawn'")
-        self.start_method = start_method
         self.restarts = 0
-        self._processes: list = []
+        self._ranks: list[LocalRank | RemoteRank] = []
         self._conns: list[Connection] = []
         self._lifelines: list[Connection] = []  # never written: a worker exits when its end sees EOF
         self._pids: list[int] = []
@@ -209,7 +199,7 @@ class ExpertParallelRunner:
         self._finished: dict[int, list[str]] = {}  # worker -> requests to forget at its next step
         self._broken = False
         self._closed = False
-        self._finalizer = weakref.finalize(self, _kill, self._processes)
+        self._finalizer = weakref.finalize(self, _kill, self._ranks)
         self._start()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -226,7 +216,7 @@ class ExpertParallelRunner:
         self.close()
 
     def _start(self) -> None:
-        """Spawn the workers and wait until each has joined the group and loaded its weights."""
+        """Launch the workers and wait until each has joined the group and loaded its weights."""
         spec = WorkerSpec(
             arch=self.arch,
             weights_dir=str(self.weights_dir),
@@ -234,39 +224,29 @@ class ExpertParallelRunner:
             config=self.config,
             placement=self.placement,
             backend=self.backend,
-            init_method=f"tcp://{LOOPBACK}:{_free_port()}",
+            init_method=f"tcp://{self.launcher.host}:{_free_port(self.launcher.host)}",
             threads=self.threads_per_worker,
             collective_timeout_s=self.step_timeout_s,
         )
-        context = mp.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            context.set_forkserver_preload([worker_main.__module__])
-        for rank in range(self.workers):
-            parent_end, child_end = context.Pipe(duplex=True)
-            lifeline_in, lifeline_out = context.Pipe(duplex=False)
-            process = context.Process(
-                target=worker_main,
-                args=(rank, spec, child_end, lifeline_in),
-                name=f"matrixstack-ep-{rank}",
-                daemon=True,
-            )
-            process.start()
-            child_end.close()
-            lifeline_in.close()
-            self._processes.append(process)
-            self._conns.append(parent_end)
-            self._lifelines.append(lifeline_out)
-        self._pids = [p.pid for p in self._processes]
+        try:
+            ranks = self.launcher.launch(spec, self.workers, self.start_timeout_s)
+        except OSError as exc:  # a TimeoutError too: a remote worker that never connected back
+            self._broken = True
+            raise WorkerError(f"the expert-parallel deployment could not start: {exc}") from exc
+        self._ranks.extend(ranks)  # in place: the finaliser holds this list
+        self._conns.extend(r.conn for r in ranks)
+        self._lifelines.extend(r.lifeline for r in ranks)
+        self._pids = [r.pid for r in ranks]
         ready = self._collect(self.start_timeout_s, "while starting", starting=True)
         self._pids = [info["pid"] for info in ready]
         log.info("expert-parallel deployment up: %s", {r: info["experts"] for r, info in enumerate(ready)})
 
     def _stop(self) -> None:
         """Kill the workers and forget them and their sequences."""
-        _kill(self._processes)
+        _kill(self._ranks)
         for conn in [*self._conns, *self._lifelines]:
             conn.close()
-        self._processes.clear()  # in place: the finaliser holds this list
+        self._ranks.clear()  # in place: the finaliser holds this list
         self._conns.clear()
         self._lifelines.clear()
         self._owners.clear()
@@ -292,8 +272,8 @@ class ExpertParallelRunner:
             except OSError:
                 pass
         deadline = time.monotonic() + CLOSE_JOIN_S
-        for process in self._processes:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for rank in self._ranks:
+            rank.join(max(0.0, deadline - time.monotonic()))
         self._stop()
 
     # -- steps -------------------------------------------------------------------------------------------------
@@ -310,7 +290,7 @@ class ExpertParallelRunner:
 
     def dead_workers(self) -> list[int]:
         """Return the ranks of workers that have exited (a health check; the next `run` restarts the workers)."""
-        return [rank for rank, process in enumerate(self._processes) if not process.is_alive()]
+        return [r for r, rank in enumerate(self._ranks) if not rank.is_alive()]
 
     def owner_of(self, request_id: str) -> int | None:
         """Return the worker that holds a live request's KV cache, or None."""
@@ -422,7 +402,7 @@ class ExpertParallelRunner:
         pending = set(range(self.workers))
         deadline = time.monotonic() + timeout_s
         while pending:
-            waitables = {self._conns[r]: r for r in pending} | {self._processes[r].sentinel: r for r in pending}
+            waitables = {self._conns[r]: r for r in pending} | {self._ranks[r].sentinel: r for r in pending}
             ready = wait(list(waitables), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 late = ", ".join(f"{r} (pid {self._pids[r]})" for r in sorted(pending))
@@ -433,7 +413,7 @@ class ExpertParallelRunner:
                     continue
                 conn = self._conns[rank]
                 if not conn.poll():
-                    if self._processes[rank].is_alive():
+                    if self._ranks[rank].is_alive():
                         continue
                     raise self._failure("", {}, starting)  # died without a word
                 try:
@@ -463,8 +443,8 @@ class ExpertParallelRunner:
                             errors[rank] = payload
                 except (EOFError, OSError):
                     at_eof.add(rank)
-            silent = {r: p for r, p in enumerate(self._processes) if r not in errors}
-            died = [r for r, p in silent.items() if p.exitcode is not None]
+            silent = {r: p for r, p in enumerate(self._ranks) if r not in errors}
+            died = [r for r, p in silent.items() if p.ended() is not None]
             left = deadline - time.monotonic()
             if died or not silent or left <= 0:
                 return died
@@ -472,7 +452,7 @@ class ExpertParallelRunner:
             waitables.update({self._conns[r]: None for r in silent if r not in at_eof})
             for obj in wait(list(waitables), timeout=left):
                 if waitables[obj] is not None:
-                    waitables[obj].join(timeout=DEATH_GRACE_S)  # reap it, so its exit code is known
+                    waitables[obj].join(DEATH_GRACE_S)  # reap it, so its exit code is known
 
     def _failure(self, hint: str, errors: dict[int, tuple[str, str]], starting: bool = False) -> WorkerError:
         """Stop the deployment after a failure and return the error to raise, naming the root cause: a worker
@@ -481,7 +461,7 @@ class ExpertParallelRunner:
         details = ""
         if died:
             rank = died[0]
-            cause = f"worker {rank} (pid {self._pids[rank]}) died: {_describe_exit(self._processes[rank].exitcode)}"
+            cause = f"worker {rank} (pid {self._pids[rank]}) died: {self._ranks[rank].ended()}"
         elif errors:
             rank = next(iter(errors))  # the first report received
             summary, details = errors[rank]

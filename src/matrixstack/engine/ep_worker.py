@@ -193,7 +193,8 @@ class Worker:
         from matrixstack.engine.weights import load_weights
 
         self.rank = rank
-        self.device = torch.device(f"cuda:{rank}" if spec.backend == "nccl" else "cpu")
+        nccl = spec.backend == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         held = spec.placement.held_by(rank)
         model = MoETransformer(spec.arch, dtype=spec.dtype, expert_ids=held)
         load_weights(model, Path(spec.weights_dir))
@@ -276,7 +277,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn: Connection, lifeline: Connect
     torch.set_num_threads(spec.threads)
     try:
         if spec.backend == "nccl":
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(rank % torch.cuda.device_count())  # GPU r locally; the only one a remote rank sees
         dist.init_process_group(
             spec.backend,
             init_method=spec.init_method,

@@ -388,12 +388,14 @@ def build_deployment(
     device: str = "auto",
     dtype: str = "float32",
     random_weights: bool = False,
+    ep_options: dict[str, Any] | None = None,
 ) -> Deployment:
     """Return a started deployment of `arch_name` (a built-in name or YAML path) with EngineConfig `config`.
 
     `workers == 1` runs a ModelRunner in this process; `workers > 1` an `ExpertParallelRunner` (engine.ep) over
     that many worker processes. `random_weights` builds seeded random weights instead of loading them (tests and
-    benchmarks); the tokenizer still comes from `weights_dir` or the packaged one. Raises UserError on bad input.
+    benchmarks); the tokenizer still comes from `weights_dir` or the packaged one. `ep_options` are further keyword
+    arguments of the `ExpertParallelRunner` (the ray site's launcher, backend, threads). Raises UserError on bad input.
     """
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -431,7 +433,7 @@ def build_deployment(
             from matrixstack.engine.ep import ExpertParallelRunner
         except ImportError as exc:
             raise UserError(f"expert parallelism (--workers > 1) is not available in this build: {exc}") from None
-        runner = ExpertParallelRunner(arch, weights, config, workers=workers, dtype=torch_dtype)
+        runner = ExpertParallelRunner(arch, weights, config, workers=workers, dtype=torch_dtype, **(ep_options or {}))
     else:
         torch_device = torch.device(
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -7,16 +7,22 @@ with the launch's strategy (STRICT_PACK, PACK or SPREAD). A group the cluster ca
 that is still pending after `place_timeout_s` fails too; both name what the cluster lacks, and the group is
 removed.
 
-One engine actor per deployment, in bundle 0. The expert-parallel runner (`engine.ep`) drives its ranks as
-child processes over pipes it waits on together with the processes' sentinels (that is how it notices a dead
-rank within moments and kills the rest); making each rank a Ray actor would replace that whole protocol and its
-failure handling, so the actor builds the deployment with `engine.server.build_deployment` as `matrixstack
-engine serve` does, its EP ranks are its children, and bundles 1..N-1 reserve their devices. Consequently the
-ranks share one node: a multi-worker deployment whose bundles Ray put on several nodes is refused (use
-STRICT_PACK). On "cuda" the ranks need one GPU each, and Ray only shows an actor the GPUs of its own bundle, so
-each other bundle gets a small holder actor that takes its GPU and reports the id; the engine actor makes the
-union visible (CUDA_VISIBLE_DEVICES) before it starts its ranks. CPU bundles have no device ids in Ray: they
-reserve cores, and the engine runs `len(devices)` torch threads.
+What runs where. Each deployment has one engine actor (`EngineActor`, in bundle 0), which builds the deployment
+with `engine.server.build_deployment` as `matrixstack engine serve` does and serves it over HTTP.
+
+- One worker (no expert parallelism): the engine actor takes bundle 0's device and runs the model itself
+  (`len(devices)` torch threads on "cpu"; the bundle's GPU on "cuda"); the other bundles reserve their devices.
+- W > 1 workers: the engine actor is only the driver (scheduler, sampling bookkeeping, HTTP) and holds no
+  resource; expert-parallel rank r is its own Ray actor (`EpRankActor`, named `matrixstack-rank:NAME:TOKEN:R:N`)
+  in bundle r with that bundle's device (one torch thread on "cpu"; on "cuda" the bundle's GPU, the only one Ray
+  shows it, with NCCL between the ranks; gloo on CPU). The engine actor's `ExpertParallelRunner` starts them
+  through a `TcpLauncher` (`engine.ep_launch`): each rank connects back to a listener on the engine actor's node IP
+  and runs the same worker loop as a local rank, so the runner's protocol and failure handling are unchanged (a
+  rank whose actor dies shows as its connections closing; the runner fails the step with `WorkerError`, kills the
+  other rank actors and starts fresh ones in the same bundles at the next step). The torch.distributed rendezvous
+  is on the engine actor's node IP, hosted by rank 0, which bundle 0 puts on the same node. A deployment needs a
+  bundle per worker (workers <= devices); bundles past the last rank reserve their devices. Ranks on several
+  nodes (PACK or SPREAD groups) reach each other over the nodes' IPs; only single-node clusters are tested.
 
 The actor serves the OpenAI API on a free port of its node's IP (`engine.http.ServerThread`); `start` returns
 `Started(name, http://NODE_IP:PORT/v1)` once the URL's `/health` answers from here. `stop()` closes the engines,
@@ -30,7 +36,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import ray
@@ -46,6 +52,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from matrixstack.errors import UserError
 from matrixstack.stack.site import Launch, Started
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, SiteShape
+
+if TYPE_CHECKING:  # the engine (torch) is imported where it runs: in the actors
+    from matrixstack.engine.ep_worker import WorkerSpec
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 NAMESPACE = "matrixstack"
@@ -78,28 +87,81 @@ def actor_resources(device_kind: str) -> dict[str, Any]:
     return {"num_cpus": 0, "resources": {name: 1}}
 
 
+class EpRankActor:
+    """One expert-parallel rank in its own bundle: `run` connects back to its engine actor and serves steps until the
+    deployment lets go of it, and then ends this actor's process (`engine.ep_worker.worker_main` exits it)."""
+
+    def run(self, rank: int, spec: WorkerSpec, address: tuple[str, int], authkey: bytes) -> None:
+        """Run rank `rank` of the deployment whose launcher listens at `address`; never returns."""
+        from matrixstack.engine.ep_launch import connect_rank
+
+        connect_rank(rank, spec, address, authkey)
+
+    def placement(self) -> dict[str, Any]:
+        """Return where this actor runs: its pid, node id, placement group id and the Ray resources assigned to it."""
+        context = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "placement_group_id": context.get_placement_group_id(),
+            "resources": context.get_assigned_resources(),
+        }
+
+
+class RankActors:
+    """Starts a deployment's expert-parallel ranks as `EpRankActor`s, rank r in bundle r of its group (the
+    `start_rank` of its `TcpLauncher`)."""
+
+    def __init__(self, launch: Launch, group: PlacementGroup, token: str):
+        self.launch = launch
+        self.group = group
+        self.token = token
+        self.started = 0  # every actor gets a fresh name: a killed one's name is freed only once it is gone
+
+    def start(self, rank: int, spec: WorkerSpec, address: tuple[str, int], authkey: bytes):
+        """Start rank `rank`'s actor running `connect_rank`; return the callable that kills it."""
+        self.started += 1
+        actor = (
+            ray.remote(EpRankActor)
+            .options(
+                name=f"matrixstack-rank:{self.launch.name}:{self.token}:{rank}:{self.started}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+                max_concurrency=2,  # `placement` answers while `run` serves steps
+                **actor_resources(self.launch.device_kind),
+            )
+            .remote()
+        )
+        actor.run.remote(rank, spec, address, authkey)
+        return lambda: ray.kill(actor)
+
+
 class EngineActor:
     """One deployment's engine inside a Ray actor: `start()` builds it and serves it, `close()` stops both."""
 
-    def __init__(self, launch: Launch):
+    def __init__(self, launch: Launch, group: PlacementGroup, token: str):
         self.launch = launch
+        self.ranks = RankActors(launch, group, token) if launch.workers > 1 else None
         self.deployment = None
         self.server = None
 
-    def start(self, gpu_ids: list[str]) -> str:
-        """Build the deployment, serve it on a free port of this node and return its OpenAI base URL (…/v1).
-
-        `gpu_ids` are the GPUs of the group's other bundles (cuda): they join this actor's own for the EP ranks.
-        """
+    def start(self) -> str:
+        """Build the deployment (its EP ranks as Ray actors), serve it on a free port of this node and return its
+        OpenAI base URL (…/v1)."""
         launch = self.launch
-        if gpu_ids:
-            own = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(own + gpu_ids)
         from matrixstack.engine.config import EngineConfig
+        from matrixstack.engine.ep_launch import TcpLauncher
         from matrixstack.engine.http import ServerThread
         from matrixstack.engine.server import build_deployment, create_app
 
-        if launch.device_kind == "cpu":
+        node_ip = ray.util.get_node_ip_address()
+        ep_options = None
+        if self.ranks is not None:
+            ep_options = {
+                "launcher": TcpLauncher(self.ranks.start, host=node_ip),
+                "backend": "nccl" if launch.device_kind == "cuda" else "gloo",
+                "threads_per_worker": 1,
+            }
+        elif launch.device_kind == "cpu":
             import torch
 
             torch.set_num_threads(len(launch.devices))
@@ -119,9 +181,10 @@ class EngineActor:
             device={"cpu": "cpu", "cuda": "cuda"}.get(launch.device_kind, "auto"),
             dtype=args.dtype,
             random_weights=launch.weights == WEIGHTS_RANDOM,
+            ep_options=ep_options,
         )
         app = create_app(self.deployment.engine, self.deployment.model_id)
-        self.server = ServerThread(app, host=ray.util.get_node_ip_address(), port=0).start()
+        self.server = ServerThread(app, host=node_ip, port=0).start()
         return f"{self.server.url}/v1"
 
     def pids(self) -> list[int]:
@@ -139,21 +202,13 @@ class EngineActor:
             self.deployment = None
 
 
-class DeviceHolder:
-    """Holds one device bundle of a group and says which accelerator it got (cuda bundles 1..N-1)."""
-
-    def gpu_ids(self) -> list[str]:
-        """Return the ids of the GPUs Ray gave this actor."""
-        return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-
-
 @dataclass
 class _Running:
     """What the site started for one launch."""
 
     launch: Launch
     group: PlacementGroup
-    actors: list[Any] = field(default_factory=list)  # the engine actor first, then the holders
+    actors: list[Any] = field(default_factory=list)  # the engine actor
 
 
 def _probe(address: str) -> None:
@@ -227,6 +282,11 @@ class RaySite:
                 )
             if launch.strategy not in STRATEGIES:
                 raise UserError(f"deployment {launch.name}: strategy {launch.strategy!r} is not one of {STRATEGIES}")
+            if launch.workers > len(launch.devices):
+                raise UserError(
+                    f"deployment {launch.name}: its {launch.workers} expert-parallel workers take a device (a bundle "
+                    f"of its placement group) each, but its slice has {len(launch.devices)}; ask for a larger slice"
+                )
         self.connect()
         try:
             return [self._start_one(launch) for launch in launches]
@@ -242,37 +302,20 @@ class RaySite:
         running = _Running(launch, group)
         self._running.append(running)
         self._place(launch, group)
-        nodes = set(placement_group_table(group)["bundles_to_node_id"].values())
-        if launch.workers > 1 and len(nodes) > 1:
-            raise UserError(
-                f"deployment {launch.name}: its {launch.workers} expert-parallel workers run on one node, but "
-                f"Ray placed its {launch.strategy} group on {len(nodes)} nodes; use strategy STRICT_PACK "
-                "(slice constraints within_domain)"
-            )
-
-        def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
-            return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-
-        resources = actor_resources(launch.device_kind)
+        # One worker: the engine runs the model on bundle 0's device. More: the ranks take the devices, the engine
+        # actor (the driver) none; it still sits in bundle 0, on rank 0's node, where the rendezvous is.
+        resources = actor_resources(launch.device_kind) if launch.workers == 1 else {"num_cpus": 0}
         engine = (
             ray.remote(EngineActor)
-            .options(name=f"matrixstack-engine:{launch.name}:{token}", scheduling_strategy=in_bundle(0), **resources)
-            .remote(launch)
+            .options(
+                name=f"matrixstack-engine:{launch.name}:{token}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+                **resources,
+            )
+            .remote(launch, group, token)
         )
         running.actors.append(engine)
-        gpu_ids: list[str] = []
-        if launch.device_kind == "cuda" and launch.workers > 1:
-            holders = [
-                ray.remote(DeviceHolder)
-                .options(
-                    name=f"matrixstack-device:{launch.name}:{token}:{i}", scheduling_strategy=in_bundle(i), **resources
-                )
-                .remote()
-                for i in range(1, len(launch.devices))
-            ]
-            running.actors.extend(holders)
-            gpu_ids = [gpu for ids in self._get(launch, [h.gpu_ids.remote() for h in holders]) for gpu in ids]
-        url = self._get(launch, engine.start.remote(gpu_ids))
+        url = self._get(launch, engine.start.remote())
         self._await_health(launch, url)
         return Started(launch.name, url)
 
