@@ -150,3 +150,27 @@ def test_an_error_event_in_the_stream_is_raised_after_the_chunks_before_it():
     got, exc = asyncio.run(main())
     assert [json.loads(c) for c in got] == [CHUNKS[0]]
     assert exc.status_code == 500 and exc.message == "engine failed"
+
+
+def test_a_stream_ends_at_done_without_waiting_for_the_chunked_terminator():
+    events = b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(CHUNKS[0]).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    terminator_sent: list[bool] = []
+
+    def handler(path, headers, body):  # the events, a pause, then the body's last chunk (as a busy server may)
+        yield head + b"%x\r\n%b\r\n" % (len(events), events), 0.02
+        terminator_sent.append(True)
+        yield b"0\r\n\r\n", 0.0
+
+    async def main():
+        server, url, _ = await _serve(handler)
+        backend = Backend(url, None, KeepAliveTransport())
+        got = [b async for b in backend.stream_chat_batches({"model": "m", "messages": []})]
+        ended_before_the_terminator = not terminator_sent
+        await backend.aclose()  # waits for the stream's last bytes
+        server.close()
+        return got, ended_before_the_terminator
+
+    got, ended_early = asyncio.run(main())
+    assert [json.loads(c) for batch in got for c in batch] == [CHUNKS[0]]
+    assert ended_early  # before: the last batch waited for the terminator (the drain ran in the generator)

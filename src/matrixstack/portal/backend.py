@@ -14,6 +14,7 @@ length, and a stream is split into SSE events on bytes. Backends on the fabric a
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -62,6 +63,7 @@ class Backend:
         self._headers = f"Host: {host}\r\nAccept: */*\r\nUser-Agent: matrixstack-portal\r\n{auth}".encode()
         self._timeouts_s = (CONNECT_TIMEOUT_S, timeout_s, timeout_s)
         self._transport = transport
+        self._ending: set[asyncio.Task] = set()  # streams past [DONE] whose last bytes are still being read
 
     def _head(self, method: bytes, path: bytes, length: int | None) -> bytes:
         body_headers = b"" if length is None else b"Content-Type: application/json\r\nContent-Length: %d\r\n" % length
@@ -97,8 +99,11 @@ class Backend:
 
     async def _batches(self, path: bytes, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         """Yield the JSON text of the `data:` events of a streamed request up to `[DONE]`, a list per read of the
-        response; an error event raises UpstreamError. Closing it closes the request (aborting it at the backend)."""
+        response; an error event raises UpstreamError. Closing it closes the request (aborting it at the backend).
+        After `[DONE]` it ends at once: the rest of the body (the chunked terminator, which a server may send in a
+        later write) is read in the background, so the client's last bytes do not wait for it."""
         status, stream = await self._send(b"POST", path, dumps_bytes({**body, "stream": True}))
+        done = False
         try:
             if status >= 400:
                 data = b"".join([piece async for piece in stream])
@@ -113,6 +118,7 @@ class Backend:
                         continue  # blank separators, comments (": ping"), event names
                     data = line[5:].strip()
                     if data == DONE:
+                        done = True
                         if batch:
                             yield batch
                         return
@@ -128,7 +134,12 @@ class Backend:
         except httpx.TransportError as exc:
             raise transport_error(self.base_url, exc) from None
         finally:
-            await stream.aclose()
+            if done:  # the stream is over for the caller: read its last bytes (and keep the connection) meanwhile
+                task = asyncio.get_running_loop().create_task(stream.aclose())
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
+            else:
+                await stream.aclose()
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Return the backend's non-streamed `/chat/completions` response to the OpenAI request `body`."""
@@ -151,7 +162,9 @@ class Backend:
         return [card["id"] for card in (await self._json(b"GET", b"/models", None)).get("data", [])]
 
     async def aclose(self) -> None:
-        """Close the idle connections."""
+        """Close the idle connections (after the streams that were ending)."""
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         await self._transport.aclose()
 
 
