@@ -27,7 +27,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from matrixstack.errors import UserError
 from matrixstack.paths import data_dir
-from matrixstack.stack.site import Launch, Started
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, SiteShape
 
 ENGINE_START_TIMEOUT_S = 600.0  # tiny-moe comes up in seconds; a big arch on a loaded machine takes minutes
@@ -36,7 +36,6 @@ POLL_S = 0.2
 HEALTH_TIMEOUT_S = 2.0
 LOG_TAIL_LINES = 20
 URL_PATTERN = re.compile(r"(http://\S+:\d+/v1)")
-DEVICE_KINDS = ("cpu", "cuda")
 
 
 @dataclass
@@ -85,7 +84,7 @@ def check_launch(launch: Launch) -> None:
             f"deployment {launch.name} runs engine {launch.engine}; a local site runs the builtin engine "
             "(engine: matrixstack), as the ray site does; a vllm deployment runs on k8s: `matrixstack stack render k8s`"
         )
-    if launch.device_kind not in DEVICE_KINDS:
+    if launch.device_kind not in ENGINE_DEVICE_KINDS:
         raise UserError(
             f"deployment {launch.name} asks for {launch.device_kind} devices; a local site runs cpu or cuda slices; "
             "render it for k8s or use a local fabric"

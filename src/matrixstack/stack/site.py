@@ -15,6 +15,8 @@ from typing import Protocol
 from matrixstack.errors import UserError
 from matrixstack.stack.spec import EngineArgs, SiteShape
 
+ENGINE_DEVICE_KINDS = ("cpu", "cuda")  # what the builtin engine runs on: CPU cores or CUDA GPUs
+
 
 @dataclass(frozen=True)
 class Launch:

@@ -25,7 +25,7 @@ from typing import TextIO
 from matrixstack.errors import UserError
 from matrixstack.stack.apply import NewKey, apply_shape, device_kind, record_started, record_stopped
 from matrixstack.stack.export import default_shape
-from matrixstack.stack.site import open_site
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS, open_site
 from matrixstack.stack.spec import Shape, SiteShape, load_shape
 from matrixstack.stack.validate import shape_fabric
 
@@ -65,7 +65,7 @@ def check_runnable(shape: Shape) -> None:
                 "matrixstack) on local and ray sites. Render the shape for k8s (`matrixstack stack render k8s SHAPE "
                 "--out DIR`) or import its catalog and slices (`matrixstack shape import SHAPE`)"
             )
-        if kind not in ("cpu", "cuda"):
+        if kind not in ENGINE_DEVICE_KINDS:
             raise UserError(
                 f"deployment {d.name} asks for {kind} devices; the builtin engine runs on CPU cores or CUDA GPUs. "
                 "Render the shape for k8s (`matrixstack stack render k8s SHAPE --out DIR`) or use a local fabric"
