@@ -12,9 +12,9 @@ is two files that differ in `site:` only; `matrixstack up --site` overrides it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.spec import PolicyName, SliceRequest
@@ -35,22 +35,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _check_name(name: str, what: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise ValueError(f"{what} name {name!r} is not allowed: use 1-128 letters, digits, '.', '_', ':' or '-'")
-    return name
+def _name_type(what: str) -> Any:
+    """Return the type of a `what` name: a str of 1-128 letters, digits, '.', '_', ':' or '-' (ValueError naming
+    `what` otherwise)."""
+
+    def check(name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"{what} name {name!r} is not allowed: use 1-128 letters, digits, '.', '_', ':' or '-'")
+        return name
+
+    return Annotated[str, AfterValidator(check)]
+
+
+PoolName = _name_type("pool")
+DeploymentName = _name_type("deployment")
+TenantName = _name_type("tenant")
+ShapeName = _name_type("shape")
 
 
 class PoolShape(Strict):
     """A matrix pool over `fabrics` copies of the shape's fabric."""
 
-    name: str = Field("main", description="pool name")
+    name: PoolName = Field("main", description="pool name")
     fabrics: int = Field(1, ge=1, description="integer copies of the shape's fabric in this pool")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        return _check_name(name, "pool")
 
 
 class EngineArgs(Strict):
@@ -72,7 +79,7 @@ class DeploymentShape(Strict):
     (the decode instance's for a `Plan`).
     """
 
-    name: str = Field(description="deployment name; also the model id its engine serves")
+    name: DeploymentName = Field(description="deployment name; also the model id its engine serves")
     arch: str = Field(description="built-in arch name (e.g. tiny-moe) or arch YAML path")
     weights: str = Field(
         WEIGHTS_PACKAGED, description="'packaged' (the package's own), 'random' (smoke tests) or a folder path"
@@ -89,11 +96,6 @@ class DeploymentShape(Strict):
     workload: Workload = Field(default_factory=Workload, description="the requests the plan is made for")
     slo: Slo = Field(default_factory=Slo, description="latency targets of the plan")
     engine_args: EngineArgs = Field(default_factory=EngineArgs)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        return _check_name(name, "deployment")
 
     @model_validator(mode="after")
     def _plan_kind(self) -> DeploymentShape:
@@ -154,13 +156,8 @@ class KeyShape(KeyLimits):
 class TenantShape(Strict):
     """A tenant and the keys it should have."""
 
-    name: str = Field(description="tenant name")
+    name: TenantName = Field(description="tenant name")
     keys: list[KeyShape] = Field(default_factory=list, description="keys to create when missing")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        return _check_name(name, "tenant")
 
 
 class SiteShape(Strict):
@@ -179,7 +176,7 @@ class Shape(Strict):
     """A whole shape: what runs where (see the module docstring)."""
 
     version: Literal[1] = Field(SHAPE_VERSION, description="shape file format version: 1")
-    name: str = Field(description="shape name")
+    name: ShapeName = Field(description="shape name")
     description: str = ""
     fabric: str | FabricSpec = Field(description="a built-in fabric name, 'local', a fabric YAML path, or inline")
     pools: list[PoolShape] = Field(default_factory=lambda: [PoolShape()], description="matrix pools")
@@ -187,11 +184,6 @@ class Shape(Strict):
     catalog: list[ShapeEntry] = Field(default_factory=list, description="catalog entries, parents first or not")
     tenants: list[TenantShape] = Field(default_factory=list)
     site: SiteShape = Field(default_factory=SiteShape)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        return _check_name(name, "shape")
 
     @model_validator(mode="after")
     def _references(self) -> Shape:
