@@ -6,6 +6,7 @@ package catalog folder; anything that looks like a path is read from disk.
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,24 +30,41 @@ def looks_like_path(name_or_path: str) -> bool:
     return name_or_path.endswith((".yaml", ".yml", ".json")) or "/" in name_or_path or Path(name_or_path).is_file()
 
 
+def read_text(path: Path, source: str, missing_hint: str) -> str:
+    """Return the text of the file `source` names at `path`; SpecError when it is missing (with `missing_hint`, how
+    to fix it) or unreadable."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{source} does not exist; {missing_hint}") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {source}: {exc.strerror}") from None
+
+
+def malformed_yaml(exc: yaml.YAMLError, source: str) -> SpecError:
+    """Return the error of a file that is not valid YAML, naming `source`, the line and column, and the problem."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return SpecError(f"{source}: malformed YAML{where}: {problem}")
+
+
+def malformed_json(exc: json.JSONDecodeError, source: str) -> SpecError:
+    """Return the error of a file that is not valid JSON, naming `source`, the line and column, and the problem."""
+    return SpecError(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+
+
 def read_yaml(path: Path | str, what: str) -> dict[str, Any]:
     """Return the mapping at the top of a YAML file, or raise SpecError naming the file and the line."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{what} file {path} does not exist; give a built-in name or an existing YAML path") from None
-    except OSError as exc:
-        raise SpecError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    source = f"{what} file {path}"
+    text = read_text(path, source, "give a built-in name or an existing YAML path")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{what} file {path}: malformed YAML{where}: {problem}") from None
+        raise malformed_yaml(exc, source) from None
     if not isinstance(data, dict):
-        raise SpecError(f"{what} file {path}: expected a mapping of fields at the top, got {type(data).__name__}")
+        raise SpecError(f"{source}: expected a mapping of fields at the top, got {type(data).__name__}")
     return data
 
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from matrixstack.errors import SpecError, UserError
-from matrixstack.specio import validate_spec
+from matrixstack.specio import malformed_json, malformed_yaml, read_text, validate_spec
 
 Level = Literal["L0", "L1", "L2"]
 Provider = Literal["first-party", "third-party"]
@@ -165,18 +165,11 @@ def load_entries(path: Path | str) -> list[EntrySpec]:
     """Return the entries of a YAML or JSON catalog file; SpecError on a missing, malformed or invalid file."""
     path = Path(path)
     source = f"catalog file {path}"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{source} does not exist; give the path of a YAML or JSON file") from None
-    except OSError as exc:
-        raise SpecError(f"cannot read {source}: {exc.strerror}") from None
+    text = read_text(path, source, "give the path of a YAML or JSON file")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise SpecError(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise malformed_json(exc, source) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{source}: malformed YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        raise malformed_yaml(exc, source) from None
     return parse_entries(data, source)
