@@ -3,7 +3,8 @@ client-disconnect handling and running an app under uvicorn.
 
 - `OpenAIError(status, message, param, code)`: an error answered as OpenAI's `{"error": {...}}` with a status;
   `validation_error(errors)` turns pydantic / FastAPI validation errors into a 400 naming the first bad field;
-- `ClientGone`: the client of a non-streamed request went away (`until_disconnect` raises it);
+- `ClientGone`, `ClientWatch`, `until_disconnect`: a request's client went away; one watcher task per request
+  notices it and ends the request's waits;
 - `sse_event(data)`, `SSE_DONE`, `EventStream`: server-sent events, and a streaming response that always runs
   its close callback, also when the client disconnected;
 - `bind_socket(host, port)`, `uvicorn_server(app, log_level)`, `ServerThread(app)`: a listening socket (with
@@ -29,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from matrixstack.engine.openai_types import error_body
 from matrixstack.errors import UserError
 
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish on Ctrl-C before they are cut
 SSE_DONE = "data: [DONE]\n\n"
 SSE_DONE_BYTES = SSE_DONE.encode()
@@ -118,15 +118,70 @@ def install_openai_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
 
+class ClientWatch:
+    """One task per request that waits for its client to disconnect (`client_watch(scope, receive)` makes it on
+    first use and keeps it in the request's scope, so the waits of one request share it).
+
+    `async with watch:` marks a wait that the client's disconnect should end: when the client goes away inside
+    it, the request's task is cancelled there, and the block raises `ClientGone` instead (raised at once when the
+    client has gone already). What is awaited inside runs on the request's own task: no task per wait and no
+    polling, so a wait that ends resumes the request in the same turn of the event loop.
+    """
+
+    __slots__ = ("_task", "_armed", "gone", "_watcher")
+
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]]):
+        self._task: asyncio.Task | None = None  # the task waiting inside `async with` (the request's)
+        self._armed = False
+        self.gone = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        with contextlib.suppress(Exception):  # a server whose receive fails once the client left: gone as well
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        # uvicorn also answers http.disconnect once the response is complete; nothing is armed by then
+        self.gone = True
+        if self._armed and self._task is not None:
+            self._task.cancel()
+
+    async def __aenter__(self) -> None:
+        if self.gone:
+            raise ClientGone
+        self._task = asyncio.current_task()
+        self._armed = True
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self._armed = False
+        if exc_type is asyncio.CancelledError and self.gone and self._task is not None:
+            self._task.uncancel()  # the cancellation was this watch's: it ends here
+            raise ClientGone from None
+
+    def close(self) -> None:
+        """Stop watching (the request is over)."""
+        self._watcher.cancel()
+
+
+WATCH_SCOPE_KEY = "matrixstack.client_watch"
+
+
+def client_watch(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]]) -> ClientWatch:
+    """Return the request's ClientWatch, made on first use (call it once the request body has been read)."""
+    watch = scope.get(WATCH_SCOPE_KEY)
+    if watch is None:
+        watch = scope[WATCH_SCOPE_KEY] = ClientWatch(receive)
+    return watch
+
+
 class EventStream(Response):
     """An SSE response that always runs `on_close` when it ends, also when the client disconnected.
 
     Written for the request path rather than taken from Starlette: `StreamingResponse` runs each stream in an anyio
     task group with a second task listening for the disconnect, which costs more CPU than relaying a short
-    stream. Here one watcher task waits for the disconnect; when it comes while the stream is still being
-    written, it cancels the response (the pending read of the content stops at once, so the backend or engine
-    behind it learns of it through `on_close`), and the cancellation ends here, not in the server. A piece that
-    ends with `data: [DONE]` ends the response in the same write (the content is closed after it).
+    stream. Here the request's `ClientWatch` (the one its earlier waits used, or a new one) ends the writing when
+    the client goes away: the pending read of the content stops at once, so the backend or engine behind it learns
+    of it through `on_close`. A piece that ends with `data: [DONE]` ends the response in the same write (the
+    content is closed after it).
     """
 
     media_type = "text/event-stream"
@@ -139,56 +194,39 @@ class EventStream(Response):
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        writing, gone = True, False
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if writing:  # the response task is suspended inside the try below: cancel it there
-                gone = True
-                task.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watch = client_watch(scope, receive)
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for piece in self._content:
-                body = piece if isinstance(piece, bytes) else piece.encode()
-                done = body.endswith(SSE_DONE_BYTES)  # the last event of an OpenAI stream: end the response with it
-                await send({"type": "http.response.body", "body": body, "more_body": not done})
-                if done:
-                    break
-            else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            task.uncancel()
+            async with watch:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for piece in self._content:
+                    body = piece if isinstance(piece, bytes) else piece.encode()
+                    done = body.endswith(SSE_DONE_BYTES)  # the last event of an OpenAI stream: end the response
+                    await send({"type": "http.response.body", "body": body, "more_body": not done})
+                    if done:
+                        break
+                else:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientGone:
+            pass
         finally:
-            writing = False
-            watcher.cancel()
+            watch.close()
             with contextlib.suppress(RuntimeError):
                 await self._content.aclose()  # type: ignore[attr-defined]
             await self._on_close()
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
-    """Return the result of `awaitable`; cancel it and raise ClientGone when the client disconnects first."""
-    task = asyncio.ensure_future(awaitable)
+    """Return the result of `awaitable`, awaited on the request's own task; cancel it and raise ClientGone when the
+    client disconnects first."""
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await task
+        watch = client_watch(request.scope, request.receive)
+        async with watch:
+            return await awaitable
+    except ClientGone:
+        close = getattr(awaitable, "close", None)  # not awaited when the client had gone already
+        if close is not None:
+            close()
+        raise
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
