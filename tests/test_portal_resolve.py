@@ -113,15 +113,16 @@ def test_apply_chat_builds_the_exact_body_and_leaves_the_request_alone():
 
 def test_apply_chat_merges_before_the_users_system_message_and_the_request_stop():
     r = resolve(_chain()[:1])
-    body = r.apply_chat(
-        {
-            "model": "base",
-            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-            "stop": "STOP",
-            "max_completion_tokens": 10,
-            "stream": True,
-        }
-    )
+    request = {
+        "model": "base",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "stop": "STOP",
+        "max_completion_tokens": 10,
+        "stream": True,
+    }
+    before = copy.deepcopy(request)
+    body = r.apply_chat(request)
+    assert request == before  # the merged system message is a new one, not the request's changed
     assert body == {
         "model": "tiny-moe",
         "messages": [

@@ -24,7 +24,7 @@ polled while the backend works).
 from __future__ import annotations
 
 import logging
-import os
+import random
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -66,6 +66,11 @@ def backend_client(url: str, api_key: str | None) -> Backend | ExternalEngine:
         return Backend(url, api_key, KeepAliveTransport(MAX_BACKEND_CONNECTIONS))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=MAX_BACKEND_CONNECTIONS)
     return ExternalEngine(url, api_key, transport=httpx.AsyncHTTPTransport(limits=limits))
+
+
+def new_request_id() -> str:
+    """Return a new request id: 32 random hex digits (not secret, so not from the OS: no system call per request)."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None, **kw) -> Any:
@@ -239,7 +244,7 @@ class Gateway:
 
     async def forward(self, request: Request, key: KeyInfo, body: dict[str, Any], kind: Kind) -> Response:
         """Return the response to `key`'s /v1 chat or text completion request `body` (see the module docstring)."""
-        m = Metered(request_id=os.urandom(16).hex(), started_s=time.perf_counter(), stream=bool(body.get("stream")))
+        m = Metered(request_id=new_request_id(), started_s=time.perf_counter(), stream=bool(body.get("stream")))
         m.key = key
         m.entry = body.get("model") if isinstance(body.get("model"), str) else None
         self.metrics.queue_depth.inc()
@@ -331,7 +336,7 @@ class Gateway:
     def log_rejected(self, request: Request, status: int, message: str, key: KeyInfo | None = None) -> None:
         """Log the line of a /v1 request refused before it reached `forward` (no key, an invalid body)."""
         if LOG.isEnabledFor(logging.INFO):
-            m = Metered(request_id=os.urandom(16).hex(), started_s=time.perf_counter(), key=key, status=status)
+            m = Metered(request_id=new_request_id(), started_s=time.perf_counter(), key=key, status=status)
             m.error = message
             m.extra["path"] = request.url.path
             self._log(m, 0.0)

@@ -7,7 +7,6 @@ adapter kept. `Resolved.apply_chat` / `apply_completion` return a new OpenAI req
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +60,7 @@ class Resolved:
         The system prompt is merged in front of the request's first system message, or becomes a new first
         message. Raises RangeError naming the parameter when a value lies outside the entry's range.
         """
-        out = copy.deepcopy(body)
+        out = dict(body)  # a shallow copy: only top-level values are replaced below, never changed in place
         if self.system_prompt:
             messages = list(out.get("messages") or [])
             first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "system"), None)
@@ -77,7 +76,7 @@ class Resolved:
 
         Raises UserError when a prefix is needed but the prompt is token ids, RangeError for a value out of range.
         """
-        out = copy.deepcopy(body)
+        out = dict(body)  # a shallow copy, as in apply_chat
         if self.system_prompt:
             prefix = self.system_prompt + "\n\n"
             prompt = out.get("prompt", "")

@@ -128,18 +128,30 @@ class _ChunkedBody:
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
-        """Return the payload bytes decoded from `data` (with what earlier calls left undecoded)."""
+        """Return the payload bytes decoded from `data` (with what earlier calls left undecoded).
+
+        A server that writes each event as a chunk of its own sends a dozen chunks per read: the loop keeps its
+        state in locals and parses a size line with one `int()` (extensions only on the slow path)."""
         buf = self._pending + data if self._pending else data
         pos, end, out = 0, len(buf), []
-        while not self.done:
-            if self._left:
-                take = min(self._left, end - pos)
+        left, after_data, trailers, done = self._left, self._after_data, self._trailers, self.done
+        while not done:
+            if left:
+                take = left if left <= end - pos else end - pos
                 out.append(buf[pos : pos + take])
                 pos += take
-                self._left -= take
-                if self._left:
+                left -= take
+                if left:
                     break
-                self._after_data = True
+                after_data = True
+            if after_data:  # the CRLF that ends a chunk's payload
+                if buf.startswith(b"\r\n", pos):
+                    pos += 2
+                    after_data = False
+                elif buf[pos:] in (b"", b"\r"):
+                    break
+                else:
+                    raise httpx.RemoteProtocolError("a chunk's payload is longer than its size")
             line_end = buf.find(b"\r\n", pos)
             if line_end < 0:
                 if end - pos > MAX_HEADER_BYTES:
@@ -147,21 +159,25 @@ class _ChunkedBody:
                 break
             line = buf[pos:line_end]
             pos = line_end + 2
-            if self._after_data:
-                if line:
-                    raise httpx.RemoteProtocolError("a chunk's payload is longer than its size")
-                self._after_data = False
-            elif self._trailers:
-                self.done = not line
-            else:
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}") from None
-                self._left = size
-                self._trailers = size == 0
+            if trailers:
+                done = not line
+                continue
+            try:
+                left = int(line, 16)
+            except ValueError:
+                left = _chunk_size(line)
+            trailers = left == 0
         self._pending = buf[pos:]
-        return b"".join(out)
+        self._left, self._after_data, self._trailers, self.done = left, after_data, trailers, done
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _chunk_size(line: bytes) -> int:
+    """Return the size of a chunk size line that has extensions (`1a;name=value`); RemoteProtocolError if bad."""
+    try:
+        return int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}") from None
 
 
 class _ResponseStream(httpx.AsyncByteStream):
