@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from matrixstack.engine.external import UpstreamError
-from matrixstack.portal.backend import Backend
+from matrixstack.portal.backend import Backend, event_block
 from matrixstack.portal.transport import KeepAliveTransport
 
 CHUNKS = [{"id": "c1", "choices": [{"index": 0, "delta": {"content": w}}]} for w in ("one", "two", "three")]
@@ -49,6 +49,17 @@ async def _serve(handler):
     return server, f"http://127.0.0.1:{port}/v1", seen
 
 
+def _chunks(blocks: list[bytes]) -> list[dict]:
+    """Return the chunks of event blocks, checking that each block is whole `data: <json>` events."""
+    out = []
+    for block in blocks:
+        assert block.endswith(b"\n\n")
+        for event in block[:-2].split(b"\n\n"):
+            assert event.startswith(b"data: ")
+            out.append(json.loads(event[len(b"data: ") :]))
+    return out
+
+
 def _stream_response(events: bytes, split_at: list[int]) -> list[tuple[bytes, float]]:
     pieces = [events[a:b] for a, b in zip([0, *split_at], [*split_at, len(events)], strict=True)]
     body = _chunked(pieces)
@@ -72,15 +83,15 @@ def test_streams_are_split_into_events_on_any_boundary_and_batched_per_read():
         server, url, seen = await _serve(lambda path, headers, body: _stream_response(events, split_at))
         backend = Backend(url, "sk-upstream", KeepAliveTransport())
         try:
-            batches = [b async for b in backend.stream_chat_batches({"model": "m", "messages": []})]
+            blocks = [b async for b in backend.stream_chat_blocks({"model": "m", "messages": []})]
         finally:
             await backend.aclose()
             server.close()
-        return batches, seen
+        return blocks, seen
 
-    batches, seen = asyncio.run(main())
-    assert [json.loads(c) for batch in batches for c in batch] == CHUNKS  # each event's JSON text, unparsed
-    assert len(batches) >= 2  # the pieces came apart in time, so they are not one batch
+    blocks, seen = asyncio.run(main())
+    assert _chunks(blocks) == CHUNKS  # each event's JSON text, unparsed, as `data: <json>` events
+    assert len(blocks) >= 2  # the pieces came apart in time, so they are not one block
     path, headers, body = seen[0]
     assert path == "/v1/chat/completions"
     assert headers["authorization"] == "Bearer sk-upstream"
@@ -141,14 +152,14 @@ def test_an_error_event_in_the_stream_is_raised_after_the_chunks_before_it():
         backend = Backend(url, None, KeepAliveTransport())
         got = []
         with pytest.raises(UpstreamError) as raised:
-            async for batch in backend.stream_complete_batches({"model": "m", "prompt": "x"}):
-                got.extend(batch)
+            async for block in backend.stream_complete_blocks({"model": "m", "prompt": "x"}):
+                got.append(block)
         await backend.aclose()
         server.close()
         return got, raised.value
 
     got, exc = asyncio.run(main())
-    assert [json.loads(c) for c in got] == [CHUNKS[0]]
+    assert _chunks(got) == [CHUNKS[0]]
     assert exc.status_code == 500 and exc.message == "engine failed"
 
 
@@ -165,12 +176,21 @@ def test_a_stream_ends_at_done_without_waiting_for_the_chunked_terminator():
     async def main():
         server, url, _ = await _serve(handler)
         backend = Backend(url, None, KeepAliveTransport())
-        got = [b async for b in backend.stream_chat_batches({"model": "m", "messages": []})]
+        got = [b async for b in backend.stream_chat_blocks({"model": "m", "messages": []})]
         ended_before_the_terminator = not terminator_sent
         await backend.aclose()  # waits for the stream's last bytes
         server.close()
         return got, ended_before_the_terminator
 
     got, ended_early = asyncio.run(main())
-    assert [json.loads(c) for batch in got for c in batch] == [CHUNKS[0]]
+    assert _chunks(got) == [CHUNKS[0]]
     assert ended_early  # before: the last batch waited for the terminator (the drain ran in the generator)
+
+
+def test_event_blocks_pass_openai_style_events_as_sent_and_rewrite_anything_else():
+    clean = b'data: {"a":1}\n\ndata: {"b":"x: y"}\n\n'
+    assert event_block(clean) == (clean, False)
+    assert event_block(clean + b"data: [DONE]\n\n") == (clean, True)
+    messy = b': ping\n\nevent: chunk\ndata:{"a":1}\n\ndata:  {"b":2} \n\ndata: [DONE]\n\ndata: {"late":1}\n\n'
+    assert event_block(messy) == (b'data: {"a":1}\n\ndata: {"b":2}\n\n', True)  # nothing after [DONE]
+    assert event_block(b": only a comment\n\n") == (b"", False)

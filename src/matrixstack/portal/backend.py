@@ -1,9 +1,9 @@
 """The portal's client for a plain-HTTP backend: OpenAI requests straight over `KeepAliveTransport`'s connections.
 
 `Backend(base_url, api_key, transport)` has the methods of `engine.external.ExternalEngine` that the gateway uses
-(`chat`, `complete`, `model_ids`, `aclose`) with the same results and errors, and streams as batches of raw
-events (`stream_chat_batches`, `stream_complete_batches`: the JSON text of each `data:` event that arrived in one
-read, unparsed, so that a relay can pass them on in one piece without decoding and encoding each):
+(`chat`, `complete`, `model_ids`, `aclose`) with the same results and errors, and streams as blocks of raw
+events (`stream_chat_blocks`, `stream_complete_blocks`: the `data: <json>` events that arrived in one read, as
+bytes, unparsed, so that a relay can pass them on in one piece without decoding and encoding each):
 an upstream's error is an `UpstreamError` with its status and OpenAI error body as sent, an unreachable backend
 a 502 and a timeout a 504. What it leaves out is httpx's client layer: building an `httpx.Request` (URL parsing,
 header merging, cookies, auth and redirect hooks) and wrapping the response cost about as much CPU as the rest of
@@ -36,8 +36,32 @@ from matrixstack.portal.encoding import dumps_bytes, loads
 from matrixstack.portal.transport import KeepAliveTransport
 
 DATA = b"data:"
+DATA_PREFIX = b"data: "
 DONE = b"[DONE]"
-ERROR_EVENT = re.compile(rb'\{\s*"error"\s*:')  # an event that is an error object: parsed and raised
+DONE_EVENT = b"data: [DONE]\n\n"
+CLEAN_EVENTS = re.compile(rb"(?:data: \{[^\n]*\n\n)*")  # `data: {json}` events only, as OpenAI-style servers send
+ERROR_EVENT = re.compile(rb'(?:^|\n)data: \{\s*"error"\s*:')  # an event that is an error object: parsed and raised
+
+
+def event_block(text: bytes) -> tuple[bytes, bool]:
+    """Return (block, done) for complete SSE events `text` (LF line ends): the block is the `data:` events before
+    `[DONE]`, each as `data: <json>\\n\\n`, and done tells whether `[DONE]` came. A block of OpenAI-style events is
+    `text` itself (one regex match); anything else (comments, other fields, `data:` without the space) is
+    rewritten line by line, dropping what is not data."""
+    done = text.endswith(DONE_EVENT)
+    if done:
+        text = text[: -len(DONE_EVENT)]
+    if CLEAN_EVENTS.fullmatch(text):
+        return text, done
+    events = []
+    for line in text.split(b"\n"):
+        if not line.startswith(DATA):
+            continue  # blank separators, comments (": ping"), event names
+        data = line[len(DATA) :].strip()
+        if data == DONE:
+            return b"".join(events), True
+        events.append(DATA_PREFIX + data + b"\n\n")
+    return b"".join(events), done
 
 
 class Backend:
@@ -97,11 +121,12 @@ class Backend:
                 502, error_body(f"upstream {url} answered non-JSON", "server_error", code="upstream_error")
             ) from None
 
-    async def _batches(self, path: bytes, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
-        """Yield the JSON text of the `data:` events of a streamed request up to `[DONE]`, a list per read of the
-        response; an error event raises UpstreamError. Closing it closes the request (aborting it at the backend).
-        After `[DONE]` it ends at once: the rest of the body (the chunked terminator, which a server may send in a
-        later write) is read in the background, so the client's last bytes do not wait for it."""
+    async def _blocks(self, path: bytes, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Yield the `data:` events of a streamed request up to `[DONE]` as blocks (see `event_block`), a block per
+        read of the response; an error event raises UpstreamError after the events before it. Closing it closes
+        the request (aborting it at the backend). After `[DONE]` it ends at once: when the body's last bytes (the
+        chunked terminator, which a server may send in a later write) are not in yet, they are read in the
+        background, so the client's last bytes do not wait for them."""
         status, stream = await self._send(b"POST", path, dumps_bytes({**body, "stream": True}))
         done = False
         try:
@@ -109,32 +134,32 @@ class Backend:
                 data = b"".join([piece async for piece in stream])
                 raise upstream_error(status, data.decode("utf-8", "replace"), _reason(status))
             pending = b""
-            async for piece in stream:
+            while piece := await stream.next_piece():
                 pending = pending + piece if pending else piece
-                *lines, pending = pending.split(b"\n")
-                batch = []
-                for line in lines:
-                    if not line.startswith(DATA):
-                        continue  # blank separators, comments (": ping"), event names
-                    data = line[5:].strip()
-                    if data == DONE:
-                        done = True
-                        if batch:
-                            yield batch
-                        return
-                    if ERROR_EVENT.match(data):
-                        error = stream_error(loads(data))
-                        if error is not None:
-                            if batch:
-                                yield batch
-                            raise error
-                    batch.append(data)
-                if batch:
-                    yield batch
+                if b"\r" in pending:
+                    pending = pending.replace(b"\r\n", b"\n")
+                cut = pending.rfind(b"\n\n") + 2
+                if cut < 2:
+                    continue  # no event is complete yet
+                block, done = event_block(pending[:cut])
+                pending = pending[cut:]
+                error = ERROR_EVENT.search(block)
+                if error is not None:
+                    start = error.start() + (block[error.start()] == 10)  # after the newline before it
+                    end = block.find(b"\n\n", start)
+                    raised = stream_error(loads(block[start + len(DATA_PREFIX) : end]))
+                    if raised is not None:
+                        if start:
+                            yield block[:start]
+                        raise raised
+                if block:
+                    yield block
+                if done:
+                    return
         except httpx.TransportError as exc:
             raise transport_error(self.base_url, exc) from None
         finally:
-            if done:  # the stream is over for the caller: read its last bytes (and keep the connection) meanwhile
+            if done and not stream.ended:  # over for the caller: read the last bytes (keeping the connection) meanwhile
                 task = asyncio.get_running_loop().create_task(stream.aclose())
                 self._ending.add(task)
                 task.add_done_callback(self._ending.discard)
@@ -149,13 +174,13 @@ class Backend:
         """Return the backend's non-streamed `/completions` response to the OpenAI request `body`."""
         return await self._json(b"POST", b"/completions", {**body, "stream": False})
 
-    def stream_chat_batches(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
-        """Yield the chunks (JSON text) of a streamed `/chat/completions` (up to `[DONE]`) in batches, one per read."""
-        return self._batches(b"/chat/completions", body)
+    def stream_chat_blocks(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Yield the events of a streamed `/chat/completions` (up to `[DONE]`) in blocks, one per read."""
+        return self._blocks(b"/chat/completions", body)
 
-    def stream_complete_batches(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
-        """Yield the chunks (JSON text) of a streamed `/completions` (up to `[DONE]`) in batches, one per read."""
-        return self._batches(b"/completions", body)
+    def stream_complete_blocks(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Yield the events of a streamed `/completions` (up to `[DONE]`) in blocks, one per read."""
+        return self._blocks(b"/completions", body)
 
     async def model_ids(self) -> list[str]:
         """Return the ids of the models the backend lists (`GET /models`)."""

@@ -45,7 +45,7 @@ from matrixstack.portal.encoding import JsonResponse, dumps, loads
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
-from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay, one_per_batch
+from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay, one_per_block
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
 from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
@@ -291,17 +291,17 @@ class Gateway:
         refuses the request answers with its own status)."""
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         if isinstance(client, Backend):
-            batches = client.stream_chat_batches(body) if kind == "chat" else client.stream_complete_batches(body)
+            blocks = client.stream_chat_blocks(body) if kind == "chat" else client.stream_complete_blocks(body)
         else:
-            batches = one_per_batch(client.stream_chat(body) if kind == "chat" else client.stream_complete(body))
+            blocks = one_per_block(client.stream_chat(body) if kind == "chat" else client.stream_complete(body))
         try:
-            first = await until_disconnect(request, batches.__anext__())
+            first = await until_disconnect(request, blocks.__anext__())
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await batches.aclose()  # type: ignore[attr-defined]
+            await blocks.aclose()  # type: ignore[attr-defined]
             raise
-        relay = StreamRelay(batches, first, kind, m, self.finish)
+        relay = StreamRelay(blocks, first, kind, m, self.finish)
         return EventStream(relay.events(), relay.close)
 
     # ---- metering ---------------------------------------------------------------------------------------

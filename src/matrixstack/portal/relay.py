@@ -1,20 +1,21 @@
 """Relaying a backend's SSE stream to the client, and the record of one metered request.
 
-`StreamRelay(batches, first, kind, metered, finish)` turns the backend's chunks — JSON text, in batches (those
-that arrived in one read: `Backend.stream_*_batches`; one per batch from `ExternalEngine`, via `one_per_batch`) —
-into the client's events: each chunk with `model` set to the catalog entry, then a usage chunk (the backend's own
-when it sent one, else one the relay makes) and `data: [DONE]`. Chunks are passed on as text: the `model` field is
-replaced in place, usage is read from the (one) chunk that carries a usage object, and a chunk carries a token
-when its `content` (chat) or `text` (completion) string is not empty; decoding and encoding every chunk cost more
-than the rest of the relay. A batch is written as one piece: a stream whose backend is faster than the
-client costs one write per read rather than one per token (writes are the dearest part of a relay), and the
-chunks of a batch have all arrived, so none waits for another. The relay reads the next batch only when the last
-one was written, which is the backpressure. A backend error in the middle of the stream becomes one
-`data: {"error": ...}` event, then the stream ends (the HTTP status was sent already).
+`StreamRelay(blocks, first, kind, metered, finish)` turns the backend's events — `data: <json>` events in blocks
+(those that arrived in one read: `Backend.stream_*_blocks`; one event per block from `ExternalEngine`, via
+`one_per_block`) — into the client's events: each chunk with `model` set to the catalog entry, then a usage chunk
+(the backend's own when it sent one, else one the relay makes) and `data: [DONE]`. Chunks are passed on as text,
+a block at a time: one regex pass over the block rewrites every `model` field in place, finds the usage object
+and counts the tokens (a `content` (chat) or `text` (completion) string that is not empty); decoding and encoding
+every chunk, or even splitting a block into its events, cost more than the rest of the relay. A block is written
+as one piece: a stream whose backend is faster than the client costs one write per read rather than one per
+token (writes are the dearest part of a relay), and the chunks of a block have all arrived, so none waits for
+another. The relay reads the next block only when the last one was written, which is the backpressure. A backend
+error in the middle of the stream becomes one `data: {"error": ...}` event, then the stream ends (the HTTP status
+was sent already).
 
 `close()` (the response's on_close: after the last write, or when the client went away) closes the backend stream
 (which aborts the backend request when it was not finished) and meters the request once: tokens from the
-backend's usage (or one per content chunk when the backend sent none), TTFT (to the first content chunk), TPOT
+backend's usage (or one per content string when the backend sent none), TTFT (to the first content chunk), TPOT
 (the spread of the rest over the remaining tokens), status 499 for a client that left.
 """
 
@@ -59,6 +60,8 @@ class Metered:
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 TOKEN_FIELD = {"chat": re.compile(rb'"content"\s*:\s*"[^"]'), "completion": re.compile(rb'"text"\s*:\s*"[^"]')}
+EVENT_END = b"\n\n"
+DATA_PREFIX = b"data: "
 
 
 class StreamRelay:
@@ -66,14 +69,15 @@ class StreamRelay:
 
     def __init__(
         self,
-        batches: AsyncIterator[list[bytes]],
-        first: list[bytes] | None,
+        blocks: AsyncIterator[bytes],
+        first: bytes | None,
         kind: Kind,
         metered: Metered,
         finish: Callable[[Metered], None],
     ):
-        self._batches, self._first, self._kind, self._m, self._finish = batches, first, kind, metered, finish
+        self._blocks, self._first, self._kind, self._m, self._finish = blocks, first, kind, metered, finish
         self._model_field = b'"model":' + dumps_bytes(metered.entry)
+        self._model_template = self._model_field.replace(b"\\", b"\\\\")  # as re.sub's replacement: literal
         self._token = TOKEN_FIELD[kind]
         self._closed = False
         self._delivered = False  # events() wrote everything, [DONE] included
@@ -83,25 +87,35 @@ class StreamRelay:
         self._usage: dict[str, Any] | None = None
         self._last: bytes | None = None
 
-    def _encode(self, batch: list[bytes]) -> bytes:
-        """Return the batch's events, each chunk with the entry as its model, noting usage and token timing."""
-        now = time.perf_counter()
-        model = self._model_field
-        out = []
-        for chunk in batch:
-            if USAGE_OBJECT.search(chunk):
-                self._usage = loads(chunk).get("usage")
-            if self._token.search(chunk):
-                self._last_token_s = now
-                if self._first_token_s is None:
-                    self._first_token_s = now
-                self._content_chunks += 1
-            chunk, found = MODEL_FIELD.subn(lambda _: model, chunk, count=1)
-            if not found and chunk.startswith(b"{"):
-                chunk = b"{" + model + (b"," if chunk[1:].strip() != b"}" else b"") + chunk[1:]
-            out.append(b"data: " + chunk + b"\n\n")
-        self._last = batch[-1]
-        return b"".join(out)
+    def _encode(self, block: bytes) -> bytes:
+        """Return the block's events, each chunk with the entry as its model, noting usage and token timing.
+
+        The block is `data: <json>\\n\\n` events (a JSON text has no raw newline, so every blank line ends one):
+        one regex pass each finds the usage object, counts the tokens and rewrites the `model` fields."""
+        usage = [None, *USAGE_OBJECT.finditer(block)][-1]  # the last one counts
+        if usage is not None:
+            start = block.rfind(b"\n", 0, usage.start()) + 1 + len(DATA_PREFIX)
+            self._usage = loads(block[start : block.find(EVENT_END, usage.end())]).get("usage")
+        tokens = len(self._token.findall(block))
+        if tokens:
+            now = time.perf_counter()
+            self._last_token_s = now
+            if self._first_token_s is None:
+                self._first_token_s = now
+            self._content_chunks += tokens
+        out, replaced = MODEL_FIELD.subn(self._model_template, block)
+        if replaced != block.count(EVENT_END):  # a chunk without a model field (or with two): one by one
+            out = b"".join(self._with_model(event) for event in block.split(EVENT_END)[:-1])
+        self._last = block[block.rfind(b"\n", 0, len(block) - 2) + 1 + len(DATA_PREFIX) : -2]
+        return out
+
+    def _with_model(self, event: bytes) -> bytes:
+        """Return one event (`data: <json>`, without its blank line) with the entry as its model, ended."""
+        chunk, found = MODEL_FIELD.subn(self._model_template, event[len(DATA_PREFIX) :], count=1)
+        if not found and chunk.startswith(b"{"):
+            model = self._model_field
+            chunk = b"{" + model + (b"," if chunk[1:].strip() != b"}" else b"") + chunk[1:]
+        return DATA_PREFIX + chunk + EVENT_END
 
     async def events(self) -> AsyncIterator[bytes]:
         """Yield the client's SSE bytes: a piece per backend batch, then the usage chunk and [DONE]."""
@@ -109,8 +123,8 @@ class StreamRelay:
         if self._first:
             yield self._encode(self._first)
         try:
-            async for batch in self._batches:
-                yield self._encode(batch)
+            async for block in self._blocks:
+                yield self._encode(block)
         except UpstreamError as exc:
             m.status, m.error = exc.status_code, exc.message
             yield sse(exc.body).encode()
@@ -145,7 +159,7 @@ class StreamRelay:
         if not self._delivered and m.status < 400:
             m.status, m.error = CLIENT_CLOSED, "client closed the stream"
         with contextlib.suppress(RuntimeError):
-            await self._batches.aclose()  # type: ignore[attr-defined]
+            await self._blocks.aclose()  # type: ignore[attr-defined]
         m.prompt_tokens, m.completion_tokens = self._tokens()
         if self._first_token_s is not None:
             m.ttft_s = self._first_token_s - m.started_s
@@ -154,11 +168,11 @@ class StreamRelay:
         self._finish(m)
 
 
-async def one_per_batch(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[list[bytes]]:
-    """Yield each parsed chunk of a stream (`ExternalEngine`'s) as JSON text in a batch of its own; closing it closes
+async def one_per_block(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Yield each parsed chunk of a stream (`ExternalEngine`'s) as a block of one event; closing it closes
     `chunks`."""
     try:
         async for chunk in chunks:
-            yield [dumps_bytes(chunk)]
+            yield DATA_PREFIX + dumps_bytes(chunk) + EVENT_END
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]

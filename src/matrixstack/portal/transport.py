@@ -193,45 +193,58 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._done = False
         self._reading = False  # a read is under way
 
+    @property
+    def ended(self) -> bool:
+        """Return True once the whole body was read."""
+        return self._done
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        while data := await self.next_piece():
+            yield data
+
+    async def next_piece(self) -> bytes:
+        """Return the next piece of the body, as much as the connection has (b"" once the body ended); httpx's
+        errors when the read fails."""
         try:
-            async for data in self._body():
-                yield data
+            while not self._done:
+                data = await self._read()
+                if data:
+                    return data
+            return b""
         except _ReadFailed as exc:
             raise httpx.ReadError(f"reading the response body failed: {exc.cause!r}") from None
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    async def _read(self) -> bytes:
+        """Return the body bytes of one read of the connection (maybe none: a chunk's size line only)."""
         conn = self._conn
         if conn is None:
             raise httpx.StreamClosed()
         reader = conn.reader
+        self._reading = True
         chunks = self._chunks
-        while not self._done:
-            self._reading = True
-            if chunks is not None:
-                raw = await conn.read(reader.read(READ_CHUNK_BYTES))
-                if not raw:
-                    raise httpx.RemoteProtocolError("the server closed the connection before the body ended")
-                data = chunks.feed(raw)
-                self._done = chunks.done
-                if self._done and chunks._pending:  # bytes after the body: the connection is not reusable
-                    self._keep = False
-            elif self._left is not None:
-                if self._left == 0:
-                    data, self._done = b"", True
-                else:
-                    data = await conn.read(reader.read(min(self._left, READ_CHUNK_BYTES)))
-                    if not data:
-                        raise httpx.RemoteProtocolError("the server closed the connection before the body ended")
-                    self._left -= len(data)
-                    self._done = self._left == 0
-            else:  # neither length nor chunked: the body runs to the close
+        if chunks is not None:
+            raw = await conn.read(reader.read(READ_CHUNK_BYTES))
+            if not raw:
+                raise httpx.RemoteProtocolError("the server closed the connection before the body ended")
+            data = chunks.feed(raw)
+            self._done = chunks.done
+            if self._done and chunks._pending:  # bytes after the body: the connection is not reusable
                 self._keep = False
-                data = await conn.read(reader.read(READ_CHUNK_BYTES))
-                self._done = not data
-            self._reading = False
-            if data:
-                yield data
+        elif self._left is not None:
+            if self._left == 0:
+                data, self._done = b"", True
+            else:
+                data = await conn.read(reader.read(min(self._left, READ_CHUNK_BYTES)))
+                if not data:
+                    raise httpx.RemoteProtocolError("the server closed the connection before the body ended")
+                self._left -= len(data)
+                self._done = self._left == 0
+        else:  # neither length nor chunked: the body runs to the close
+            self._keep = False
+            data = await conn.read(reader.read(READ_CHUNK_BYTES))
+            self._done = not data
+        self._reading = False
+        return data
 
     async def _drain(self) -> bool:
         """Return True when the rest of the body arrived within DRAIN_S (and was small)."""
@@ -240,8 +253,8 @@ class _ResponseStream(httpx.AsyncByteStream):
         received = 0
         try:
             async with asyncio.timeout(DRAIN_S):
-                async for data in self._body():
-                    received += len(data)
+                while not self._done:
+                    received += len(await self._read())
                     if received > DRAIN_MAX_BYTES:
                         return False
         except (TimeoutError, _ReadFailed, httpx.HTTPError):
