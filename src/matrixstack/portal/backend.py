@@ -143,7 +143,8 @@ class Backend:
                     continue  # no event is complete yet
                 block, done = event_block(pending[:cut])
                 pending = pending[cut:]
-                error = ERROR_EVENT.search(block)
+                # the literal first: the regex scans slowly (its alternation defeats the prefix search)
+                error = ERROR_EVENT.search(block) if b'"error"' in block else None
                 if error is not None:
                     start = error.start() + (block[error.start()] == 10)  # after the newline before it
                     end = block.find(b"\n\n", start)
