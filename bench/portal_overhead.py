@@ -16,6 +16,9 @@ process, all in front of that one upstream process:
   the catalog entry, forwards the request to the upstream and meters it. Its database is SQLite in a temporary
   directory, set up with `PortalService`: one tenant, one key without limits, one L0 entry whose backend is the
   echo upstream (kind `upstream`);
+- `relay`: the client calls `bench/tcp_relay.py`, a process that only copies bytes to and from the upstream: the
+  floor, what one more hop and one more process on the shared cores cost without any work. The portal's distance
+  from it is the portal's own work;
 - `litellm` (optional): LiteLLM's proxy (`litellm --config config.yaml`) with one `model_list` entry pointing at
   the same upstream, as the peer. It is found on PATH, beside this Python, in $LITELLM_BIN or at `--litellm
   PATH`; when it is missing the run goes on without it and says why in the JSON (`litellm.reason`). Installing
@@ -114,6 +117,12 @@ def upstream_command(port: int, delay_ms: float = 0.0) -> list[str]:
     """Return the command line that serves the echo upstream on `port`, answering after `delay_ms`."""
     script = str(BENCH_DIR / "echo_upstream.py")
     return [sys.executable, script, "--host", HOST, "--port", str(port), "--delay-ms", str(delay_ms)]
+
+
+def relay_command(port: int, upstream_port: int) -> list[str]:
+    """Return the command line of the do-nothing TCP relay on `port` in front of the upstream on `upstream_port`."""
+    script = str(BENCH_DIR / "tcp_relay.py")
+    return [sys.executable, script, "--host", HOST, "--port", str(port), "--upstream-port", str(upstream_port)]
 
 
 def portal_command(db_url: str, port: int) -> list[str]:
@@ -440,7 +449,7 @@ def plot(runs: dict[str, dict[str, list[float]]], path: Path, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"direct": "#1f77b4", "portal": "#d62728", "litellm": "#2ca02c"}
+    colours = {"direct": "#1f77b4", "relay": "#7f7f7f", "portal": "#d62728", "litellm": "#2ca02c"}
     fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
     for ax, (kind, by_path) in zip(axes[0], runs.items(), strict=True):
         for name, values in by_path.items():
@@ -500,9 +509,9 @@ class _progress:
 def servers(
     directory: Path, litellm_choice: str, upstream_delay_ms: float = 0.0
 ) -> Iterator[tuple[list[Target], dict, dict, Callable]]:
-    """Start the upstream, the portal and (when found) LiteLLM; yield the paths to measure, the LiteLLM report,
-    the setup report (with the portal's database URL) and a CPU probe of every process; stop every process on the
-    way out."""
+    """Start the upstream, the relay, the portal and (when found) LiteLLM; yield the paths to measure, the LiteLLM
+    report, the setup report (with the portal's database URL) and a CPU probe of every process; stop every process
+    on the way out."""
     started: list[Server] = []
 
     def start(name: str, command: Callable[[int], list[str]], health: str, timeout_s: float, env=None) -> Server:
@@ -514,16 +523,20 @@ def servers(
     try:
         upstream_cmd = lambda port: upstream_command(port, upstream_delay_ms)  # noqa: E731
         upstream = start("upstream", upstream_cmd, "/health", START_TIMEOUT_S)
+        upstream_port = int(upstream.base_url.rsplit(":", 1)[1].removesuffix("/v1"))
+        relay = start("relay", lambda port: relay_command(port, upstream_port), "/health", START_TIMEOUT_S)
         db_url = f"sqlite:///{directory / 'portal.db'}"
         key = setup_portal_db(db_url, upstream.base_url)
         portal = start("portal", lambda port: portal_command(db_url, port), "/health", START_TIMEOUT_S)
         targets = [
             Target("direct", upstream.base_url, UPSTREAM_MODEL),
+            Target("relay", relay.base_url, UPSTREAM_MODEL),
             Target("portal", portal.base_url, ENTRY, {"Authorization": f"Bearer {key}"}),
         ]
         setup = {
             "db_url": db_url,
             "upstream_command": _shown(upstream.command),
+            "relay_command": _shown(relay.command),
             "portal_command": _shown(portal.command),
         }
         executable, reason = find_litellm(litellm_choice)
@@ -588,8 +601,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "upstream": "bench/echo_upstream.py (fixed short completion, usage counted in words)",
         "machine": {
             "cpu_count": os.cpu_count(),
-            "cores_shared": "the client (this process), the upstream, the portal and LiteLLM share every core; "
-            "nothing is pinned",
+            "cores_shared": "the client (this process), the upstream, the relay, the portal and LiteLLM share every "
+            "core; nothing is pinned",
             "load_average_before": [round(x, 2) for x in os.getloadavg()],  # other work on the machine
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -1,6 +1,7 @@
-"""bench/portal_overhead.py in a tiny configuration: real processes (the echo upstream, the portal), real HTTP.
+"""bench/portal_overhead.py in a tiny configuration: real processes (the echo upstream, the relay, the portal), real
+HTTP.
 
-Only the report's shape and counts are checked (every request served on both paths, the portal metered them);
+Only the report's shape and counts are checked (every request served on every path, the portal metered them);
 no timing is asserted: the figures depend on the machine.
 """
 
@@ -30,14 +31,14 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
 
 
 @pytest.mark.parametrize("client", ["raw", "httpx"])
-def test_tiny_bench_serves_every_request_on_both_paths(tmp_path, client):
+def test_tiny_bench_serves_every_request_on_every_path(tmp_path, client):
     stream = client == "raw"  # the streamed variant once is enough
     args = ["--requests", "40", "--concurrency", "4", "--warmup", "4", "--serial", "5", "--client", client]
     report = run_bench(tmp_path, *args, *([] if stream else ["--no-stream", "--no-plot"]))
 
     kinds = ("chat", "stream", "serial") if stream else ("chat", "serial")
     for kind in kinds:
-        assert set(report[kind]) == {"direct", "portal"}, kind
+        assert set(report[kind]) == {"direct", "relay", "portal"}, kind
         expected = 5 if kind == "serial" else 40
         for name, figures in report[kind].items():
             for key in FIGURES:
