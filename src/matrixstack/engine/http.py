@@ -125,10 +125,13 @@ class ClientWatch:
     `async with watch:` marks a wait that the client's disconnect should end: when the client goes away inside
     it, the request's task is cancelled there, and the block raises `ClientGone` instead (raised at once when the
     client has gone already). What is awaited inside runs on the request's own task: no task per wait and no
-    polling, so a wait that ends resumes the request in the same turn of the event loop.
+    polling, so a wait that ends resumes the request in the same turn of the event loop. The watcher is never
+    cancelled: it ends when the server answers its pending `receive()`, which uvicorn does as soon as the response
+    is complete (cancelling it left a cycle of exception, traceback and frames per request for the garbage
+    collector, whose full passes then stalled the event loop for tens of milliseconds).
     """
 
-    __slots__ = ("_task", "_armed", "gone", "_watcher")
+    __slots__ = ("_task", "_armed", "gone", "_watcher")  # _watcher: the task, kept referenced while it runs
 
     def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]]):
         self._task: asyncio.Task | None = None  # the task waiting inside `async with` (the request's)
@@ -152,14 +155,10 @@ class ClientWatch:
         self._armed = True
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
-        self._armed = False
-        if exc_type is asyncio.CancelledError and self.gone and self._task is not None:
-            self._task.uncancel()  # the cancellation was this watch's: it ends here
+        task, self._task, self._armed = self._task, None, False
+        if exc_type is asyncio.CancelledError and self.gone and task is not None:
+            task.uncancel()  # the cancellation was this watch's: it ends here
             raise ClientGone from None
-
-    def close(self) -> None:
-        """Stop watching (the request is over)."""
-        self._watcher.cancel()
 
 
 WATCH_SCOPE_KEY = "matrixstack.client_watch"
@@ -209,7 +208,6 @@ class EventStream(Response):
         except ClientGone:
             pass
         finally:
-            watch.close()
             with contextlib.suppress(RuntimeError):
                 await self._content.aclose()  # type: ignore[attr-defined]
             await self._on_close()
