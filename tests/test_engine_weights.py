@@ -195,3 +195,12 @@ def test_matches_hugging_face_deepseek_v3(tmp_path):
     ids = torch.arange(17) % MLA_ARCH.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(hf(ids[None]).logits[0].float(), ours.reference_forward(ids), atol=1e-4, rtol=0)
+
+
+def test_weights_default_to_the_packaged_ones_and_an_arch_without_them_says_how_to_give_them(tmp_path):
+    from matrixstack.engine import PACKAGED_WEIGHTS, weights_or_packaged
+
+    assert weights_or_packaged("tiny-moe", None, "unused") == PACKAGED_WEIGHTS["tiny-moe"]
+    assert weights_or_packaged("deepseek-v3", str(tmp_path), "unused") == tmp_path
+    with pytest.raises(UserError, match=r"^arch deepseek-v3 ships no weights; pass --weights DIR$"):
+        weights_or_packaged("deepseek-v3", None, "pass --weights DIR")

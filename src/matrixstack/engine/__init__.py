@@ -33,6 +33,19 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 PACKAGED_WEIGHTS = {"tiny-moe": ASSETS_DIR / "tiny-moe"}
 TOKENIZER_FILE = "tokenizer.json"
 
+
+def weights_or_packaged(arch_name: str, weights_dir: str | Path | None, how: str) -> Path:
+    """Return `weights_dir` as a Path, or the weights packaged for `arch_name` when it is None; UserError (saying
+    `how` to give them) when that arch ships none."""
+    if weights_dir is not None:
+        return Path(weights_dir)
+    if arch_name not in PACKAGED_WEIGHTS:
+        from matrixstack.errors import UserError
+
+        raise UserError(f"arch {arch_name} ships no weights; {how}")
+    return PACKAGED_WEIGHTS[arch_name]
+
+
 _LAZY = {  # public name -> the module that defines it
     "AttentionMetadata": "matrixstack.engine.attention",
     "build_metadata": "matrixstack.engine.attention",

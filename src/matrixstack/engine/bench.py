@@ -215,7 +215,7 @@ def build_engine(
     own init with `seed` instead of loading weights; the tokenizer is the packaged one or `weights_dir`'s.
     """
     from matrixstack.arch import load_arch
-    from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
+    from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
     from matrixstack.engine.llm_engine import LLMEngine
     from matrixstack.engine.model import MoETransformer
     from matrixstack.engine.model_runner import ModelRunner
@@ -225,11 +225,7 @@ def build_engine(
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     arch = load_arch(arch_name)
-    if weights_dir is None:
-        if arch.name not in PACKAGED_WEIGHTS:
-            raise UserError(f"arch {arch.name} ships no weights; pass --weights DIR (its safetensors and tokenizer)")
-        weights_dir = PACKAGED_WEIGHTS[arch.name]
-    weights_dir = Path(weights_dir)
+    weights_dir = weights_or_packaged(arch.name, weights_dir, "pass --weights DIR (its safetensors and tokenizer)")
     if not (weights_dir / TOKENIZER_FILE).is_file():
         raise UserError(f"no {TOKENIZER_FILE} in {weights_dir}; pass --weights DIR with the weights and tokenizer")
     tokenizer = Tokenizer.from_file(weights_dir / TOKENIZER_FILE)

@@ -119,13 +119,9 @@ def _kill(ranks: list[LocalRank | RemoteRank]) -> None:
 
 def _resolve_weights(arch: Arch, weights_dir: str | Path | None) -> Path:
     """Return the folder or file of the arch's safetensors; UserError when there is none."""
-    if weights_dir is None:
-        from matrixstack.engine import PACKAGED_WEIGHTS  # late: the package __init__ may import this module
+    from matrixstack.engine import weights_or_packaged  # late: the package __init__ may import this module
 
-        if arch.name not in PACKAGED_WEIGHTS:
-            raise UserError(f"arch {arch.name} ships no weights; pass weights_dir, the folder of its safetensors")
-        weights_dir = PACKAGED_WEIGHTS[arch.name]
-    path = Path(weights_dir)
+    path = weights_or_packaged(arch.name, weights_dir, "pass weights_dir, the folder of its safetensors")
     if not (path.is_file() or any(path.glob("*.safetensors"))):
         raise UserError(f"no safetensors weights at {path}; give weights_dir, a .safetensors file or a folder of them")
     return path

@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
+from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights
-from matrixstack.errors import UserError
 
 
 def load_model(
@@ -26,11 +25,7 @@ def load_model(
     tiny-moe only. `expert_ids` materialises and loads only those routed experts.
     """
     arch = load_arch(arch_name_or_path)
-    if weights_dir is None:
-        if arch.name not in PACKAGED_WEIGHTS:
-            raise UserError(f"arch {arch.name} ships no weights; pass the folder of its safetensors and tokenizer")
-        weights_dir = PACKAGED_WEIGHTS[arch.name]
-    weights_dir = Path(weights_dir)
+    weights_dir = weights_or_packaged(arch.name, weights_dir, "pass the folder of its safetensors and tokenizer")
     model = MoETransformer(arch, dtype=dtype, expert_ids=expert_ids)
     load_weights(model, weights_dir)
     return model.eval(), Tokenizer.from_file(weights_dir / TOKENIZER_FILE)

@@ -30,7 +30,6 @@ import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -40,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE, MoETransformer, Tokenizer, load_weights
+from matrixstack.engine import TOKENIZER_FILE, MoETransformer, Tokenizer, load_weights, weights_or_packaged
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.http import (
     SSE_DONE,
@@ -406,12 +405,7 @@ def build_deployment(
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     arch = load_arch(arch_name)
-    if weights_dir is None:
-        if arch.name not in PACKAGED_WEIGHTS:
-            raise UserError(f"arch {arch.name} ships no weights; pass --weights DIR (its safetensors and tokenizer)")
-        weights = PACKAGED_WEIGHTS[arch.name]
-    else:
-        weights = Path(weights_dir)
+    weights = weights_or_packaged(arch.name, weights_dir, "pass --weights DIR (its safetensors and tokenizer)")
     if not weights.is_dir():
         raise UserError(f"weights folder {weights} does not exist; pass --weights DIR")
     if not random_weights and not any(weights.glob("*.safetensors")):
