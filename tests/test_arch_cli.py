@@ -147,3 +147,11 @@ def test_import_missing_file_exits_2(cli, tmp_path):
     result = cli("arch", "import", str(tmp_path / "nope.json"))
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_import_to_an_unwritable_out_exits_2_naming_it(cli, tmp_path):
+    out = tmp_path / "no-such-folder" / "ds.yaml"
+    result = cli("arch", "import", str(HF_CONFIGS / "deepseek-v3.json"), "--out", str(out))
+    assert result.exit_code == 2
+    assert f"--out {out}: cannot write it" in result.output and "pick a writable path" in result.output
+    assert "Traceback" not in result.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,8 @@ from rich.table import Table
 
 from matrixstack.arch import BYTES_PER_ELEMENT, Arch, arch_names, load_arch
 from matrixstack.arch.hf_import import import_hf_config
-from matrixstack.cli.common import console, err_console, print_json, user_errors_exit_2
+from matrixstack.cli.common import console, err_console, print_json, user_errors_exit_2, write_out
 from matrixstack.dtypes import parse_dtype
-from matrixstack.errors import UserError
 from matrixstack.units import format_bytes
 
 arch_app = typer.Typer(
@@ -190,11 +188,5 @@ def import_arch(
 ) -> None:
     """Turn a Hugging Face config.json (deepseek_v2/v3, qwen3_moe, mixtral, qwen2, qwen3, llama) into an arch YAML."""
     arch, text = import_hf_config(config_json, name)
-    if out is None:
-        sys.stdout.write(text)
-        return
-    try:
-        out.write_text(text)
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror}") from None
-    err_console.print(f"wrote arch {arch.name} to {out} ({_count(arch.total_params())} params)", highlight=False)
+    if write_out(text, out):
+        err_console.print(f"wrote arch {arch.name} to {out} ({_count(arch.total_params())} params)", highlight=False)

@@ -10,9 +10,8 @@ import typer
 import yaml
 from rich.table import Table
 
-from matrixstack.cli.common import console, err_console, print_json, user_errors_exit_2
+from matrixstack.cli.common import console, err_console, print_json, user_errors_exit_2, write_out
 from matrixstack.cli.matrix_cmd import DbOption, ranges
-from matrixstack.errors import UserError
 
 if TYPE_CHECKING:  # the stack's modules pull in perf and SQLAlchemy: import them only when a command runs
     from matrixstack.stack.apply import Applied
@@ -169,11 +168,5 @@ def export(
     from matrixstack.stack.export import export_shape
 
     text = EXPORT_HEADER + yaml.safe_dump(export_shape(db).dump(), sort_keys=False, allow_unicode=True)
-    if out is None:
-        typer.echo(text, nl=False)
-        return
-    try:
-        out.write_text(text)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write it ({exc.strerror}); pick a writable path") from None
-    console.print(f"wrote {out}", highlight=False)
+    if write_out(text, out):
+        console.print(f"wrote {out}", highlight=False)
