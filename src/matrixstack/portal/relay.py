@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from matrixstack.engine.external import UpstreamError
-from matrixstack.engine.http import SSE_DONE
+from matrixstack.engine.http import SSE_DONE, sse_event
 from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
-from matrixstack.portal.encoding import dumps_bytes, loads, sse
+from matrixstack.portal.encoding import dumps_bytes, loads
 from matrixstack.portal.service import KeyInfo
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
@@ -127,11 +127,11 @@ class StreamRelay:
                 yield self._encode(block)
         except UpstreamError as exc:
             m.status, m.error = exc.status_code, exc.message
-            yield sse(exc.body).encode()
+            yield sse_event(exc.body).encode()
             return
         except Exception as exc:  # a backend that breaks mid-stream: tell the client in the stream, then close
             m.status, m.error = 500, f"{type(exc).__name__}: {exc}"
-            yield sse(error_body(f"the backend failed this request: {m.error}", "server_error")).encode()
+            yield sse_event(error_body(f"the backend failed this request: {m.error}", "server_error")).encode()
             return
         last = loads(self._last) if self._last is not None else None
         tail = ""
@@ -140,7 +140,7 @@ class StreamRelay:
             ident = (last or {}).get("id") or f"portal-{m.request_id}"
             created = (last or {}).get("created") or int(time.time())
             make = chat_chunk if self._kind == "chat" else completion_chunk
-            tail = sse(make(ident, m.entry, created, None, None, True, usage(*self._tokens())))
+            tail = sse_event(make(ident, m.entry, created, None, None, True, usage(*self._tokens())))
         self._delivered = True  # the response ends with this piece (EventStream closes the stream after [DONE])
         yield (tail + SSE_DONE).encode()
 
