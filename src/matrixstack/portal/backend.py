@@ -36,7 +36,8 @@ from matrixstack.portal.encoding import dumps_bytes, loads
 from matrixstack.portal.transport import KeepAliveTransport
 
 DATA = b"data:"
-DATA_PREFIX = b"data: "
+DATA_PREFIX = b"data: "  # how every event of a block starts
+EVENT_END = b"\n\n"  # and ends (a JSON text has no raw newline)
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 CLEAN_EVENTS = re.compile(rb"(?:data: \{[^\n]*\n\n)*")  # `data: {json}` events only, as OpenAI-style servers send
@@ -60,7 +61,7 @@ def event_block(text: bytes) -> tuple[bytes, bool]:
         data = line[len(DATA) :].strip()
         if data == DONE:
             return b"".join(events), True
-        events.append(DATA_PREFIX + data + b"\n\n")
+        events.append(DATA_PREFIX + data + EVENT_END)
     return b"".join(events), done
 
 
@@ -138,8 +139,8 @@ class Backend:
                 pending = pending + piece if pending else piece
                 if b"\r" in pending:
                     pending = pending.replace(b"\r\n", b"\n")
-                cut = pending.rfind(b"\n\n") + 2
-                if cut < 2:
+                cut = pending.rfind(EVENT_END) + len(EVENT_END)
+                if cut < len(EVENT_END):
                     continue  # no event is complete yet
                 block, done = event_block(pending[:cut])
                 pending = pending[cut:]
@@ -147,7 +148,7 @@ class Backend:
                 error = ERROR_EVENT.search(block) if b'"error"' in block else None
                 if error is not None:
                     start = error.start() + (block[error.start()] == 10)  # after the newline before it
-                    end = block.find(b"\n\n", start)
+                    end = block.find(EVENT_END, start)
                     raised = stream_error(loads(block[start + len(DATA_PREFIX) : end]))
                     if raised is not None:
                         if start:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from matrixstack.engine.external import UpstreamError
 from matrixstack.engine.http import SSE_DONE, sse_event
 from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
+from matrixstack.portal.backend import DATA_PREFIX, EVENT_END
 from matrixstack.portal.encoding import dumps_bytes, loads
 from matrixstack.portal.service import KeyInfo
 
@@ -60,8 +61,6 @@ class Metered:
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 TOKEN_FIELD = {"chat": re.compile(rb'"content"\s*:\s*"[^"]'), "completion": re.compile(rb'"text"\s*:\s*"[^"]')}
-EVENT_END = b"\n\n"
-DATA_PREFIX = b"data: "
 
 
 class StreamRelay:
@@ -118,7 +117,7 @@ class StreamRelay:
         return DATA_PREFIX + chunk + EVENT_END
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Yield the client's SSE bytes: a piece per backend batch, then the usage chunk and [DONE]."""
+        """Yield the client's SSE bytes: a piece per backend block, then the usage chunk and [DONE]."""
         m = self._m
         if self._first:
             yield self._encode(self._first)
