@@ -294,7 +294,8 @@ def test_the_chunked_decoder_gives_the_same_payload_for_any_split_of_the_body():
         decoder = _ChunkedBody()
         out = b"".join(decoder.feed(body[i : i + step]) for i in range(0, len(body), step))
         assert out == b"".join(payload) and decoder.done, step
-    with pytest.raises(httpx.RemoteProtocolError, match="chunk size"):
-        _ChunkedBody().feed(b"zz\r\n")
+    for bad in (b"zz\r\n", b"-5\r\nhello\r\n"):
+        with pytest.raises(httpx.RemoteProtocolError, match="bad chunk size line"):
+            _ChunkedBody().feed(bad)
     with pytest.raises(httpx.RemoteProtocolError, match="longer than its size"):
         _ChunkedBody().feed(b"2\r\nabc\r\n")

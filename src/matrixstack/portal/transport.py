@@ -166,6 +166,8 @@ class _ChunkedBody:
                 left = int(line, 16)
             except ValueError:
                 left = _chunk_size(line)
+            if left < 0:  # int() takes a sign, HTTP does not
+                raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
             trailers = left == 0
         self._pending = buf[pos:]
         self._left, self._after_data, self._trailers, self.done = left, after_data, trailers, done
