@@ -26,10 +26,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 
-from matrixstack.engine.http import ServerThread
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.service import MatrixService
 from matrixstack.matrix.spec import SliceRequest
+from matrixstack.openai.server import ServerThread
 from matrixstack.portal.dashboard import dashboard_router, dashboard_state
 from matrixstack.portal.service import PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec

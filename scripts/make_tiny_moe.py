@@ -24,9 +24,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import ASSETS_DIR, MoETransformer, Tokenizer, greedy_generate, load_model, save_weights
+from matrixstack.engine import ASSETS_DIR
+from matrixstack.engine.loading import load_model
+from matrixstack.engine.model import MoETransformer, greedy_generate
 from matrixstack.engine.moe import Router
-from matrixstack.engine.tokenizer import BOS, EOS, SPECIAL_TOKENS
+from matrixstack.engine.tokenizer import BOS, EOS, SPECIAL_TOKENS, Tokenizer
+from matrixstack.engine.weights import save_weights
 
 SEED = 0
 CORPUS = ASSETS_DIR / "corpus" / "python-reference.txt"

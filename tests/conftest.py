@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from matrixstack.cli.main import app
-from matrixstack.engine.external import ExternalEngine
+from matrixstack.openai.httpx_client import HttpxClient
 
 ENGINE_START_TIMEOUT_S = 120.0
 
@@ -31,7 +31,7 @@ def cli():
 
 
 async def _healthy(base_url: str) -> bool:
-    async with ExternalEngine(base_url) as engine:
+    async with HttpxClient(base_url) as engine:
         return await engine.health()
 
 

@@ -19,15 +19,18 @@ import pytest
 import torch
 
 from matrixstack.arch import Arch, load_arch
-from matrixstack.engine import PACKAGED_WEIGHTS, MoETransformer, Tokenizer, load_weights, save_weights
+from matrixstack.engine import PACKAGED_WEIGHTS
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.ep import ExpertParallelRunner, WorkerError
 from matrixstack.engine.ep_launch import TcpLauncher, connect_rank
 from matrixstack.engine.ep_worker import ExpertPlacement
 from matrixstack.engine.llm_engine import LLMEngine
+from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.scheduler import Scheduler
 from matrixstack.engine.sequence import Sequence
+from matrixstack.engine.tokenizer import Tokenizer
+from matrixstack.engine.weights import load_weights, save_weights
 from matrixstack.errors import UserError
 
 LOGITS_ATOL = 1e-4

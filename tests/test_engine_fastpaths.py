@@ -14,11 +14,19 @@ import torch
 from torch import nn
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import MoETransformer, build_metadata, cpu_kernels, load_model
+from matrixstack.engine import cpu_kernels
 from matrixstack.engine import moe as moe_module
-from matrixstack.engine.attention import MIN_SPLIT_SAVING_KEYS, _decode_attention, _gather, _split_by_length
+from matrixstack.engine.attention import (
+    MIN_SPLIT_SAVING_KEYS,
+    _decode_attention,
+    _gather,
+    _split_by_length,
+    build_metadata,
+)
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import LLMEngine
+from matrixstack.engine.loading import load_model
+from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.moe import ExpertList
 

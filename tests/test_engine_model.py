@@ -9,7 +9,9 @@ import torch
 
 from matrixstack.arch import Arch, load_arch
 from matrixstack.arch.spec import Moe
-from matrixstack.engine import MoETransformer, build_metadata, cpu_kernels
+from matrixstack.engine import cpu_kernels
+from matrixstack.engine.attention import build_metadata
+from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.moe import LocalExperts, MissingExpert, route
 
 ATOL = 1e-4

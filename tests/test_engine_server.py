@@ -19,12 +19,15 @@ import pytest
 import torch
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import PACKAGED_WEIGHTS, MoETransformer, Tokenizer, load_model
+from matrixstack.engine import PACKAGED_WEIGHTS
 from matrixstack.engine.config import EngineConfig, SamplingParams
-from matrixstack.engine.http import ServerThread
 from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
+from matrixstack.engine.loading import load_model
+from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.server import create_app
+from matrixstack.engine.tokenizer import Tokenizer
+from matrixstack.openai.server import ServerThread
 
 MODEL_ID = "tiny-moe"
 MAX_MODEL_LEN = 256

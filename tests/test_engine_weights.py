@@ -8,7 +8,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_engine_model import ARCHS, MLA_ARCH, randomized
 
-from matrixstack.engine import ASSETS_DIR, MoETransformer, Tokenizer, greedy_generate, load_model
+from matrixstack.engine import ASSETS_DIR
+from matrixstack.engine.loading import load_model
+from matrixstack.engine.model import MoETransformer, greedy_generate
+from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights, save_weights
 from matrixstack.errors import UserError
 

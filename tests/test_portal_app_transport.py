@@ -18,12 +18,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from matrixstack.engine.external import ExternalEngine, UpstreamError
-from matrixstack.engine.http import ServerThread
+from matrixstack.openai.endpoints import CHAT
+from matrixstack.openai.errors import UpstreamError
+from matrixstack.openai.httpx_client import HttpxClient
+from matrixstack.openai.server import ServerThread
+from matrixstack.openai.transport import KeepAliveTransport
 from matrixstack.portal.server import PortalThread
 from matrixstack.portal.service import PortalService
 from matrixstack.portal.spec import EntrySpec
-from matrixstack.portal.transport import KeepAliveTransport
 
 WAIT_S = 30.0  # a failure guard for polls, never a timing assertion
 WORDS = ["alpha", "beta", "gamma", "delta"]
@@ -173,9 +175,9 @@ def test_read_timeout_and_unreachable_backend_are_httpx_errors(backend):
             with pytest.raises(httpx.ReadTimeout):
                 await c.get("/slow")
             assert (await c.get("/port")).status_code == 200  # the timed-out connection was dropped, not reused
-        engine = ExternalEngine("http://127.0.0.1:9/v1", transport=KeepAliveTransport())  # discard port: refused
+        engine = HttpxClient("http://127.0.0.1:9/v1", transport=KeepAliveTransport())  # discard port: refused
         with pytest.raises(UpstreamError) as err:
-            await engine.models()
+            await engine.model_ids()
         assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
         await engine.aclose()
 
@@ -197,13 +199,13 @@ def test_a_stream_closed_early_drops_its_connection_and_the_backend_sees_it(back
     assert backend.state.cancelled.wait(WAIT_S)
 
 
-def test_backend_errors_pass_through_external_engine(backend):
+def test_backend_errors_pass_through_the_httpx_client(backend):
     async def scenario() -> None:
-        engine = ExternalEngine(f"{backend.url}/v1", transport=KeepAliveTransport())
+        engine = HttpxClient(f"{backend.url}/v1", transport=KeepAliveTransport())
         with pytest.raises(UpstreamError) as err:
-            await engine.chat({"model": "nope", "messages": []})
+            await engine.send(CHAT, {"model": "nope", "messages": []})
         assert err.value.status_code == 404 and err.value.code == "model_not_found"
-        reply = await engine.chat({"model": "vendor-model", "messages": []})
+        reply = await engine.send(CHAT, {"model": "vendor-model", "messages": []})
         assert reply["usage"]["completion_tokens"] == len(WORDS)
         await engine.aclose()
 
@@ -286,7 +288,7 @@ def test_an_unreachable_backend_is_a_502_in_openai_format(tmp_path):
 
 
 def test_the_chunked_decoder_gives_the_same_payload_for_any_split_of_the_body():
-    from matrixstack.portal.transport import _ChunkedBody
+    from matrixstack.openai.transport import _ChunkedBody
 
     payload = [b"data: one\n\n", b"data: two\n\n", b"x" * 300]
     body = b"".join(b"%x;ext=1\r\n%b\r\n" % (len(p), p) for p in payload) + b"0\r\nTrailer: t\r\n\r\n"

@@ -1,4 +1,5 @@
-"""The portal's lean backend client (portal/backend.py) against a raw HTTP server on loopback.
+"""The lean upstream client (openai/keepalive_client.py, the portal's backend client) against a raw HTTP server on
+loopback.
 
 The server writes its responses in awkward pieces (events split inside a line, CRLF line ends, comments), so the
 client's SSE splitting and batching are tested on what real servers send, not on tidy one-event reads.
@@ -12,9 +13,11 @@ import socket
 
 import pytest
 
-from matrixstack.engine.external import UpstreamError
-from matrixstack.portal.backend import Backend, event_block
-from matrixstack.portal.transport import KeepAliveTransport
+from matrixstack.openai.endpoints import CHAT, COMPLETION
+from matrixstack.openai.errors import UpstreamError
+from matrixstack.openai.keepalive_client import KeepAliveClient
+from matrixstack.openai.sse import event_block
+from matrixstack.openai.transport import KeepAliveTransport
 
 CHUNKS = [{"id": "c1", "choices": [{"index": 0, "delta": {"content": w}}]} for w in ("one", "two", "three")]
 
@@ -81,9 +84,9 @@ def test_streams_are_split_into_events_on_any_boundary_and_batched_per_read():
 
     async def main():
         server, url, seen = await _serve(lambda path, headers, body: _stream_response(events, split_at))
-        backend = Backend(url, "sk-upstream", KeepAliveTransport())
+        backend = KeepAliveClient(url, "sk-upstream", KeepAliveTransport())
         try:
-            blocks = [b async for b in backend.stream_chat_blocks({"model": "m", "messages": []})]
+            blocks = [b async for b in backend.stream(CHAT, {"model": "m", "messages": []})]
         finally:
             await backend.aclose()
             server.close()
@@ -116,9 +119,12 @@ def test_json_answers_errors_and_unreachable_backends():
 
     async def main():
         server, url, _ = await _serve(handler)
-        backend = Backend(url, None, KeepAliveTransport())
-        results = {"chat": await backend.chat({"model": "m"}), "models": await backend.model_ids()}
-        for name, call in (("404", backend.complete({"model": "m"})), ("html", backend.chat({"model": "html"}))):
+        backend = KeepAliveClient(url, None, KeepAliveTransport())
+        results = {"chat": await backend.send(CHAT, {"model": "m"}), "models": await backend.model_ids()}
+        for name, call in (
+            ("404", backend.send(COMPLETION, {"model": "m"})),
+            ("html", backend.send(CHAT, {"model": "html"})),
+        ):
             try:
                 await call
             except UpstreamError as exc:
@@ -128,9 +134,9 @@ def test_json_answers_errors_and_unreachable_backends():
         with socket.socket() as probe:  # a port nobody listens on
             probe.bind(("127.0.0.1", 0))
             dead = probe.getsockname()[1]
-        gone = Backend(f"http://127.0.0.1:{dead}/v1", None, KeepAliveTransport())
+        gone = KeepAliveClient(f"http://127.0.0.1:{dead}/v1", None, KeepAliveTransport())
         try:
-            await gone.chat({"model": "m"})
+            await gone.send(CHAT, {"model": "m"})
         except UpstreamError as exc:
             results["unreachable"] = exc
         return results
@@ -149,10 +155,10 @@ def test_an_error_event_in_the_stream_is_raised_after_the_chunks_before_it():
 
     async def main():
         server, url, _ = await _serve(lambda path, headers, body: _stream_response(events, []))
-        backend = Backend(url, None, KeepAliveTransport())
+        backend = KeepAliveClient(url, None, KeepAliveTransport())
         got = []
         with pytest.raises(UpstreamError) as raised:
-            async for block in backend.stream_complete_blocks({"model": "m", "prompt": "x"}):
+            async for block in backend.stream(COMPLETION, {"model": "m", "prompt": "x"}):
                 got.append(block)
         await backend.aclose()
         server.close()
@@ -175,8 +181,8 @@ def test_a_stream_ends_at_done_without_waiting_for_the_chunked_terminator():
 
     async def main():
         server, url, _ = await _serve(handler)
-        backend = Backend(url, None, KeepAliveTransport())
-        got = [b async for b in backend.stream_chat_blocks({"model": "m", "messages": []})]
+        backend = KeepAliveClient(url, None, KeepAliveTransport())
+        got = [b async for b in backend.stream(CHAT, {"model": "m", "messages": []})]
         ended_before_the_terminator = not terminator_sent
         await backend.aclose()  # waits for the stream's last bytes
         server.close()

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from matrixstack.engine.http import ServerThread
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.service import MatrixService
 from matrixstack.matrix.simulate import resize_pod
 from matrixstack.matrix.spec import SliceRequest
+from matrixstack.openai.server import ServerThread
 from matrixstack.portal.app import create_portal_app
 from matrixstack.portal.dashboard import DEPLOYMENT_COLOURS, dashboard_state
 from matrixstack.portal.service import PortalService, UsageRecord

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from matrixstack.engine.http import ServerThread
+from matrixstack.openai.server import ServerThread
 from matrixstack.portal.relay import CLIENT_CLOSED
 from matrixstack.portal.server import PortalThread
 from matrixstack.portal.spec import BackendSpec, EntrySpec

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from matrixstack.openai.endpoints import CHAT, COMPLETION
 from matrixstack.portal.relay import Metered, StreamRelay
 
 
@@ -14,11 +15,11 @@ async def _blocks(blocks):
         yield block
 
 
-def _relay(batches, kind="chat"):
+def _relay(batches, endpoint=CHAT):
     finished: list[Metered] = []
     metered = Metered(request_id="r1", started_s=0.0, entry="tiny-moe-faq", stream=True)
     raw = [b"".join(b"data: %s\n\n" % json.dumps(c, separators=sep).encode() for c, sep in batch) for batch in batches]
-    relay = StreamRelay(_blocks(raw[1:]), raw[0], kind, metered, finished.append)
+    relay = StreamRelay(_blocks(raw[1:]), raw[0], endpoint, metered, finished.append)
 
     async def run():
         pieces = [piece async for piece in relay.events()]
@@ -55,7 +56,7 @@ def test_model_is_rewritten_whatever_the_spacing_and_usage_comes_from_the_backen
 def test_without_backend_usage_the_relay_counts_content_chunks_and_adds_a_usage_chunk():
     nameless = {"id": "t", "created": 9, "choices": [{"index": 0, "text": "abc"}]}
     batches = [[(nameless, (",", ":"))], [({"id": "t", "created": 9, "choices": [{"text": ""}]}, (",", ":"))]]
-    _, events, finished = _relay(batches, kind="completion")
+    _, events, finished = _relay(batches, endpoint=COMPLETION)
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["model"] == "tiny-moe-faq"  # added where the backend sent none
     assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}
@@ -65,7 +66,7 @@ def test_without_backend_usage_the_relay_counts_content_chunks_and_adds_a_usage_
 
 def test_two_usage_objects_in_a_block_the_last_counts_and_every_model_is_rewritten():
     metered = Metered(request_id="r", started_s=0.0, entry="faq")
-    relay = StreamRelay(None, None, "chat", metered, lambda m: None)
+    relay = StreamRelay(None, None, CHAT, metered, lambda m: None)
     block = (
         b'data: {"model":"m","choices":[{"delta":{"content":"a"}}],"usage":{"completion_tokens":1}}\n\n'
         b'data: {"choices":[{"delta":{"content":"b"}}],"model" : "m","usage":{"completion_tokens":2}}\n\n'

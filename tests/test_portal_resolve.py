@@ -7,6 +7,7 @@ import copy
 import pytest
 
 from matrixstack.errors import UserError
+from matrixstack.openai.endpoints import CHAT, COMPLETION
 from matrixstack.portal.resolve import RangeError, resolve
 from matrixstack.portal.spec import BackendSpec, EntrySpec
 
@@ -95,11 +96,11 @@ def test_ranges_that_do_not_overlap_and_defaults_outside_the_chain_range_are_err
         resolve([l1])
 
 
-def test_apply_chat_builds_the_exact_body_and_leaves_the_request_alone():
+def test_apply_to_chat_builds_the_exact_body_and_leaves_the_request_alone():
     r = resolve(_chain())
     request = {"model": "scenario", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
     before = copy.deepcopy(request)
-    assert r.apply_chat(request) == {
+    assert r.apply(CHAT, request) == {
         "model": "tiny-moe",
         "messages": [{"role": "system", "content": r.system_prompt}, {"role": "user", "content": "hi"}],
         "temperature": 0.5,
@@ -111,7 +112,7 @@ def test_apply_chat_builds_the_exact_body_and_leaves_the_request_alone():
     assert request == before
 
 
-def test_apply_chat_merges_before_the_users_system_message_and_the_request_stop():
+def test_apply_to_chat_merges_before_the_users_system_message_and_the_request_stop():
     r = resolve(_chain()[:1])
     request = {
         "model": "base",
@@ -121,7 +122,7 @@ def test_apply_chat_merges_before_the_users_system_message_and_the_request_stop(
         "stream": True,
     }
     before = copy.deepcopy(request)
-    body = r.apply_chat(request)
+    body = r.apply(CHAT, request)
     assert request == before  # the merged system message is a new one, not the request's changed
     assert body == {
         "model": "tiny-moe",
@@ -134,14 +135,14 @@ def test_apply_chat_merges_before_the_users_system_message_and_the_request_stop(
         "stream": True,
         "temperature": 0.7,
     }
-    parts = r.apply_chat({"messages": [{"role": "system", "content": [{"type": "text", "text": "x"}]}]})
+    parts = r.apply(CHAT, {"messages": [{"role": "system", "content": [{"type": "text", "text": "x"}]}]})
     assert parts["messages"][0]["content"] == [{"type": "text", "text": r.system_prompt}, {"type": "text", "text": "x"}]
 
 
 def test_a_value_outside_the_range_is_a_range_error_naming_the_param():
     r = resolve(_chain())
     with pytest.raises(RangeError) as caught:
-        r.apply_chat({"messages": [], "temperature": 1.2})
+        r.apply(CHAT, {"messages": [], "temperature": 1.2})
     err = caught.value
     assert isinstance(err, UserError) and (err.param, err.value, err.low, err.high) == ("temperature", 1.2, 0.1, 1.0)
     assert str(err) == (
@@ -149,17 +150,17 @@ def test_a_value_outside_the_range_is_a_range_error_naming_the_param():
         "temperature out"
     )
     with pytest.raises(RangeError) as caught:
-        r.apply_chat({"messages": [], "max_completion_tokens": 500})
+        r.apply(CHAT, {"messages": [], "max_completion_tokens": 500})
     assert caught.value.param == "max_completion_tokens"
     with pytest.raises(RangeError, match="temperature='0.5'"):
-        r.apply_chat({"messages": [], "temperature": "0.5"})  # a string would slip past the range: refused
+        r.apply(CHAT, {"messages": [], "temperature": "0.5"})  # a string would slip past the range: refused
     with pytest.raises(RangeError, match="max_tokens=1000"):
-        r.apply_completion({"prompt": "x", "max_tokens": 1000})
+        r.apply(COMPLETION, {"prompt": "x", "max_tokens": 1000})
 
 
-def test_apply_completion_prefixes_the_prompt():
+def test_apply_to_completion_prefixes_the_prompt():
     r = resolve(_chain())
-    assert r.apply_completion({"model": "scenario", "prompt": "def f(): pass", "top_p": 0.5, "stop": ["x"]}) == {
+    assert r.apply(COMPLETION, {"model": "scenario", "prompt": "def f(): pass", "top_p": 0.5, "stop": ["x"]}) == {
         "model": "tiny-moe",
         "prompt": r.system_prompt + "\n\ndef f(): pass",
         "top_p": 0.5,
@@ -168,9 +169,12 @@ def test_apply_completion_prefixes_the_prompt():
         "max_tokens": 64,
         "seed": 7,
     }
-    many = r.apply_completion({"prompt": ["a", "b"]})
+    many = r.apply(COMPLETION, {"prompt": ["a", "b"]})
     assert many["prompt"] == [r.system_prompt + "\n\na", r.system_prompt + "\n\nb"]
     with pytest.raises(UserError, match="prompt: model 'scenario' adds a system prompt"):
-        r.apply_completion({"prompt": [1, 2, 3]})
+        r.apply(COMPLETION, {"prompt": [1, 2, 3]})
     plain = resolve([EntrySpec(name="plain", level="L0", backend=ENGINE)])
-    assert plain.apply_completion({"model": "plain", "prompt": [1, 2, 3]}) == {"model": "tiny-moe", "prompt": [1, 2, 3]}
+    assert plain.apply(COMPLETION, {"model": "plain", "prompt": [1, 2, 3]}) == {
+        "model": "tiny-moe",
+        "prompt": [1, 2, 3],
+    }

@@ -239,8 +239,8 @@ def test_expert_parallel_ranks_are_ray_actors_one_per_bundle(ray_head):
     assert not wait_gone(pids)
 
     from matrixstack.engine.config import EngineConfig
-    from matrixstack.engine.http import ServerThread
     from matrixstack.engine.server import build_deployment, create_app
+    from matrixstack.openai.server import ServerThread
 
     config = EngineConfig(**SMALL_ENGINE.model_dump(exclude={"dtype"}))  # as the engine actor builds it
     with build_deployment("tiny-moe", config, workers=2, model_id="tiny-ep") as local:  # local processes

@@ -65,8 +65,8 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
 ) -> None:
     """Serve ARCH over an OpenAI-compatible API on HOST:PORT until Ctrl-C."""
-    from matrixstack.engine.http import bind_socket
     from matrixstack.engine.server import build_deployment, serve_socket
+    from matrixstack.openai.server import bind_socket
 
     config = engine_config(
         max_model_len=max_model_len,

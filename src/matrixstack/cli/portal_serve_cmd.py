@@ -31,7 +31,7 @@ def serve(
     text_logs: bool = typer.Option(False, "--text-logs", help="request log lines as key=value instead of JSON"),
 ) -> None:
     """Serve the portal on HOST:PORT until Ctrl-C."""
-    from matrixstack.engine.http import bind_socket
+    from matrixstack.openai.server import bind_socket
     from matrixstack.portal.app import create_portal_app
     from matrixstack.portal.server import log_to_stdout, serve_socket
 

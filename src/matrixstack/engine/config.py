@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from matrixstack.openai.types import MAX_SEED
+
 TOP_K_OFF = -1
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit unsigned seeds
 
 
 class EngineConfig(BaseModel):

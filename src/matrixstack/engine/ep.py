@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from matrixstack.arch import Arch, load_arch
+from matrixstack.engine import weights_or_packaged
 from matrixstack.engine.config import EngineConfig
 from matrixstack.engine.ep_launch import LocalRank, ProcessLauncher, RemoteRank, TcpLauncher
 from matrixstack.engine.ep_worker import (
@@ -119,8 +120,6 @@ def _kill(ranks: list[LocalRank | RemoteRank]) -> None:
 
 def _resolve_weights(arch: Arch, weights_dir: str | Path | None) -> Path:
     """Return the folder or file of the arch's safetensors; UserError when there is none."""
-    from matrixstack.engine import weights_or_packaged  # late: the package __init__ may import this module
-
     path = weights_or_packaged(arch.name, weights_dir, "pass weights_dir, the folder of its safetensors")
     if not (path.is_file() or any(path.glob("*.safetensors"))):
         raise UserError(f"no safetensors weights at {path}; give weights_dir, a .safetensors file or a folder of them")

@@ -9,7 +9,7 @@ Routes:
 - `GET /openapi.json`, `GET /docs`: the schema (FastAPI's).
 
 Responses, stream chunks (`data: {...}\\n\\n`, then `data: [DONE]`) and `stream_options.include_usage` follow
-OpenAI exactly (`engine.openai_types`). Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
+OpenAI exactly (`openai.endpoints`). Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
 400 for an invalid request (FastAPI's 422 validation errors included, and a prompt that cannot fit, code
 `context_length_exceeded`), 404 for an unknown model (code `model_not_found`) or route, 500 when the engine
 fails the request (a worker died). A stream that fails after it started sends one `data: {"error": ...}` event
@@ -19,9 +19,12 @@ Cancellation: a request whose client goes away is aborted in the engine, freeing
 streamed (the response task is cancelled and closes the engine stream) or not (the server polls the
 connection while it waits).
 
-`create_app(engine, model_id)` builds the app; `serve(...)` runs it in the foreground; `engine.http.ServerThread`
-runs it on a background thread (tests, embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn) lives in
-`engine.http`, which the portal shares without importing torch.
+`OpenAIServer` holds the deployment and answers the model and health routes; each generation route is an
+`OpenAIServing` (SGLang's `OpenAIServingBase`): the steps both share — check the request, turn it into the engine's
+`SamplingParams`, start it, answer it streamed or whole — around the route's own prompt step, in `ChatServing` and
+`CompletionServing`. `create_app(engine, model_id)` builds the app; `serve(...)` runs it in the foreground;
+`openai.server.ServerThread` runs it on a background thread (tests, embedding). The HTTP plumbing (errors, SSE,
+sockets, uvicorn) is the `openai` floor's, which the portal shares without importing torch.
 """
 
 from __future__ import annotations
@@ -29,48 +32,34 @@ from __future__ import annotations
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pydantic
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from matrixstack.arch import load_arch
-from matrixstack.engine import TOKENIZER_FILE, MoETransformer, Tokenizer, load_weights, weights_or_packaged
-from matrixstack.engine.config import EngineConfig, SamplingParams
-from matrixstack.engine.http import (
-    SSE_DONE,
-    EventStream,
-    OpenAIError,
-    bind_socket,
-    install_openai_error_handlers,
-    sse_event,
-    until_disconnect,
-    uvicorn_server,
-    validation_error,
-)
+from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
+from matrixstack.engine.config import TOP_K_OFF, EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
+from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
-from matrixstack.engine.openai_types import (
-    COMPLETIONS_DEFAULT_MAX_TOKENS,
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_response,
-    model_card,
-    now_s,
-    usage,
-)
+from matrixstack.engine.tokenizer import Tokenizer
+from matrixstack.engine.weights import load_weights
 from matrixstack.errors import UserError
+from matrixstack.openai.disconnect import until_disconnect
+from matrixstack.openai.endpoints import CHAT, COMPLETION, Endpoint
+from matrixstack.openai.errors import OpenAIError, install_openai_error_handlers, validation_error
+from matrixstack.openai.server import bind_socket, uvicorn_server
+from matrixstack.openai.sse import SSE_DONE, EventStream, sse_event
+from matrixstack.openai.types import ChatCompletionRequest, CompletionRequest, SamplingFields, model_card, now_s, usage
 
 
 class OpenAIServer:
-    """The route handlers of one deployment: a model id over an AsyncEngine."""
+    """One deployment behind the API: a model id over an AsyncEngine, and the routes that are not generation."""
 
     def __init__(self, engine: AsyncEngine, model_id: str):
         self.engine = engine
@@ -78,8 +67,6 @@ class OpenAIServer:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
         self.created = now_s()
-
-    # ---- helpers ----
 
     def check_model(self, model: str) -> None:
         """Raise a 404 unless `model` is this deployment's id."""
@@ -91,30 +78,88 @@ class OpenAIServer:
                 "model_not_found",
             )
 
-    def sampling_params(self, body: CompletionRequest | ChatCompletionRequest, default_max: int | None):
-        """Return the request's SamplingParams; a 400 naming the field for anything refused."""
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models."""
+        return {"object": "list", "data": [model_card(self.model_id, self.created, self.max_model_len)]}
+
+    def model(self, model: str) -> dict[str, Any]:
+        """GET /v1/models/{model}."""
+        self.check_model(model)
+        return model_card(self.model_id, self.created, self.max_model_len)
+
+    def health(self) -> Response:
+        """GET /health: 200 while the engine loop thread runs, 503 when it stopped."""
+        thread = getattr(self.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return OpenAIError(503, "the engine loop has stopped", type_="server_error").response()
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+
+class OpenAIServing:
+    """One generation route of a deployment (see the module docstring): `handle(body, request)` answers it;
+    a subclass gives the route's `endpoint` and its prompt step, `prompt_ids(body)`."""
+
+    endpoint: Endpoint
+
+    def __init__(self, server: OpenAIServer):
+        self.server = server
+
+    def prompt_ids(self, body: Any) -> list[int]:
+        """Return the token ids of the request's prompt; a 400 naming the prompt's field when it has none."""
+        raise NotImplementedError
+
+    async def handle(self, body: SamplingFields, request: Request) -> Response:
+        """Return the response to the request `body` (validated by the route's body model), streamed or whole."""
+        self.server.check_model(body.model)
+        params = self.sampling_params(body)
+        prompt_ids = self.prompt_ids(body)
+        request_id, created = f"{self.endpoint.id_prefix}-{uuid.uuid4().hex}", now_s()
+        first, deltas = await self.start(request, prompt_ids, params, request_id)
+        if body.stream:
+            return self.stream_response(first, deltas, request_id, body.model, created, body.include_usage)
+        text, last = await self.collect(request, first, deltas)
+        self.check_failed(last)
+        usage_ = usage(last.prompt_tokens, last.completion_tokens)
+        return JSONResponse(
+            self.endpoint.response(request_id, body.model, created, text, last.finish_reason or "stop", usage_)
+        )
+
+    def sampling_params(self, body: SamplingFields) -> SamplingParams:
+        """Return the request's SamplingParams (the route's default max_tokens when it sets none); a 400 naming the
+        field for anything refused."""
         for param, message in body.unsupported_fields():
             raise OpenAIError(400, message, param)
+        max_tokens = body.requested_max_tokens
         try:
-            return body.sampling_params(default_max)
+            return SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=TOP_K_OFF if body.top_k in (None, 0) else body.top_k,
+                seed=body.seed,
+                max_tokens=self.endpoint.default_max_tokens if max_tokens is None else max_tokens,
+                stop=body.stop or [],
+                stop_token_ids=body.stop_token_ids or [],
+                ignore_eos=body.ignore_eos,
+            )
         except pydantic.ValidationError as exc:
             raise validation_error(exc.errors()) from None
 
     async def start(
-        self, request: Request, prompt_ids: list[int], params: SamplingParams, request_id: str, param: str
+        self, request: Request, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> tuple[Delta, AsyncIterator[Delta]]:
         """Add the request and wait for its first delta; return (first delta, the rest of the stream).
 
         A request that can never run raises a 400 here, before any response byte is sent; a client that goes
         away while the request waits for its turn aborts it.
         """
-        deltas = self.engine.stream(prompt_ids, params, request_id)
+        deltas = self.server.engine.stream(prompt_ids, params, request_id)
         try:
             first = await until_disconnect(request, deltas.__anext__())
         except UserError as exc:
-            too_long = len(prompt_ids) + (params.max_tokens or 1) > self.max_model_len
+            too_long = len(prompt_ids) + (params.max_tokens or 1) > self.server.max_model_len
             code = "context_length_exceeded" if too_long else None
-            raise OpenAIError(400, str(exc), param if too_long or not prompt_ids else None, code) from None
+            param = self.endpoint.prompt_param if too_long or not prompt_ids else None
+            raise OpenAIError(400, str(exc), param, code) from None
         except BaseException:
             await deltas.aclose()  # type: ignore[attr-defined]
             raise
@@ -148,15 +193,18 @@ class OpenAIServer:
         self,
         first: Delta,
         deltas: AsyncIterator[Delta],
-        chunks: Callable[[Delta], list[dict[str, Any]]],
-        head: list[dict[str, Any]],
-        usage_chunk: Callable[[Delta], dict[str, Any]] | None,
-    ) -> StreamingResponse:
-        """Return the SSE response: `head` chunks, then `chunks(delta)` per delta, the usage chunk, [DONE]."""
+        request_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+    ) -> EventStream:
+        """Return the SSE response: the endpoint's head chunks, a chunk per delta's text and one with the finish
+        reason, the usage chunk (when asked for), [DONE]."""
+        endpoint = self.endpoint
 
         async def events() -> AsyncIterator[str]:
             try:
-                for chunk in head:
+                for chunk in endpoint.head_chunks(request_id, model, created, include_usage):
                     yield sse_event(chunk)
                 delta = first
                 while True:
@@ -164,13 +212,17 @@ class OpenAIServer:
                         failed = OpenAIError(500, f"the engine failed this request: {delta.error or 'unknown'}")
                         yield sse_event(failed.body())
                         return
-                    for chunk in chunks(delta):
-                        yield sse_event(chunk)
+                    if delta.text:
+                        yield sse_event(endpoint.chunk(request_id, model, created, delta.text, None, include_usage))
                     if delta.finish_reason:
+                        yield sse_event(
+                            endpoint.chunk(request_id, model, created, "", delta.finish_reason, include_usage)
+                        )
                         break
                     delta = await deltas.__anext__()
-                if usage_chunk is not None:
-                    yield sse_event(usage_chunk(delta))
+                if include_usage:
+                    used = usage(delta.prompt_tokens, delta.completion_tokens)
+                    yield sse_event(endpoint.usage_chunk(request_id, model, created, used))
                 yield SSE_DONE
             finally:
                 await deltas.aclose()  # type: ignore[attr-defined]
@@ -185,114 +237,37 @@ class OpenAIServer:
 
         return EventStream(stream, on_close)
 
-    # ---- routes ----
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        """POST /v1/completions."""
-        self.check_model(body.model)
-        params = self.sampling_params(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        prompt = body.single_prompt()
-        prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt or [])
-        request_id, created = f"cmpl-{uuid.uuid4().hex}", now_s()
-        first, deltas = await self.start(request, prompt_ids, params, request_id, "prompt")
-        if body.stream:
-            include_usage = body.include_usage
+class ChatServing(OpenAIServing):
+    """`POST /v1/chat/completions`: the messages through the tokenizer's chat template."""
 
-            def chunks(delta: Delta) -> list[dict[str, Any]]:
-                out = []
-                if delta.text:
-                    out.append(completion_chunk(request_id, body.model, created, delta.text, None, include_usage))
-                if delta.finish_reason:
-                    out.append(
-                        completion_chunk(request_id, body.model, created, "", delta.finish_reason, include_usage)
-                    )
-                return out
+    endpoint = CHAT
 
-            def usage_chunk(last: Delta) -> dict[str, Any]:
-                return completion_chunk(
-                    request_id, body.model, created, None, None, True, usage(last.prompt_tokens, last.completion_tokens)
-                )
-
-            return self.stream_response(first, deltas, chunks, [], usage_chunk if include_usage else None)
-        text, last = await self.collect(request, first, deltas)
-        self.check_failed(last)
-        return JSONResponse(
-            completion_response(
-                request_id,
-                body.model,
-                created,
-                text,
-                last.finish_reason or "stop",
-                usage(last.prompt_tokens, last.completion_tokens),
-            )
-        )
-
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        """POST /v1/chat/completions."""
-        self.check_model(body.model)
-        params = self.sampling_params(body, None)
+    def prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
+        """Return the token ids of the templated messages; a 400 naming `messages` when the template refuses them."""
+        tokenizer = self.server.tokenizer
         try:
-            prompt = self.tokenizer.apply_chat_template([m.as_template_message() for m in body.messages])
+            prompt = tokenizer.apply_chat_template([m.as_template_message() for m in body.messages])
         except UserError as exc:
             raise OpenAIError(400, str(exc), "messages") from None
-        prompt_ids = self.tokenizer.encode(prompt)  # the template starts with <|bos|> itself
-        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", now_s()
-        first, deltas = await self.start(request, prompt_ids, params, request_id, "messages")
-        if body.stream:
-            include_usage = body.include_usage
+        return tokenizer.encode(prompt)  # the template starts with <|bos|> itself
 
-            def chunks(delta: Delta) -> list[dict[str, Any]]:
-                out = []
-                if delta.text:
-                    out.append(
-                        chat_chunk(request_id, body.model, created, {"content": delta.text}, None, include_usage)
-                    )
-                if delta.finish_reason:
-                    out.append(chat_chunk(request_id, body.model, created, {}, delta.finish_reason, include_usage))
-                return out
 
-            def usage_chunk(last: Delta) -> dict[str, Any]:
-                return chat_chunk(
-                    request_id, body.model, created, None, None, True, usage(last.prompt_tokens, last.completion_tokens)
-                )
+class CompletionServing(OpenAIServing):
+    """`POST /v1/completions`: the prompt as text (encoded after <|bos|>) or as token ids."""
 
-            head = [
-                chat_chunk(request_id, body.model, created, {"role": "assistant", "content": ""}, None, include_usage)
-            ]
-            return self.stream_response(first, deltas, chunks, head, usage_chunk if include_usage else None)
-        text, last = await self.collect(request, first, deltas)
-        self.check_failed(last)
-        return JSONResponse(
-            chat_response(
-                request_id,
-                body.model,
-                created,
-                text,
-                last.finish_reason or "stop",
-                usage(last.prompt_tokens, last.completion_tokens),
-            )
-        )
+    endpoint = COMPLETION
 
-    def models(self) -> dict[str, Any]:
-        """GET /v1/models."""
-        return {"object": "list", "data": [model_card(self.model_id, self.created, self.max_model_len)]}
-
-    def model(self, model: str) -> dict[str, Any]:
-        """GET /v1/models/{model}."""
-        self.check_model(model)
-        return model_card(self.model_id, self.created, self.max_model_len)
-
-    def health(self) -> Response:
-        """GET /health: 200 while the engine loop thread runs, 503 when it stopped."""
-        thread = getattr(self.engine, "_thread", None)
-        if thread is not None and not thread.is_alive():
-            return OpenAIError(503, "the engine loop has stopped", type_="server_error").response()
-        return JSONResponse({"status": "ok", "model": self.model_id})
+    def prompt_ids(self, body: CompletionRequest) -> list[int]:
+        """Return the token ids of the one prompt."""
+        prompt = body.single_prompt()
+        return self.server.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt or [])
 
 
 def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
     """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`."""
     server = OpenAIServer(engine, model_id)
+    chat, completion = ChatServing(server), CompletionServing(server)
     app = FastAPI(
         title="MatrixStack engine",
         description=f"OpenAI-compatible API of one MatrixStack engine deployment serving `{model_id}`.",
@@ -324,11 +299,11 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
 
     @app.post("/v1/completions", summary="Text completion (OpenAI)")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await server.completions(body, request)
+        return await completion.handle(body, request)
 
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await server.chat_completions(body, request)
+        return await chat.handle(body, request)
 
     return app
 

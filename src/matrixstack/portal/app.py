@@ -35,11 +35,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from matrixstack.engine.external import UpstreamError
-from matrixstack.engine.http import ClientGone, OpenAIError, install_openai_error_handlers, validation_error
-from matrixstack.engine.openai_types import ChatCompletionRequest, CompletionRequest, error_body
 from matrixstack.errors import UserError
 from matrixstack.matrix.service import MatrixService
+from matrixstack.openai.endpoints import CHAT, COMPLETION, ENDPOINTS, Endpoint
+from matrixstack.openai.errors import (
+    ClientGone,
+    OpenAIError,
+    UpstreamError,
+    error_body,
+    install_openai_error_handlers,
+    validation_error,
+)
 from matrixstack.portal.admin_api import admin_router
 from matrixstack.portal.dashboard import dashboard_router, dashboard_state
 from matrixstack.portal.encoding import JsonResponse
@@ -156,7 +162,7 @@ class PortalApp(FastAPI):
                 scope["app"] = self
                 request = Request(scope, receive, send)
                 try:
-                    response = await self.gateway.handle(request, *route)
+                    response = await self.gateway.handle(request, route)
                 except Exception as exc:
                     response = error_response(exc)
                 await response(scope, receive, send)
@@ -164,10 +170,7 @@ class PortalApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-HOT_ROUTES: dict[str, tuple[type[BaseModel], str]] = {
-    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
-    "/v1/completions": (CompletionRequest, "completion"),
-}
+HOT_ROUTES: dict[str, Endpoint] = {f"/v1{endpoint.path}": endpoint for endpoint in ENDPOINTS}
 
 
 def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
@@ -272,14 +275,14 @@ def create_portal_app(
     # document. They read and validate their bodies themselves (pydantic-core parses and validates the JSON in one
     # pass, after the key is checked); `_document_bodies` adds the body schemas.
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"],
-              openapi_extra=_body_doc(ChatCompletionRequest))  # fmt: skip
+              openapi_extra=_body_doc(CHAT.body_model))  # fmt: skip
     async def chat_completions(request: Request) -> Response:
-        return await gateway.handle(request, ChatCompletionRequest, "chat")
+        return await gateway.handle(request, CHAT)
 
     @app.post("/v1/completions", summary="Text completion (OpenAI)", tags=["openai"],
-              openapi_extra=_body_doc(CompletionRequest))  # fmt: skip
+              openapi_extra=_body_doc(COMPLETION.body_model))  # fmt: skip
     async def completions(request: Request) -> Response:
-        return await gateway.handle(request, CompletionRequest, "completion")
+        return await gateway.handle(request, COMPLETION)
 
     # ---- admin, metrics, health ----
 
@@ -298,7 +301,7 @@ def create_portal_app(
     async def health() -> Response:
         return JsonResponse({"status": "ok"})
 
-    _document_bodies(app, (ChatCompletionRequest, CompletionRequest))
+    _document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
 
     # ---- dashboard (portal/dashboard.py) ----
     app.include_router(dashboard_router(lambda: dashboard_state(service, matrix), authorize_admin))

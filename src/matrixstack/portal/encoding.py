@@ -1,5 +1,5 @@
 """JSON for the portal's hot path (orjson: several times faster than the standard library on the small dicts of a
-chat stream): `dumps`, `dumps_bytes`, `loads`, and a JSON response using them (SSE events: `engine.http.sse_event`)."""
+chat stream): `dumps`, `dumps_bytes`, `loads`, and a JSON response using them (SSE events: `openai.sse.sse_event`)."""
 
 from __future__ import annotations
 

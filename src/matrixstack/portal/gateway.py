@@ -5,8 +5,8 @@
   CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
   changes through this portal's admin API;
-- one backend client per (backend URL, api_key): a `Backend` (portal/backend.py) over keep-alive connections for
-  plain-HTTP backends on the fabric, an `ExternalEngine` (httpx) for HTTPS ones (hosted APIs);
+- one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
+  connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs);
 - `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
 - usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
 
@@ -29,43 +29,32 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from matrixstack.engine.external import ExternalEngine, UpstreamError
-from matrixstack.engine.http import ClientGone, EventStream, OpenAIError, until_disconnect, validation_error
-from matrixstack.engine.openai_types import usage
 from matrixstack.errors import UserError
-from matrixstack.portal.backend import Backend
+from matrixstack.openai.client import Upstream, upstream_client
+from matrixstack.openai.disconnect import until_disconnect
+from matrixstack.openai.endpoints import Endpoint
+from matrixstack.openai.errors import ClientGone, OpenAIError, UpstreamError, validation_error
+from matrixstack.openai.sse import EventStream
+from matrixstack.openai.types import SamplingFields, usage
 from matrixstack.portal.cache import TtlCache
-from matrixstack.portal.encoding import JsonResponse, dumps, loads
+from matrixstack.portal.encoding import JsonResponse, dumps
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
-from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay, one_per_block
+from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
 from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
-from matrixstack.portal.transport import KeepAliveTransport
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
 DEFAULT_CACHE_TTL_S = 5.0
 UNKNOWN_ENTRY = "(unknown)"
-MAX_BACKEND_CONNECTIONS = 512  # idle keep-alive connections per backend client
-
-
-def backend_client(url: str, api_key: str | None) -> Backend | ExternalEngine:
-    """Return the client of one backend: a lean `Backend` over keep-alive connections for plain HTTP (backends on
-    the fabric), httpx's `ExternalEngine` for HTTPS (hosted APIs: TLS, proxies), keeping alive as many connections
-    as run at once."""
-    if url.startswith("http://"):
-        return Backend(url, api_key, KeepAliveTransport(MAX_BACKEND_CONNECTIONS))
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=MAX_BACKEND_CONNECTIONS)
-    return ExternalEngine(url, api_key, transport=httpx.AsyncHTTPTransport(limits=limits))
 
 
 def new_request_id() -> str:
@@ -74,7 +63,7 @@ def new_request_id() -> str:
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None, **kw) -> Any:
-    """Return an OpenAIError (engine.http's, answered in OpenAI's error format by the app's handler)."""
+    """Return an OpenAIError (answered in OpenAI's error format by the app's handler)."""
     return OpenAIError(status_code, message, param=param, code=code, **kw)
 
 
@@ -119,7 +108,7 @@ class Gateway:
         self.log_json = log_json
         self.keys = TtlCache(cache_ttl_s)
         self.catalog = TtlCache(cache_ttl_s)
-        self._clients: dict[tuple[str, str | None], Backend | ExternalEngine] = {}
+        self._clients: dict[tuple[str, str | None], Upstream] = {}
         self._backend_models: dict[tuple[str, str | None], str] = {}
         self._seeds = TtlCache(cache_ttl_s)  # shares one database read among a new key's first requests
 
@@ -192,15 +181,15 @@ class Gateway:
 
     # ---- backends -----------------------------------------------------------------------------------------
 
-    def client(self, backend: BackendSpec) -> Backend | ExternalEngine:
+    def client(self, backend: BackendSpec) -> Upstream:
         """Return the one client of (backend URL, api_key), made on first use."""
         ident = (backend.url, backend.api_key)
         client = self._clients.get(ident)
         if client is None:
-            client = self._clients[ident] = backend_client(backend.url, backend.api_key)
+            client = self._clients[ident] = upstream_client(backend.url, backend.api_key)
         return client
 
-    async def backend_model(self, resolved: Resolved, client: Backend | ExternalEngine) -> str:
+    async def backend_model(self, resolved: Resolved, client: Upstream) -> str:
         """Return the model id to send: the resolved one, or for an engine/vLLM backend without `model` (and no
         adapter to name) the first model the backend lists (asked once)."""
         backend = resolved.backend
@@ -224,9 +213,9 @@ class Gateway:
 
     # ---- the request path -------------------------------------------------------------------------------
 
-    async def handle(self, request: Request, body_model: type[BaseModel], kind: Kind) -> Response:
-        """Return the response to a /v1 completion request: check the key (401), validate the JSON body against
-        `body_model` (400 naming the field), then `forward` it as the client sent it."""
+    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
+        """Return the response to a /v1 completion request at `endpoint`: check the key (401), parse and validate
+        the JSON body (once: 400 naming the field), then `forward` it as the client sent it."""
         try:
             key = await self.authenticate(request.headers.get("authorization"))
         except OpenAIError as exc:
@@ -234,19 +223,21 @@ class Gateway:
             raise
         raw = await request.body()
         try:
-            body_model.model_validate_json(raw)
-            body = loads(raw)
+            body, parsed = endpoint.parse(raw)
         except ValidationError as exc:
             error = validation_error(exc.errors())
             self.log_rejected(request, error.status_code, error.message, key)
             raise error from None
-        return await self.forward(request, key, body, kind)
+        return await self.forward(request, key, endpoint, body, parsed)
 
-    async def forward(self, request: Request, key: KeyInfo, body: dict[str, Any], kind: Kind) -> Response:
-        """Return the response to `key`'s /v1 chat or text completion request `body` (see the module docstring)."""
-        m = Metered(request_id=new_request_id(), started_s=time.perf_counter(), stream=bool(body.get("stream")))
+    async def forward(
+        self, request: Request, key: KeyInfo, endpoint: Endpoint, body: dict[str, Any], parsed: SamplingFields
+    ) -> Response:
+        """Return the response to `key`'s request `body` at `endpoint`, as sent (`parsed`: validated; see the
+        module docstring)."""
+        m = Metered(request_id=new_request_id(), started_s=time.perf_counter(), stream=parsed.stream)
         m.key = key
-        m.entry = body.get("model") if isinstance(body.get("model"), str) else None
+        m.entry = parsed.model
         self.metrics.queue_depth.inc()
         streaming = False
         try:
@@ -257,19 +248,18 @@ class Gateway:
             if refusal is not None:
                 raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
             try:
-                applied = resolved.apply_chat(body) if kind == "chat" else resolved.apply_completion(body)
+                applied = resolved.apply(endpoint, body)
             except RangeError as exc:
                 raise openai_error(400, str(exc), param=exc.param) from None
             except UserError as exc:
-                raise openai_error(400, str(exc), param="prompt" if kind == "completion" else "messages") from None
+                raise openai_error(400, str(exc), param=endpoint.prompt_param) from None
             client = self.client(resolved.backend)
             applied["model"] = await self.backend_model(resolved, client)
             if m.stream:
-                response = await self._stream(request, client, applied, kind, m)
+                response = await self._stream(request, client, endpoint, applied, m)
                 streaming = True
                 return response
-            call = client.chat(applied) if kind == "chat" else client.complete(applied)
-            answer = await until_disconnect(request, call)
+            answer = await until_disconnect(request, client.send(endpoint, applied))
             answer["model"] = m.entry
             used = answer.get("usage") or {}
             m.prompt_tokens = int(used.get("prompt_tokens") or 0)
@@ -285,15 +275,12 @@ class Gateway:
                 self.finish(m)
 
     async def _stream(
-        self, request: Request, client: Backend | ExternalEngine, body: dict[str, Any], kind: Kind, m: Metered
+        self, request: Request, client: Upstream, endpoint: Endpoint, body: dict[str, Any], m: Metered
     ) -> Response:
         """Return the SSE response relaying the backend's stream (waits for the first chunk, so a backend that
         refuses the request answers with its own status)."""
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        if isinstance(client, Backend):
-            blocks = client.stream_chat_blocks(body) if kind == "chat" else client.stream_complete_blocks(body)
-        else:
-            blocks = one_per_block(client.stream_chat(body) if kind == "chat" else client.stream_complete(body))
+        blocks = client.stream(endpoint, body)
         try:
             first = await until_disconnect(request, blocks.__anext__())
         except StopAsyncIteration:
@@ -301,7 +288,7 @@ class Gateway:
         except BaseException:
             await blocks.aclose()  # type: ignore[attr-defined]
             raise
-        relay = StreamRelay(blocks, first, kind, m, self.finish)
+        relay = StreamRelay(blocks, first, endpoint, m, self.finish)
         return EventStream(relay.events(), relay.close)
 
     # ---- metering ---------------------------------------------------------------------------------------

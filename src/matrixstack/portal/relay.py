@@ -1,14 +1,14 @@
 """Relaying a backend's SSE stream to the client, and the record of one metered request.
 
-`StreamRelay(blocks, first, kind, metered, finish)` turns the backend's events — `data: <json>` events in blocks
-(those that arrived in one read: `Backend.stream_*_blocks`; one event per block from `ExternalEngine`, via
-`one_per_block`) — into the client's events: each chunk with `model` set to the catalog entry, then a usage chunk
-(the backend's own when it sent one, else one the relay makes) and `data: [DONE]`. Chunks are passed on as text,
-a block at a time: one regex pass over the block rewrites every `model` field in place, finds the usage object
-and counts the tokens (a `content` (chat) or `text` (completion) string that is not empty); decoding and encoding
-every chunk, or even splitting a block into its events, cost more than the rest of the relay. A block is written
-as one piece: a stream whose backend is faster than the client costs one write per read rather than one per
-token (writes are the dearest part of a relay), and the chunks of a block have all arrived, so none waits for
+`StreamRelay(blocks, first, endpoint, metered, finish)` turns the backend's events — `data: <json>` events in
+blocks (those that arrived in one read: an `Upstream`'s `stream`, openai/client.py) — into the client's events:
+each chunk with `model` set to the catalog entry, then a usage chunk (the backend's own when it sent one, else one
+the relay makes) and `data: [DONE]`. Chunks are passed on as text, a block at a time: one regex pass over the
+block rewrites every `model` field in place, finds the usage object and counts the tokens (a string in the
+endpoint's `text_field`, `content` (chat) or `text` (completion), that is not empty); decoding and encoding every
+chunk, or even splitting a block into its events, cost more than the rest of the relay. A block is written as one
+piece: a stream whose backend is faster than the client costs one write per read rather than one per token
+(writes are the dearest part of a relay), and the chunks of a block have all arrived, so none waits for
 another. The relay reads the next block only when the last one was written, which is the backpressure. A backend
 error in the middle of the stream becomes one `data: {"error": ...}` event, then the stream ends (the HTTP status
 was sent already).
@@ -26,17 +26,16 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from matrixstack.engine.external import UpstreamError
-from matrixstack.engine.http import SSE_DONE, sse_event
-from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
-from matrixstack.portal.backend import DATA_PREFIX, EVENT_END
+from matrixstack.openai.endpoints import ENDPOINTS, Endpoint
+from matrixstack.openai.errors import UpstreamError, error_body
+from matrixstack.openai.sse import DATA_PREFIX, EVENT_END, SSE_DONE, sse_event
+from matrixstack.openai.types import usage
 from matrixstack.portal.encoding import dumps_bytes, loads
 from matrixstack.portal.service import KeyInfo
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
-Kind = Literal["chat", "completion"]
 
 
 @dataclass
@@ -60,7 +59,7 @@ class Metered:
 
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-TOKEN_FIELD = {"chat": re.compile(rb'"content"\s*:\s*"[^"]'), "completion": re.compile(rb'"text"\s*:\s*"[^"]')}
+TOKEN_FIELD = {e: re.compile(rb'"%s"\s*:\s*"[^"]' % e.text_field.encode()) for e in ENDPOINTS}  # a non-empty text
 
 
 class StreamRelay:
@@ -70,14 +69,14 @@ class StreamRelay:
         self,
         blocks: AsyncIterator[bytes],
         first: bytes | None,
-        kind: Kind,
+        endpoint: Endpoint,
         metered: Metered,
         finish: Callable[[Metered], None],
     ):
-        self._blocks, self._first, self._kind, self._m, self._finish = blocks, first, kind, metered, finish
+        self._blocks, self._first, self._endpoint, self._m, self._finish = blocks, first, endpoint, metered, finish
         self._model_field = b'"model":' + dumps_bytes(metered.entry)
         self._model_template = self._model_field.replace(b"\\", b"\\\\")  # as re.sub's replacement: literal
-        self._token = TOKEN_FIELD[kind]
+        self._token = TOKEN_FIELD[endpoint]
         self._closed = False
         self._delivered = False  # events() wrote everything, [DONE] included
         self._content_chunks = 0
@@ -138,8 +137,7 @@ class StreamRelay:
             # the backend sent no usage-only last chunk: send one, as OpenAI does with include_usage
             ident = (last or {}).get("id") or f"portal-{m.request_id}"
             created = (last or {}).get("created") or int(time.time())
-            make = chat_chunk if self._kind == "chat" else completion_chunk
-            tail = sse_event(make(ident, m.entry, created, None, None, True, usage(*self._tokens())))
+            tail = sse_event(self._endpoint.usage_chunk(ident, m.entry, created, usage(*self._tokens())))
         self._delivered = True  # the response ends with this piece (EventStream closes the stream after [DONE])
         yield (tail + SSE_DONE).encode()
 
@@ -165,13 +163,3 @@ class StreamRelay:
             if m.completion_tokens > 1 and self._last_token_s is not None:
                 m.tpot_s = (self._last_token_s - self._first_token_s) / (m.completion_tokens - 1)
         self._finish(m)
-
-
-async def one_per_block(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Yield each parsed chunk of a stream (`ExternalEngine`'s) as a block of one event; closing it closes
-    `chunks`."""
-    try:
-        async for chunk in chunks:
-            yield DATA_PREFIX + dumps_bytes(chunk) + EVENT_END
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]

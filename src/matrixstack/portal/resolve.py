@@ -2,7 +2,7 @@
 
 `resolve([L0, L1, L2])` merges the chain root first: system prompts joined, knowledge appended as reference
 material, defaults overridden by deeper levels, allowed ranges intersected, stop strings united, the deepest
-adapter kept. `Resolved.apply_chat` / `apply_completion` return a new OpenAI request body for the backend.
+adapter kept. `Resolved.apply(endpoint, body)` returns a new OpenAI request body for the backend.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from matrixstack.errors import UserError
+from matrixstack.openai.endpoints import Endpoint
 from matrixstack.portal.spec import BackendSpec, EntrySpec
 
 REFERENCE_HEADER = "Reference material:\n"
@@ -54,41 +55,21 @@ class Resolved:
             return self.adapter
         return self.backend.model or self.chain[0]
 
-    def apply_chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Return a new chat-completions body: backend model, system prompt, defaults, checked ranges, stop strings.
+    def apply(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        """Return a new request body for `endpoint`'s backend: backend model, system prompt (`endpoint`'s prompt
+        step: a system message for chat, a prefix of the prompt for text completion), defaults, checked ranges,
+        stop strings.
 
-        The system prompt is merged in front of the request's first system message, or becomes a new first
-        message. Raises RangeError naming the parameter when a value lies outside the entry's range.
+        Raises UserError when a system prompt is needed but the prompt cannot take it (token ids), RangeError
+        naming the parameter when a value lies outside the entry's range.
         """
         out = dict(body)  # a shallow copy: only top-level values are replaced below, never changed in place
-        if self.system_prompt:
-            messages = list(out.get("messages") or [])
-            first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "system"), None)
-            if first is None:
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            else:
-                messages[first] = {**messages[first], "content": _prefixed(self.system_prompt, messages[first])}
-            out["messages"] = messages
-        return self._apply_common(out, max_tokens_alias="max_completion_tokens")
-
-    def apply_completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Return a new completions body: the system prompt becomes a prefix of the prompt, the rest as apply_chat.
-
-        Raises UserError when a prefix is needed but the prompt is token ids, RangeError for a value out of range.
-        """
-        out = dict(body)  # a shallow copy, as in apply_chat
-        if self.system_prompt:
-            prefix = self.system_prompt + "\n\n"
-            prompt = out.get("prompt", "")
-            if isinstance(prompt, str):
-                out["prompt"] = prefix + prompt
-            elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-                out["prompt"] = [prefix + p for p in prompt]
-            else:
-                raise UserError(
-                    f"prompt: model {self.entry!r} adds a system prompt to the prompt; send the prompt as text"
-                )
-        return self._apply_common(out, max_tokens_alias=None)
+        if self.system_prompt and endpoint.with_system_prompt(out, self.system_prompt) is None:
+            raise UserError(
+                f"{endpoint.prompt_param}: model {self.entry!r} adds a system prompt to the prompt; send the prompt "
+                "as text"
+            )
+        return self._apply_common(out, endpoint.max_tokens_alias)
 
     def _apply_common(self, out: dict[str, Any], max_tokens_alias: str | None) -> dict[str, Any]:
         """Return `out` with the backend model, the defaults it lacks, its ranges checked and the stop strings."""
@@ -110,14 +91,6 @@ class Resolved:
         if merged:
             out["stop"] = merged
         return out
-
-
-def _prefixed(prompt: str, message: dict[str, Any]) -> str | list[Any]:
-    """Return a system message's content with `prompt` in front (text, or a text part before the parts)."""
-    content = message.get("content")
-    if isinstance(content, list):
-        return [{"type": "text", "text": prompt}, *content]
-    return f"{prompt}\n\n{content}" if content else prompt
 
 
 def resolve(chain: list[EntrySpec]) -> Resolved:

@@ -20,7 +20,7 @@ from typing import TextIO
 
 from fastapi import FastAPI
 
-from matrixstack.engine.http import ServerThread, bind_socket, uvicorn_server
+from matrixstack.openai.server import ServerThread, bind_socket, uvicorn_server
 from matrixstack.portal.app import Portal, create_portal_app
 
 PORTAL_LOGGER = "matrixstack.portal"

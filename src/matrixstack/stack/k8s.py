@@ -197,7 +197,7 @@ def _builtin_command(d: DeploymentShape, workers: int, fabric: FabricSpec) -> li
 
 def _vllm_command(d: DeploymentShape, instance: InstancePlan, fabric: FabricSpec, pods: int, head: str) -> list[str]:
     """Return the container command of a vLLM deployment's pods (a shell line choosing by ordinal when pods > 1)."""
-    from matrixstack.engine.external import VllmLauncher
+    from matrixstack.lanes.vllm import VllmLauncher
 
     dies = fabric.device.dies_per_device
     launcher = VllmLauncher.from_plan(

@@ -24,7 +24,7 @@ with `engine.server.build_deployment` as `matrixstack engine serve` does and ser
   bundle per worker (workers <= devices); bundles past the last rank reserve their devices. Ranks on several
   nodes (PACK or SPREAD groups) reach each other over the nodes' IPs; only single-node clusters are tested.
 
-The actor serves the OpenAI API on a free port of its node's IP (`engine.http.ServerThread`); `start` returns
+The actor serves the OpenAI API on a free port of its node's IP (`openai.server.ServerThread`); `start` returns
 `Started(name, http://NODE_IP:PORT/v1)` once the URL's `/health` answers from here. `stop()` closes the engines,
 kills the actors, removes the groups and disconnects, leaving the cluster running; calling it again does nothing.
 """
@@ -150,8 +150,8 @@ class EngineActor:
         launch = self.launch
         from matrixstack.engine.config import EngineConfig
         from matrixstack.engine.ep_launch import TcpLauncher
-        from matrixstack.engine.http import ServerThread
         from matrixstack.engine.server import build_deployment, create_app
+        from matrixstack.openai.server import ServerThread
 
         node_ip = ray.util.get_node_ip_address()
         ep_options = None

@@ -187,7 +187,7 @@ def run_up(shape: Shape, db_url: str | None = None, out: TextIO | None = None, s
     """Run `shape` on `site` (default: its own; see the module docstring) until SIGINT or SIGTERM; return once
     everything it started is stopped. UserError when the port is taken, a deployment cannot run on a local or ray
     site, the shape cannot be applied or an engine does not come up."""
-    from matrixstack.engine.http import bind_socket
+    from matrixstack.openai.server import bind_socket
     from matrixstack.portal.app import create_portal_app
     from matrixstack.portal.server import log_to_stdout, serve_socket
 

@@ -1,12 +1,12 @@
-"""A lean HTTP/1.1 transport for the portal's backend clients: keep-alive connections on asyncio streams.
+"""A lean HTTP/1.1 transport for the upstream clients: keep-alive connections on asyncio streams.
 
 httpx's default transport (httpcore) spends most of a proxied request's CPU on its connection pool: every request
 scans every pooled connection and polls each idle socket to see whether it is still open, which at 32 requests in
 flight costs milliseconds per request. `KeepAliveTransport` keeps idle connections in a stack (the most recent
 first) and checks only the one it takes, cheaply (`at_eof` / `is_closing`, which the event loop sets when the peer
-closed it). It has two faces: `exchange(origin, head, body, timeouts)`, which the portal's `Backend` uses (a
+closed it). It has two faces: `exchange(origin, head, body, timeouts)`, which `KeepAliveClient` uses (a
 request head as bytes in, status, headers and a body stream out), and `handle_async_request`, which makes it an
-`httpx.AsyncBaseTransport` for any httpx client (e.g. `ExternalEngine(url, transport=KeepAliveTransport())`).
+`httpx.AsyncBaseTransport` for any httpx client (e.g. `HttpxClient(url, transport=KeepAliveTransport())`).
 
 What it does: HTTP/1.1 over TCP or TLS; request bodies as bytes (what `json=` makes) or streamed; response bodies
 by Content-Length, chunked transfer encoding or up to the close, streamed to the caller (an SSE relay gets each
@@ -18,8 +18,8 @@ cancelled stream) the connection is closed, so the backend sees the disconnect a
 Timeouts come from httpx's per-request timeout extension. The read timeout is httpx's: the longest wait for the
 next bytes. It is kept by one timer per response (not one per read): the timer aborts the connection when a
 read has waited that long, and the read then raises `httpx.ReadTimeout`. Errors are httpx's (`ConnectError`,
-`ConnectTimeout`, `ReadError`, `ReadTimeout`, `WriteError`, `RemoteProtocolError`), which `Backend` and
-`ExternalEngine` map to 502 / 504. A request that fails on a reused connection before any response byte arrived (the
+`ConnectTimeout`, `ReadError`, `ReadTimeout`, `WriteError`, `RemoteProtocolError`), which `KeepAliveClient` and
+`HttpxClient` map to 502 / 504. A request that fails on a reused connection before any response byte arrived (the
 backend closed the idle connection at that moment) is sent again once on a fresh connection. No HTTP/2, no
 proxies.
 """
@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import httpx
 
 T = TypeVar("T")
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 600.0  # a long generation is a slow response, not a dead upstream
 MAX_IDLE_CONNECTIONS = 512  # per origin (scheme, host, port)
 MAX_HEADER_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024

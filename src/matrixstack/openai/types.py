@@ -1,4 +1,5 @@
-"""OpenAI-compatible request and response bodies (the subset MatrixStack serves), as pydantic models.
+"""OpenAI-compatible request bodies (the subset MatrixStack serves), as pydantic models, and the shared parts of
+responses.
 
 Requests: `CompletionRequest` (`POST /v1/completions`) and `ChatCompletionRequest` (`POST /v1/chat/completions`).
 They accept OpenAI's field names and types. A field OpenAI defines that this engine cannot honour (tools, logprobs,
@@ -6,8 +7,8 @@ n > 1, penalties, ...) is refused with a 400 naming it (`unsupported_fields`), n
 OpenAI does not define is refused as OpenAI refuses it ("Unrecognized request argument supplied"). Extensions,
 as vLLM names them: `top_k`, `stop_token_ids`, `ignore_eos`.
 
-Responses and stream chunks are built as plain dicts (`completion_response`, `chat_chunk`, ...) in exactly
-OpenAI's shapes, so the official `openai` client parses them.
+Responses are plain dicts in exactly OpenAI's shapes, so the official `openai` client parses them: `usage`,
+`model_card` here; a route's responses and stream chunks are built by its endpoint (`openai.endpoints`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from matrixstack.engine.config import MAX_SEED, TOP_K_OFF, SamplingParams
-
 OPENAI_MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**64 - 1  # seeds are 64-bit unsigned (what torch.Generator.manual_seed takes)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "until the context"
 
 
@@ -32,7 +32,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's extension; accepted, usage is sent once at the end
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     """Fields both endpoints share: sampling, stopping, streaming, and OpenAI fields accepted but unused."""
 
     model_config = ConfigDict(extra="forbid")
@@ -56,22 +56,10 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
 
-    def sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
-        """Return the engine's SamplingParams (raises pydantic.ValidationError on a value the engine refuses)."""
-        top_k = TOP_K_OFF if self.top_k in (None, 0) else self.top_k
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=top_k,
-            seed=self.seed,
-            max_tokens=self._max_tokens(default_max_tokens),
-            stop=self.stop or [],
-            stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos,
-        )
-
-    def _max_tokens(self, default: int | None) -> int | None:
-        return default if self.max_tokens is None else self.max_tokens
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """Return the most tokens the request asks for (None: it does not say)."""
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -95,7 +83,7 @@ class _SamplingFields(BaseModel):
         return problems
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     """`POST /v1/completions`: one prompt (text, or token ids), one choice."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
@@ -163,7 +151,7 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions`: messages through the model's chat template, one choice."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -179,10 +167,10 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None  # accepted, unused
     store: bool | None = None  # accepted, unused
 
-    def _max_tokens(self, default: int | None) -> int | None:
-        if self.max_completion_tokens is not None:
-            return self.max_completion_tokens
-        return super()._max_tokens(default)
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """Return the most tokens the request asks for: `max_completion_tokens`, else `max_tokens`."""
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """Return (field, message) for each field set to something this engine cannot do."""
@@ -221,101 +209,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_response(
-    request_id: str, model: str, created: int, text: str, finish_reason: str, usage_: dict[str, int]
-) -> dict[str, Any]:
-    """Return a non-streamed `text_completion`."""
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage_,
-    }
-
-
-def completion_chunk(
-    request_id: str,
-    model: str,
-    created: int,
-    text: str | None,
-    finish_reason: str | None,
-    include_usage: bool,
-    usage_: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Return one streamed `text_completion` chunk; `text=None` gives the final usage chunk (empty choices)."""
-    chunk: dict[str, Any] = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": []
-        if text is None
-        else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        chunk["usage"] = usage_
-    return chunk
-
-
-def chat_response(
-    request_id: str, model: str, created: int, text: str, finish_reason: str, usage_: dict[str, int]
-) -> dict[str, Any]:
-    """Return a non-streamed `chat.completion`."""
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage_,
-    }
-
-
-def chat_chunk(
-    request_id: str,
-    model: str,
-    created: int,
-    delta: dict[str, Any] | None,
-    finish_reason: str | None,
-    include_usage: bool,
-    usage_: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Return one `chat.completion.chunk`; `delta=None` gives the final usage chunk (empty choices)."""
-    chunk: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": []
-        if delta is None
-        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        chunk["usage"] = usage_
-    return chunk
-
-
 def model_card(model_id: str, created: int, max_model_len: int | None = None) -> dict[str, Any]:
     """Return one entry of `GET /v1/models`."""
     card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "matrixstack"}
     if max_model_len is not None:
         card["max_model_len"] = max_model_len
     return card
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    """Return an OpenAI error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

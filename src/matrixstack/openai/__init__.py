@@ -1,0 +1,13 @@
+"""openai: the protocol the engine and the portal both speak — no runtime, no policy. It imports nothing of
+MatrixStack above `matrixstack.errors`.
+
+- `types`: the request bodies (pydantic models) and the shared parts of responses (`usage`, `model_card`);
+- `endpoints`: the two generation routes as objects, `CHAT` and `COMPLETION` (body model, prompt step, response
+  and chunk shapes);
+- `errors`: OpenAI's error format, `OpenAIError`, `UpstreamError`, the app's error handlers;
+- `sse`: server-sent events written (`sse_event`, `EventStream`) and read (`EventBlocks`);
+- `disconnect`: a request's client going away (`until_disconnect`);
+- `server`: a socket, uvicorn, a server thread;
+- `transport`, `keepalive_client`, `httpx_client`, `client`: calling an upstream (`upstream_client(url)` gives an
+  `Upstream`).
+"""

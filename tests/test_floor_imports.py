@@ -1,0 +1,100 @@
+"""The floors hold, read statically from the sources (no interpreter started): the `openai` floor imports nothing
+of MatrixStack above `matrixstack.errors`, the portal imports nothing of the engine, and nothing the portal or the
+`openai` floor imports at module level pulls in torch (torch alone is ~200k objects, which every full garbage
+collection of the portal process would then walk)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import matrixstack
+
+ROOT = Path(matrixstack.__file__).parent
+
+
+def _module_path(name: str) -> Path | None:
+    """Return the source file of the matrixstack module `name`, None when it is not one."""
+    parts = name.split(".")
+    if parts[0] != "matrixstack":
+        return None
+    base = ROOT.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _module_level_imports(name: str) -> set[str]:
+    """Return the modules `name` imports when it is imported (not those imported inside its functions), with the
+    packages each runs on the way."""
+    path = _module_path(name)
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            elif isinstance(node, ast.ClassDef | ast.If | ast.Try | ast.With):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    packages = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
+    return {m for m in found | packages if not m.startswith("matrixstack") or _module_path(m) is not None}
+
+
+def _reachable(start: list[str]) -> set[str]:
+    """Return every module importing `start` imports, following MatrixStack's own modules."""
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if _module_path(name) is not None:
+            todo.extend(_module_level_imports(name))
+    return seen
+
+
+def _modules(package: str) -> list[str]:
+    return [
+        f"matrixstack.{package}." + ".".join(p.relative_to(ROOT / package).with_suffix("").parts)
+        for p in sorted((ROOT / package).rglob("*.py"))
+    ]
+
+
+def test_the_openai_floor_imports_nothing_above_it():
+    for name in _modules("openai"):
+        ours = {m for m in _module_level_imports(name) if m.startswith("matrixstack")}
+        above = {
+            m for m in ours if m != "matrixstack" and not m.startswith(("matrixstack.openai", "matrixstack.errors"))
+        }
+        assert not above, f"{name} imports {sorted(above)}"
+
+
+def test_the_portal_imports_nothing_of_the_engine():
+    for name in _modules("portal"):
+        engine = {m for m in _module_level_imports(name) if m.startswith("matrixstack.engine")}
+        assert not engine, f"{name} imports {sorted(engine)}"
+
+
+def test_the_portal_and_the_protocol_do_not_pull_torch():
+    reached = _reachable(
+        ["matrixstack.portal.app", "matrixstack.portal.server", "matrixstack.engine", *_modules("openai")]
+    )
+    assert "matrixstack.portal.app" in reached and "matrixstack.openai.client" in reached  # the walk went somewhere
+    assert not {m for m in reached if m == "torch" or m.startswith("torch.")}
+
+
+def test_the_walk_sees_torch_where_it_is():
+    assert "torch" in _reachable(["matrixstack.engine.server"])
