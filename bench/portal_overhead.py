@@ -559,7 +559,8 @@ def servers(
 
 
 def code_version() -> dict:
-    """Return the repository commit this run measured and whether the portal's code had uncommitted changes."""
+    """Return the repository commit this run measured and whether the portal's code (its own and the openai floor's)
+    had uncommitted changes."""
     root = BENCH_DIR.parent
 
     def git(*args: str) -> str | None:
@@ -569,7 +570,7 @@ def code_version() -> dict:
             return None
         return result.stdout.strip() if result.returncode == 0 else None
 
-    changed = git("status", "--porcelain", "--", "src/matrixstack/portal", "src/matrixstack/engine/external.py")
+    changed = git("status", "--porcelain", "--", "src/matrixstack/portal", "src/matrixstack/openai")
     return {"commit": git("rev-parse", "--short", "HEAD"), "portal_uncommitted_changes": bool(changed)}
 
 
