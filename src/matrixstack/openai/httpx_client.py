@@ -2,7 +2,7 @@
 else the lean `KeepAliveClient` does not take.
 
 `HttpxClient(base_url, api_key, timeout_s, transport)` is an `Upstream` (openai/client.py): `send(endpoint, body)`,
-`stream(endpoint, body)` (the `data:` events in blocks, as `sse.EventBlocks` cuts them), `model_ids()`, `health()`,
+`stream(endpoint, body)` (the `data:` events in blocks, as `sse.event_blocks` reads them), `model_ids()`, `health()`,
 `aclose()`. Bodies are OpenAI request dicts, passed through as they are (only `stream` is set). An upstream error
 is raised as `UpstreamError` carrying the upstream status and its OpenAI error body unchanged, so a portal relays
 it as is; an unreachable upstream is a 502 (`upstream_unreachable`), a timeout a 504 (`upstream_timeout`), both in
@@ -19,7 +19,7 @@ import httpx
 from matrixstack.errors import UserError
 from matrixstack.openai.endpoints import Endpoint
 from matrixstack.openai.errors import non_json_error, transport_error, upstream_error
-from matrixstack.openai.sse import EventBlocks
+from matrixstack.openai.sse import event_blocks
 from matrixstack.openai.transport import CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
 
@@ -76,26 +76,23 @@ class HttpxClient:
         """Return the upstream's non-streamed response to the OpenAI request `body` at `endpoint`."""
         return await self._request("POST", f"{self.base_url}{endpoint.path}", {**body, "stream": False})
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Yield the `data:` events of the streamed request `body` at `endpoint` up to `[DONE]` in blocks, a block
-        per piece read; an error event raises UpstreamError after the events before it. Closing it closes the
-        upstream request, which aborts it there."""
-        url = f"{self.base_url}{endpoint.path}"
-        events = EventBlocks()
-        try:
-            async with self._client.stream("POST", url, json={**body, "stream": True}) as response:
-                if response.status_code >= 400:
-                    text = (await response.aread()).decode("utf-8", "replace")
-                    raise upstream_error(response.status_code, text, response.reason_phrase)
-                async for piece in response.aiter_bytes():
-                    if block := events.feed(piece):
-                        yield block
-                    if events.done:
-                        break
-            if events.error is not None:
-                raise events.error
-        except httpx.TransportError as exc:
-            raise transport_error(self.base_url, exc) from None
+        per piece read (`sse.event_blocks`); an error event raises UpstreamError after the events before it.
+        Closing it closes the upstream request, which aborts it there."""
+        return event_blocks(lambda: self._open(endpoint, body), self.base_url, _ResponseBody.finish)
+
+    async def _open(self, endpoint: Endpoint, body: dict[str, Any]) -> _ResponseBody:
+        """Return the body of the streamed request `body` at `endpoint`; UpstreamError for an error status."""
+        request = self._client.build_request("POST", f"{self.base_url}{endpoint.path}", json={**body, "stream": True})
+        response = await self._client.send(request, stream=True)
+        if response.status_code >= 400:
+            try:
+                text = (await response.aread()).decode("utf-8", "replace")
+            finally:
+                await response.aclose()
+            raise upstream_error(response.status_code, text, response.reason_phrase)
+        return _ResponseBody(response)
 
     async def model_ids(self) -> list[str]:
         """Return the upstream's model ids (`GET /models`)."""
@@ -114,3 +111,20 @@ class HttpxClient:
             if response.status_code != 404:
                 return False
         return False
+
+
+class _ResponseBody:
+    """An httpx response's body, read piece by piece (an `sse.ResponseBody`)."""
+
+    def __init__(self, response: httpx.Response):
+        self._response = response
+        self._pieces = response.aiter_bytes()
+
+    async def next_piece(self) -> bytes:
+        """Return the next decoded bytes of the body (b"" once it ended)."""
+        return await anext(self._pieces, b"")
+
+    async def finish(self, over: bool) -> None:
+        """Close the response (which aborts the request at the upstream when it was not over)."""
+        await self._pieces.aclose()
+        await self._response.aclose()

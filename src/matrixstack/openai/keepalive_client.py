@@ -1,7 +1,7 @@
 """The lean upstream client for plain HTTP: OpenAI requests straight over `KeepAliveTransport`'s connections.
 
 `KeepAliveClient(base_url, api_key, transport)` is an `Upstream` (openai/client.py): `send`, `stream` (blocks of
-raw events, as bytes, unparsed: see `sse.EventBlocks`), `model_ids`, `health`, `aclose`. An upstream's error is
+raw events, as bytes, unparsed: see `sse.event_blocks`), `model_ids`, `health`, `aclose`. An upstream's error is
 an `UpstreamError` with its status and OpenAI error body as sent, an unreachable upstream a 502 and a timeout a
 504. What it leaves out is httpx's client layer: building an `httpx.Request` (URL parsing, header merging,
 cookies, auth and redirect hooks) and wrapping the response cost about as much CPU as the rest of a proxied
@@ -23,8 +23,8 @@ import orjson
 
 from matrixstack.openai.endpoints import Endpoint
 from matrixstack.openai.errors import non_json_error, transport_error, upstream_error
-from matrixstack.openai.sse import EventBlocks
-from matrixstack.openai.transport import CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, KeepAliveTransport
+from matrixstack.openai.sse import event_blocks
+from matrixstack.openai.transport import CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, KeepAliveTransport, ResponseStream
 
 
 class KeepAliveClient:
@@ -85,34 +85,33 @@ class KeepAliveClient:
         """Return the upstream's non-streamed response to the OpenAI request `body` at `endpoint`."""
         return await self._json(b"POST", endpoint.path_bytes, {**body, "stream": False})
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Yield the `data:` events of the streamed request `body` at `endpoint` up to `[DONE]` as blocks, a block
-        per read of the response; an error event raises UpstreamError after the events before it. Closing it
-        closes the request (aborting it at the upstream). After `[DONE]` it ends at once: when the body's last
-        bytes (the chunked terminator, which a server may send in a later write) are not in yet, they are read in
-        the background, so the client's last bytes do not wait for them."""
-        status, stream = await self._send(b"POST", endpoint.path_bytes, orjson.dumps({**body, "stream": True}))
-        events = EventBlocks()
-        try:
-            if status >= 400:
+        per read of the response (`sse.event_blocks`); an error event raises UpstreamError after the events before
+        it. Closing it closes the request (aborting it at the upstream)."""
+        return event_blocks(lambda: self._open(endpoint.path_bytes, body), self.base_url, self._finish)
+
+    async def _open(self, path: bytes, body: dict[str, Any]) -> ResponseStream:
+        """Return the body of the streamed request `body` at `path`; UpstreamError for an error status."""
+        status, stream = await self._send(b"POST", path, orjson.dumps({**body, "stream": True}))
+        if status >= 400:
+            try:
                 data = b"".join([piece async for piece in stream])
-                raise upstream_error(status, data.decode("utf-8", "replace"), _reason(status))
-            while piece := await stream.next_piece():
-                if block := events.feed(piece):
-                    yield block
-                if events.done:
-                    break
-            if events.error is not None:
-                raise events.error
-        except httpx.TransportError as exc:
-            raise transport_error(self.base_url, exc) from None
-        finally:
-            if events.done and not stream.ended:  # over for the caller: read the last bytes (keeping the connection)
-                task = asyncio.get_running_loop().create_task(stream.aclose())
-                self._ending.add(task)
-                task.add_done_callback(self._ending.discard)
-            else:
+            finally:
                 await stream.aclose()
+            raise upstream_error(status, data.decode("utf-8", "replace"), _reason(status))
+        return stream
+
+    async def _finish(self, stream: ResponseStream, over: bool) -> None:
+        """End a stream's body. One that is over for the reader ends at once: when its last bytes (the chunked
+        terminator, which a server may send in a later write) are not in yet, they are read in the background
+        (keeping the connection), so the client's last bytes do not wait for them."""
+        if over and not stream.ended:
+            task = asyncio.get_running_loop().create_task(stream.aclose())
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+        else:
+            await stream.aclose()
 
     async def model_ids(self) -> list[str]:
         """Return the ids of the models the upstream lists (`GET /models`)."""

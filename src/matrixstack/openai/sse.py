@@ -3,9 +3,10 @@
 - `sse_event(data)`, `SSE_DONE`: one `data: {...}` event, and the `data: [DONE]` that ends an OpenAI stream;
 - `EventStream(content, on_close)`: a streaming response that always runs its close callback, also when the
   client disconnected;
-- `EventBlocks`: reads an upstream's SSE body as it arrives and gives its `data:` events in blocks, unparsed
+- `EventBlocks`: cuts an upstream's SSE body, as it arrives, into blocks of its `data:` events, unparsed
   (`event_block` normalises one block), so that a relay passes them on in one piece; an error event ends it
-  with an `UpstreamError`.
+  with an `UpstreamError`. `event_blocks(open_body, base_url, finish)` is the loop both upstream clients stream
+  with: it yields the blocks of a response body as they arrive.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import httpx
 import orjson
 from fastapi.responses import Response
 
 from matrixstack.openai.disconnect import client_watch
-from matrixstack.openai.errors import ClientGone, UpstreamError, stream_error
+from matrixstack.openai.errors import ClientGone, UpstreamError, stream_error, transport_error
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_DONE_BYTES = SSE_DONE.encode()
@@ -133,3 +135,42 @@ class EventBlocks:
                 self.done = True
                 return block[:start]
         return block
+
+
+class ResponseBody(Protocol):
+    """A response body being read (the keep-alive transport's, or an httpx response's)."""
+
+    async def next_piece(self) -> bytes:
+        """Return the next bytes that arrived (b"" once the body ended)."""
+        ...
+
+
+Body = TypeVar("Body", bound=ResponseBody)
+
+
+async def event_blocks(
+    open_body: Callable[[], Awaitable[Body]], base_url: str, finish: Callable[[Body, bool], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """Yield the `data:` events of a streamed response up to `[DONE]` as blocks, a block per piece read (see
+    `EventBlocks`); an error event raises its UpstreamError after the events before it.
+
+    `open_body()` sends the request and returns the response's body once it is answered with a success status
+    (else it raises); it is called on the first read, so an iterator closed unread sends nothing. `finish(body,
+    over)` ends the body, told whether the stream was over for the reader (`[DONE]` or an error event came) or
+    stopped before. A transport error (httpx's) is the upstream's 502 or 504."""
+    events = EventBlocks()
+    body: Body | None = None
+    try:
+        body = await open_body()
+        while piece := await body.next_piece():
+            if block := events.feed(piece):
+                yield block
+            if events.done:
+                break
+        if events.error is not None:
+            raise events.error
+    except httpx.TransportError as exc:
+        raise transport_error(base_url, exc) from None
+    finally:
+        if body is not None:
+            await finish(body, events.done)

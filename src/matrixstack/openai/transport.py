@@ -184,7 +184,7 @@ def _chunk_size(line: bytes) -> int:
         raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}") from None
 
 
-class _ResponseStream(httpx.AsyncByteStream):
+class ResponseStream(httpx.AsyncByteStream):
     """The body of one response, read as the caller iterates (see the module docstring for the ending).
 
     Each step reads what the connection has (up to READ_CHUNK_BYTES), so a chunked stream whose pieces arrived
@@ -345,7 +345,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         chunks: Any = None,
         chunked_body: bool = False,
         head_request: bool = False,
-    ) -> tuple[int, list[tuple[bytes, bytes]], _ResponseStream]:
+    ) -> tuple[int, list[tuple[bytes, bytes]], ResponseStream]:
         """Send one request (its head, and its body as bytes or as `chunks`) to `origin` (scheme, host, port) and
         return (status, headers, body stream) once the response head arrived; `timeouts_s` = (connect, read, write).
         The caller reads the stream to its end or closes it (`aclose`), which gives the connection back."""
@@ -368,7 +368,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     async def _response(
         self, conn: _Connection, read_s: float | None, head_request: bool
-    ) -> tuple[int, list[tuple[bytes, bytes]], _ResponseStream]:
+    ) -> tuple[int, list[tuple[bytes, bytes]], ResponseStream]:
         """Return (status, headers, body stream) of the response whose head arrives on `conn`."""
         conn.arm(read_s)
         try:
@@ -400,7 +400,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 keep = b"close" not in value.lower() and (keep or b"keep-alive" in value.lower())
         if head_request or status in (204, 304):
             length, chunked = 0, False
-        return status, headers, _ResponseStream(self, conn, length, chunked, keep)
+        return status, headers, ResponseStream(self, conn, length, chunked, keep)
 
     async def aclose(self) -> None:
         """Close every idle connection."""
