@@ -57,7 +57,7 @@ class KeepAliveClient:
         return b"%s %s%s HTTP/1.1\r\n%s%s\r\n" % (method, self._prefix, path, self._headers, body_headers)
 
     async def _send(self, method: bytes, path: bytes, body: bytes | None):
-        """Return (status, response body stream) of one request; UpstreamError when the backend can't be reached."""
+        """Return (status, response body stream) of one request; UpstreamError when the upstream can't be reached."""
         head = self._head(method, path, None if body is None else len(body))
         try:
             status, _, stream = await self._transport.exchange(self._origin, head, body or b"", self._timeouts_s)
@@ -66,7 +66,7 @@ class KeepAliveClient:
         return status, stream
 
     async def _json(self, method: bytes, path: bytes, body: dict[str, Any] | None) -> dict[str, Any]:
-        """Return the backend's JSON answer to one request; UpstreamError on an error status or a non-JSON body."""
+        """Return the upstream's JSON answer to one request; UpstreamError on an error status or a non-JSON body."""
         status, stream = await self._send(method, path, None if body is None else orjson.dumps(body))
         try:
             data = b"".join([piece async for piece in stream])
