@@ -272,8 +272,8 @@ def create_portal_app(
                            "model_not_found", "model")  # fmt: skip
 
     # PortalApp answers the two hot routes before FastAPI's routing; these declarations put them in the OpenAPI
-    # document. They read and validate their bodies themselves (pydantic-core parses and validates the JSON in one
-    # pass, after the key is checked); `_document_bodies` adds the body schemas.
+    # document. They read and validate their bodies themselves (`Endpoint.parse`: the JSON parsed once, the dict
+    # validated, after the key is checked); `_document_bodies` adds the body schemas.
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"],
               openapi_extra=_body_doc(CHAT.body_model))  # fmt: skip
     async def chat_completions(request: Request) -> Response:
