@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from matrixstack.errors import UserError
-from matrixstack.fabric.spec import FabricSpec
 from sqlalchemy.orm import Session
 
+from matrixstack.errors import UserError
+from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.pools import create_pool, list_pools, show_pool
 from matrixstack.matrix.slices import SliceInfo, alloc_slice, free_slice
 from matrixstack.matrix.tenants import create_tenant
