@@ -84,6 +84,7 @@ def create(
         raise UserError("--count must be at least 1")
     specs = [load_fabric(name) for name in fabric for _ in range(count)]
     from matrixstack.matrix.pools import create_pool
+
     with _database(db) as database:
         summary = database.write(lambda session: create_pool(session, pool, specs))
     if as_json:
@@ -99,6 +100,7 @@ def create(
 def list_pools(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
     """List the pools."""
     from matrixstack.matrix import pools as matrix_pools
+
     with _database(db) as database:
         pools = database.read(matrix_pools.list_pools)
     if as_json:
@@ -148,6 +150,7 @@ def alloc(
         constraints=SliceConstraints(within_domain=not cross_domain, max_tier=within_tier, whole_nodes=whole_nodes),
     )
     from matrixstack.matrix.slices import alloc_slice
+
     with _database(db) as database:
         info = database.write(lambda session: alloc_slice(session, pool, tenant, request, policy))
     if as_json:
@@ -166,6 +169,7 @@ def free(
 ) -> None:
     """Free a slice."""
     from matrixstack.matrix.slices import free_slice
+
     with _database(db) as database:
         info = database.write(lambda session: free_slice(session, slice_id, tenant))
     if as_json:
@@ -185,6 +189,7 @@ def resize(
 ) -> None:
     """Grow or shrink a slice, inside the domain it was placed in."""
     from matrixstack.matrix.slices import resize_slice
+
     with _database(db) as database:
         info = database.write(lambda session: resize_slice(session, slice_id, devices, tenant))
     if as_json:
@@ -204,6 +209,7 @@ def fail(
 ) -> None:
     """Mark a device failed; its slice gets a replacement from the same domain, or is marked degraded."""
     from matrixstack.matrix.failures import fail_device
+
     at = _parse_device(device)
     with _database(db) as database:
         result = database.write(lambda session: fail_device(session, pool, at, reason))
@@ -230,6 +236,7 @@ def repair(
 ) -> None:
     """Return a failed device to service and heal degraded slices that can now be made whole."""
     from matrixstack.matrix.failures import repair_device
+
     at = _parse_device(device)
     with _database(db) as database:
         result = database.write(lambda session: repair_device(session, pool, at))
@@ -255,6 +262,7 @@ def show(
 ) -> None:
     """Show a pool: counts, slices, failures; --png draws nodes x devices coloured by slice."""
     from matrixstack.matrix.pools import show_pool
+
     with _database(db) as database:
         view = database.read(lambda session: show_pool(session, pool, tenant))
     if png is not None:
@@ -309,6 +317,7 @@ def events(
 ) -> None:
     """Show the pool's event log (every mutation), oldest first."""
     from matrixstack.matrix.events import list_events
+
     with _database(db) as database:
         rows = database.read(lambda session: list_events(session, pool, tenant, limit))
     if as_json:

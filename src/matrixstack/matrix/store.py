@@ -253,4 +253,3 @@ def _sqlite_engine(parsed) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
-
