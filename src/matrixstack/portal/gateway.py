@@ -39,17 +39,20 @@ from matrixstack.engine.external import ExternalEngine, UpstreamError
 from matrixstack.engine.http import ClientGone, EventStream, OpenAIError, until_disconnect, validation_error
 from matrixstack.engine.openai_types import usage
 from matrixstack.errors import UserError
+from matrixstack.matrix.database import Database
 from matrixstack.portal.backend import Backend
 from matrixstack.portal.cache import TtlCache
+from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps, loads
+from matrixstack.portal.key_service import KeyInfo, authenticate
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Kind, Metered, StreamRelay, one_per_block
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
-from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
 from matrixstack.portal.transport import KeepAliveTransport
+from matrixstack.portal.usage_service import UsageRecord, tokens_used
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
@@ -105,14 +108,14 @@ class Gateway:
 
     def __init__(
         self,
-        service: PortalService,
+        db: Database,
         metrics: PortalMetrics,
         writer: UsageWriter,
         limiter: KeyLimiter | None = None,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         log_json: bool = True,
     ):
-        self.service = service
+        self.db = db
         self.metrics = metrics
         self.writer = writer
         self.limiter = limiter or KeyLimiter()
@@ -146,7 +149,9 @@ class Gateway:
                 "invalid_api_key",
             )
         digest = hash_key(token)
-        key = await self.keys.get_or_load(digest, lambda: run_in_threadpool(self.service.authenticate, token))
+        key = await self.keys.get_or_load(
+            digest, lambda: run_in_threadpool(self.db.read, lambda session: authenticate(session, token))
+        )
         if key is None or key.revoked:
             shown = token[:12] + "..." if len(token) > 12 else "..."
             raise openai_error(401, f"Incorrect API key provided: {shown}", "invalid_api_key")
@@ -160,7 +165,9 @@ class Gateway:
 
         async def load() -> Resolved | str | DeploymentNotRunning:
             try:
-                return await run_in_threadpool(self.service.resolve, entry, key.tenant, key.is_admin)
+                return await run_in_threadpool(
+                    self.db.read, lambda session: resolve_entry(session, entry, key.tenant, key.is_admin)
+                )
             except UnknownEntry as exc:
                 return str(exc)  # cached like a hit, so unknown names do not reach the database each time
             except DeploymentNotRunning as exc:
@@ -178,7 +185,7 @@ class Gateway:
         """Return the catalog entries `key`'s tenant may call."""
         return await self.catalog.get_or_load(
             ("models", key.tenant, key.is_admin),
-            lambda: run_in_threadpool(self.service.list_entries, key.tenant, key.is_admin),
+            lambda: run_in_threadpool(self.db.read, lambda session: list_entries(session, key.tenant, key.is_admin)),
         )
 
     async def _seed_usage(self, key: KeyInfo) -> None:
@@ -188,7 +195,7 @@ class Gateway:
             self.limiter.seed(key.id, await self._seeds.get_or_load(key.id, lambda: self._tokens_used(key.id)))
 
     async def _tokens_used(self, key_id: int) -> int:
-        return await run_in_threadpool(self.service.tokens_used, key_id)
+        return await run_in_threadpool(self.db.read, lambda session: tokens_used(session, key_id))
 
     # ---- backends -----------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from matrixstack.engine.http import SSE_DONE, sse_event
 from matrixstack.engine.openai_types import chat_chunk, completion_chunk, error_body, usage
 from matrixstack.portal.backend import DATA_PREFIX, EVENT_END
 from matrixstack.portal.encoding import dumps_bytes, loads
-from matrixstack.portal.service import KeyInfo
+from matrixstack.portal.key_service import KeyInfo
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
 Kind = Literal["chat", "completion"]
