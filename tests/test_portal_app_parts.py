@@ -169,8 +169,13 @@ def _records(service: Database, n: int, entry: str = "tiny") -> list[UsageRecord
     return [UsageRecord(info.tenant_id, info.id, entry, 10, i, 200, 5.0, 1.0) for i in range(n)]
 
 
+def _record_fn(service: Database):
+    """Return what the app gives its usage writer: write one batch in one unit of work."""
+    return lambda batch: service.write(lambda session: record_usage(session, batch))
+
+
 def test_writer_writes_batches_and_flush_waits_for_them(service):
-    writer = UsageWriter(service.record_usage, interval_s=0.05).start()
+    writer = UsageWriter(_record_fn(service), interval_s=0.05).start()
     records = _records(service, 50)
     for record in records[:30]:
         writer.submit(record)
@@ -184,7 +189,7 @@ def test_writer_writes_batches_and_flush_waits_for_them(service):
 
 
 def test_writer_loses_nothing_on_a_clean_stop(service):
-    writer = UsageWriter(service.record_usage, interval_s=60.0).start()  # no round would come before the stop
+    writer = UsageWriter(_record_fn(service), interval_s=60.0).start()  # no round would come before the stop
     for record in _records(service, 20):
         writer.submit(record)
     writer.stop()
@@ -212,7 +217,7 @@ def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
 
 
 def test_writer_submit_from_many_threads(service):
-    writer = UsageWriter(service.record_usage, interval_s=0.01).start()
+    writer = UsageWriter(_record_fn(service), interval_s=0.01).start()
     records = _records(service, 200)
     threads = [threading.Thread(target=lambda part: [writer.submit(r) for r in part], args=(records[i::4],))
                for i in range(4)]  # fmt: skip
