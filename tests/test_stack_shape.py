@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -22,7 +23,7 @@ from matrixstack.matrix.database import open_database
 from matrixstack.matrix.pools import create_pool, show_pool
 from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
-from matrixstack.portal.catalog_service import add_entry, get_entry
+from matrixstack.portal.catalog_service import add_entry, get_entry, list_entries
 from matrixstack.portal.deployment_service import list_deployments
 from matrixstack.portal.key_service import create_key, list_keys, revoke_key
 from matrixstack.portal.server import PortalThread
@@ -331,7 +332,7 @@ def test_export_then_import_gives_the_same_shape_catalog_and_deployments(cli, tm
     assert export_shape(b) == export_shape(a) == shape
 
     with open_portal_database(a) as pa, open_portal_database(b) as pb:
-        catalogs = [[e.model_dump() for e in p.list_entries(admin=True)] for p in (pa, pb)]
+        catalogs = [[e.model_dump() for e in p.read(partial(list_entries, admin=True))] for p in (pa, pb)]
         assert catalogs[0] == catalogs[1] and len(catalogs[0]) == 6
         fields = ("name", "kind", "arch", "pool", "status", "url")
         assert [{k: d[k] for k in fields} for d in pa.read(list_deployments)] == [
