@@ -70,6 +70,14 @@ def _slice_line(s: SliceInfo, verb: str) -> str:
     )
 
 
+def _print_slice(s: SliceInfo, verb: str, as_json: bool) -> None:
+    """Print a slice a command changed: as JSON, or as one line saying what was done."""
+    if as_json:
+        print_json(s.to_dict())
+        return
+    console.print(_slice_line(s, verb), highlight=False)
+
+
 @matrix_app.command("create")
 @user_errors_exit_2
 def create(
@@ -153,10 +161,7 @@ def alloc(
 
     with _database(db) as database:
         info = database.write(lambda session: alloc_slice(session, pool, tenant, request, policy))
-    if as_json:
-        print_json(info.to_dict())
-        return
-    console.print(_slice_line(info, "allocated"), highlight=False)
+    _print_slice(info, "allocated", as_json)
 
 
 @matrix_app.command("free")
@@ -172,10 +177,7 @@ def free(
 
     with _database(db) as database:
         info = database.write(lambda session: free_slice(session, slice_id, tenant))
-    if as_json:
-        print_json(info.to_dict())
-        return
-    console.print(_slice_line(info, "freed"), highlight=False)
+    _print_slice(info, "freed", as_json)
 
 
 @matrix_app.command("resize")
@@ -192,10 +194,7 @@ def resize(
 
     with _database(db) as database:
         info = database.write(lambda session: resize_slice(session, slice_id, devices, tenant))
-    if as_json:
-        print_json(info.to_dict())
-        return
-    console.print(_slice_line(info, "resized"), highlight=False)
+    _print_slice(info, "resized", as_json)
 
 
 @matrix_app.command("fail")
