@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.orm import Session
 
 from matrixstack.engine.http import ServerThread
 from matrixstack.fabric.loader import load_fabric
-from matrixstack.matrix.database import open_database
 from matrixstack.matrix.failures import fail_device
 from matrixstack.matrix.pools import create_pool, show_pool
 from matrixstack.matrix.simulate import resize_pod
@@ -65,98 +65,71 @@ ENTRIES = {  # name -> level
 def world(tmp_path_factory):
     """Build the module's world in a fresh SQLite file; return what the tests check against."""
     url = f"sqlite:///{tmp_path_factory.mktemp('dashboard') / 'portal.db'}"
-    with open_database(url) as matrix:
-        matrix.write(lambda session: create_pool(session, POOL, [FABRIC, FABRIC]))
-        serving = matrix.write(lambda session: alloc_slice(session, POOL, "acme", SliceRequest(devices=6)))
-        small = matrix.write(lambda session: alloc_slice(session, POOL, "acme", SliceRequest(devices=4)))
+    now = datetime.now(UTC)
+
+    def build(session: Session) -> dict:
+        create_pool(session, POOL, [FABRIC, FABRIC])
+        serving = alloc_slice(session, POOL, "acme", SliceRequest(devices=6))
+        small = alloc_slice(session, POOL, "acme", SliceRequest(devices=4))
         failed = (serving.fabric_index, serving.devices[0])
-        failure = matrix.write(lambda session: fail_device(session, POOL, failed, reason="HBM ECC errors"))
+        failure = fail_device(session, POOL, failed, reason="HBM ECC errors")
         assert failure["action"] == "replaced"  # a free device of the same server took its place
-        idle = matrix.write(
-            lambda session: alloc_slice(session, POOL, "globex", SliceRequest(devices=2))
-        )  # a slice nothing is deployed on
-        slices = {s.id: s for s in matrix.read(lambda session: show_pool(session, POOL)).slices}
-    with open_portal_database(url) as portal:
-        portal.write(lambda session: create_tenant(session, "acme"))
-        _, admin_key = portal.write(lambda session: create_key(session, "acme", name="ops", admin=True))
-        user, user_key = portal.write(lambda session: create_key(session, "acme", name="app"))
-        portal.write(
-            lambda session: register_deployment(
-                session, "moe-a", "engine", "http://127.0.0.1:9001/v1", arch="tiny-moe", pool=POOL, slice_id=serving.id
-            )
+        idle = alloc_slice(session, POOL, "globex", SliceRequest(devices=2))  # a slice nothing is deployed on
+        slices = {s.id: s for s in show_pool(session, POOL).slices}
+        create_tenant(session, "acme")
+        _, admin_key = create_key(session, "acme", name="ops", admin=True)
+        user, user_key = create_key(session, "acme", name="app")
+        register_deployment(
+            session, "moe-a", "engine", "http://127.0.0.1:9001/v1", arch="tiny-moe", pool=POOL, slice_id=serving.id
         )
-        portal.write(
-            lambda session: register_deployment(
-                session, "moe-b", "vllm", "http://127.0.0.1:9002/v1", pool=POOL, slice_id=small.id
-            )
+        register_deployment(session, "moe-b", "vllm", "http://127.0.0.1:9002/v1", pool=POOL, slice_id=small.id)
+        add_entry(
+            session,
+            EntrySpec(
+                name="base-moe",
+                level="L0",
+                backend=BackendSpec(kind="engine", url="http://127.0.0.1:9001/v1", deployment="moe-a"),
+            ),
         )
-        portal.write(
-            lambda session: add_entry(
-                session,
-                EntrySpec(
-                    name="base-moe",
-                    level="L0",
-                    backend=BackendSpec(kind="engine", url="http://127.0.0.1:9001/v1", deployment="moe-a"),
-                ),
-            )
+        add_entry(
+            session,
+            EntrySpec(
+                name="upstream-gpt",
+                level="L0",
+                provider="third-party",
+                backend=BackendSpec(kind="upstream", url="https://api.example.com/v1", api_key="sk-upstream"),
+            ),
         )
-        portal.write(
-            lambda session: add_entry(
-                session,
-                EntrySpec(
-                    name="upstream-gpt",
-                    level="L0",
-                    provider="third-party",
-                    backend=BackendSpec(kind="upstream", url="https://api.example.com/v1", api_key="sk-upstream"),
-                ),
-            )
-        )
-        portal.write(
-            lambda session: add_entry(
-                session, EntrySpec(name="finance-moe", level="L1", parent="base-moe", system_prompt="Finance.")
-            )
-        )
-        portal.write(
-            lambda session: add_entry(
-                session, EntrySpec(name="legal-moe", level="L1", parent="base-moe", system_prompt="Law.")
-            )
-        )
-        portal.write(
-            lambda session: add_entry(
-                session, EntrySpec(name="report-writer", level="L2", parent="finance-moe", stop=["END"])
-            )
-        )
-        portal.write(
-            lambda session: add_entry(
-                session, EntrySpec(name="quick-answer", level="L2", parent="base-moe", parameters={"max_tokens": 64})
-            )
-        )
-        now = datetime.now(UTC)
+        add_entry(session, EntrySpec(name="finance-moe", level="L1", parent="base-moe", system_prompt="Finance."))
+        add_entry(session, EntrySpec(name="legal-moe", level="L1", parent="base-moe", system_prompt="Law."))
+        add_entry(session, EntrySpec(name="report-writer", level="L2", parent="finance-moe", stop=["END"]))
+        add_entry(session, EntrySpec(name="quick-answer", level="L2", parent="base-moe", parameters={"max_tokens": 64}))
         record = functools.partial(usage, user, now)
-        portal.write(
-            lambda session: record_usage(
-                session,
-                [
-                    record("finance-moe", 100, 200, 5),
-                    record("finance-moe", 50, 150, 20),
-                    record("base-moe", 30, 70, 40),
-                    record("report-writer", 10, 0, 50, status=502),
-                    record("base-moe", 1000, 1000, 600),  # ten minutes ago: outside the 60-s window
-                ],
-            )
+        record_usage(
+            session,
+            [
+                record("finance-moe", 100, 200, 5),
+                record("finance-moe", 50, 150, 20),
+                record("base-moe", 30, 70, 40),
+                record("report-writer", 10, 0, 50, status=502),
+                record("base-moe", 1000, 1000, 600),  # ten minutes ago: outside the 60-s window
+            ],
         )
-    return {
-        "url": url,
-        "now": now,
-        "admin_key": admin_key,
-        "user_key": user_key,
-        "slices": slices,
-        "serving": serving.id,
-        "small": small.id,
-        "idle": idle.id,
-        "failed": failed,
-        "user": user,
-    }
+        return {
+            "url": url,
+            "now": now,
+            "admin_key": admin_key,
+            "user_key": user_key,
+            "slices": slices,
+            "serving": serving.id,
+            "small": small.id,
+            "idle": idle.id,
+            "failed": failed,
+            "user": user,
+        }
+
+    with open_portal_database(url) as database:
+        return database.write(build)
 
 
 def usage(key, now: datetime, entry: str, prompt: int, completion: int, age_s: float, status: int = 200):

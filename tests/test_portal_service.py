@@ -57,16 +57,13 @@ def _l0(name: str = "base", **extra) -> EntrySpec:
 
 
 def _family(svc: Database) -> None:
-    svc.write(lambda session: add_entry(session, _l0(parameter_ranges={"temperature": (0.0, 1.0)})))
-    svc.write(
-        lambda session: add_entry(session, EntrySpec(name="legal", level="L1", parent="base", system_prompt="law"))
-    )
-    svc.write(lambda session: add_entry(session, EntrySpec(name="contracts", level="L2", parent="legal", stop=["END"])))
-    svc.write(
-        lambda session: add_entry(
-            session, EntrySpec(name="quick", level="L2", parent="base", parameters={"temperature": 0.2})
-        )
-    )
+    def add(session: Session) -> None:
+        add_entry(session, _l0(parameter_ranges={"temperature": (0.0, 1.0)}))
+        add_entry(session, EntrySpec(name="legal", level="L1", parent="base", system_prompt="law"))
+        add_entry(session, EntrySpec(name="contracts", level="L2", parent="legal", stop=["END"]))
+        add_entry(session, EntrySpec(name="quick", level="L2", parent="base", parameters={"temperature": 0.2}))
+
+    svc.write(add)
 
 
 # --- specs on their own -------------------------------------------------------------------------------------
