@@ -6,7 +6,7 @@ Slice sizes come from the simulator's default job mix (1 device to a whole domai
 operation allocates while less than TARGET (default 85%) of the fleet is held, else frees a random live
 slice; an allocation that does not fit still counts as an operation (and as rejected).
 
-Persisted: SQL_OPS operations (default 1,000) of the same kind through `MatrixService` on one
+Persisted: SQL_OPS operations (default 1,000) of the same kind through the matrix services on one
 `cloudmatrix384` pool in a fresh SQLite file (or the database at --db), each in its own transaction.
 
     python bench/matrix_speed.py [--ops 100000] [--fabrics 100] [--sql-ops 1000] [--db URL] [--json] [--out FILE]
@@ -23,6 +23,7 @@ import random
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -32,8 +33,10 @@ from matrixstack.errors import UserError
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.allocator import MatrixPool
+from matrixstack.matrix.database import open_database
 from matrixstack.matrix.policies import Placement, place, resolve_ceilings
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.pools import create_pool
+from matrixstack.matrix.slices import alloc_slice, free_slice
 from matrixstack.matrix.spec import SliceRequest
 from matrixstack.matrix.trace import JobMix, generate
 
@@ -89,11 +92,11 @@ def in_memory(fabric: FabricSpec, fabrics: int, ops: int, policy: str, target: f
 
 
 def persisted(fabric: FabricSpec, ops: int, url: str | None, target: float, progress: Progress) -> dict:
-    """Return the seconds and rate of `ops` alloc/free transactions through MatrixService on one pool."""
+    """Return the seconds and rate of `ops` alloc/free transactions (one unit of work each) on one pool."""
     with tempfile.TemporaryDirectory() as folder:
-        service = MatrixService(url or f"sqlite:///{Path(folder) / 'bench.db'}")
+        database = open_database(url or f"sqlite:///{Path(folder) / 'bench.db'}")
         pool_name = f"bench-{int(time.time() * 1000)}"
-        service.create_pool(pool_name, [fabric])
+        database.write(lambda session: create_pool(session, pool_name, [fabric]))
         wanted = sizes(ops, fabric.device_count, fabric.scale_up_domain_size)
         rng = random.Random(SEED)
         live: list[tuple[int, int]] = []
@@ -105,11 +108,12 @@ def persisted(fabric: FabricSpec, ops: int, url: str | None, target: float, prog
                 at = rng.randrange(len(live))
                 live[at], live[-1] = live[-1], live[at]
                 slice_id, count = live.pop()
-                service.free(slice_id, "bench")
+                database.write(partial(free_slice, slice_id=slice_id, tenant="bench"))
                 held -= count
             else:
                 try:
-                    info = service.alloc(pool_name, "bench", SliceRequest(devices=wanted[op]))
+                    request = SliceRequest(devices=wanted[op])
+                    info = database.write(partial(alloc_slice, pool=pool_name, tenant="bench", request=request))
                 except UserError:
                     rejected += 1
                 else:
@@ -117,8 +121,8 @@ def persisted(fabric: FabricSpec, ops: int, url: str | None, target: float, prog
                     held += len(info.devices)
             progress.update(task, completed=op + 1)
         seconds = time.perf_counter() - start
-        backend = service.engine.dialect.name
-        service.close()
+        backend = database.engine.dialect.name
+        database.close()
     return {
         "database": backend,
         "ops": ops,

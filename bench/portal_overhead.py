@@ -14,7 +14,7 @@ process, all in front of that one upstream process:
 - `direct`: the client calls the upstream;
 - `portal`: the client calls the MatrixStack portal (`portal_command`), which authenticates the key, resolves
   the catalog entry, forwards the request to the upstream and meters it. Its database is SQLite in a temporary
-  directory, set up with `PortalService`: one tenant, one key without limits, one L0 entry whose backend is the
+  directory, set up with the portal's services: one tenant, one key without limits, one L0 entry whose backend is the
   echo upstream (kind `upstream`);
 - `relay`: the client calls `bench/tcp_relay.py`, a process that only copies bytes to and from the upstream: the
   floor, what one more hop and one more process on the shared cores cost without any work. The portal's distance
@@ -225,8 +225,11 @@ def stop_server(server: Server) -> None:
 def setup_portal_db(db_url: str, upstream_base_url: str) -> str:
     """Create the portal's tenant, an unlimited key and the L0 entry for the echo upstream in `db_url`; return the
     key's plaintext."""
-    from matrixstack.portal.service import PortalService
+    from matrixstack.matrix.tenants import create_tenant
+    from matrixstack.portal.catalog_service import add_entry
+    from matrixstack.portal.key_service import create_key
     from matrixstack.portal.spec import BackendSpec, EntrySpec
+    from matrixstack.portal.store import open_portal_database
 
     entry = EntrySpec(
         name=ENTRY,
@@ -234,20 +237,26 @@ def setup_portal_db(db_url: str, upstream_base_url: str) -> str:
         description="bench: the echo upstream",
         backend=BackendSpec(kind="upstream", url=upstream_base_url, model=UPSTREAM_MODEL),
     )
-    with PortalService(db_url) as svc:
-        svc.create_tenant(TENANT)
-        _info, key = svc.create_key(TENANT, name="bench")
-        svc.add_entry(entry)
-    return key
+
+    def setup(session) -> str:
+        create_tenant(session, TENANT)
+        _info, key = create_key(session, TENANT, name="bench")
+        add_entry(session, entry)
+        return key
+
+    with open_portal_database(db_url) as database:
+        return database.write(setup)
 
 
 def metered_requests(db_url: str) -> int | None:
     """Return how many requests the portal metered in `db_url` (None when the report cannot be read)."""
     try:
-        from matrixstack.portal.service import PortalService
+        from matrixstack.portal.store import open_portal_database
+        from matrixstack.portal.usage_service import usage_report
 
-        with PortalService(db_url) as svc:
-            return sum(int(row.get("requests", 0)) for row in svc.usage_report(group_by=("tenant",)))
+        with open_portal_database(db_url) as database:
+            rows = database.read(lambda session: usage_report(session, group_by=("tenant",)))
+        return sum(int(row.get("requests", 0)) for row in rows)
     except Exception as exc:  # the count is a check in the report, not a reason to lose the run
         print(f"warning: could not read the portal's usage: {exc}", file=sys.stderr)
         return None

@@ -6,7 +6,7 @@
 The demo world lives in a throwaway SQLite file: a CloudMatrix384 pool with five slices (four with a deployment,
 one without), two failed devices, an L0/L1/L2 catalog with first- and third-party entries, and four minutes of
 recorded traffic. It is served by the dashboard router (`dashboard_router`, with an admin key checked by
-`PortalService.authenticate`) and opened in headless Chromium with the key in the URL fragment. The page keeps its
+`key_service.authenticate`) and opened in headless Chromium with the key in the URL fragment. The page keeps its
 own tokens/s history, one point per poll; to give the sparkline something to show, this script replays the
 recorded traffic on a clock of its own: each poll asks `dashboard_state` for the minute ending two seconds later
 than the one before (`now=`). Everything else is `dashboard_state` over the real stores.
@@ -25,14 +25,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from sqlalchemy.orm import Session
 
 from matrixstack.fabric.loader import load_fabric
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.failures import fail_device
+from matrixstack.matrix.pools import create_pool, show_pool
+from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
 from matrixstack.openai.server import ServerThread
+from matrixstack.portal.catalog_service import add_entry
 from matrixstack.portal.dashboard import dashboard_router, dashboard_state
-from matrixstack.portal.service import PortalService, UsageRecord
+from matrixstack.portal.deployment_service import register_deployment
+from matrixstack.portal.key_service import authenticate, create_key
 from matrixstack.portal.spec import BackendSpec, EntrySpec
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import UsageRecord, record_usage
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "dashboard.png"
 POOL = "cm384"
@@ -95,26 +102,30 @@ TRAFFIC = {  # entry -> (requests per second at peak, mean prompt tokens, mean c
 
 def build_world(url: str) -> tuple[str, datetime]:
     """Fill the database at `url` with the demo world; return the admin key and the moment of the first poll."""
-    with MatrixService(url) as matrix:
-        matrix.create_pool(POOL, [load_fabric("cloudmatrix384")])
-        slice_ids = [matrix.alloc(POOL, tenant, SliceRequest(devices=n)).id for *_, tenant, n in SLICES]
-        decode = matrix.show(POOL).slices[0]
-        matrix.fail(POOL, (0, decode.devices[17]), reason="HBM ECC errors")  # replaced from free devices
-        free = [d for d, owner in enumerate(matrix.show(POOL).owners[0]) if owner == 0]
-        matrix.fail(POOL, (0, free[len(free) // 2]), reason="UB link down")
     end = datetime.now(UTC).replace(microsecond=0)
-    with PortalService(url) as portal:
-        admin, admin_key = portal.create_key("ops", name="dashboard", admin=True)
-        user, _ = portal.create_key("acme", name="app")
+
+    def build(session: Session) -> str:
+        create_pool(session, POOL, [load_fabric("cloudmatrix384")])
+        slice_ids = [alloc_slice(session, POOL, tenant, SliceRequest(devices=n)).id for *_, tenant, n in SLICES]
+        decode = show_pool(session, POOL).slices[0]
+        fail_device(session, POOL, (0, decode.devices[17]), reason="HBM ECC errors")  # replaced from free devices
+        free = [d for d, owner in enumerate(show_pool(session, POOL).owners[0]) if owner == 0]
+        fail_device(session, POOL, (0, free[len(free) // 2]), reason="UB link down")
+        _, admin_key = create_key(session, "ops", name="dashboard", admin=True)
+        user, _ = create_key(session, "acme", name="app")
         for (name, kind, arch, _, _), slice_id in zip(SLICES, slice_ids, strict=True):
             if name is not None:
                 host = 11 + slice_ids.index(slice_id)
-                portal.register_deployment(
-                    name, kind, f"http://10.0.0.{host}:8001/v1", arch=arch, pool=POOL, slice_id=slice_id
+                register_deployment(
+                    session, name, kind, f"http://10.0.0.{host}:8001/v1", arch=arch, pool=POOL, slice_id=slice_id
                 )
         for spec in ENTRIES:
-            portal.add_entry(spec)
-        portal.record_usage(traffic(user.tenant_id, user.id, end))
+            add_entry(session, spec)
+        record_usage(session, traffic(user.tenant_id, user.id, end))
+        return admin_key
+
+    with open_portal_database(url) as database:
+        admin_key = database.write(build)
     return admin_key, end - timedelta(seconds=POLLS * REPLAY_STEP_S)
 
 
@@ -158,15 +169,15 @@ def demo_app(url: str, first: datetime) -> FastAPI:
 
     def authorize(request: Request) -> None:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        with PortalService(url) as portal:
-            info = portal.authenticate(key) if scheme.lower() == "bearer" else None
+        with open_portal_database(url) as database:
+            info = database.read(lambda session: authenticate(session, key)) if scheme.lower() == "bearer" else None
         if info is None or not info.is_admin:
             raise HTTPException(401 if info is None else 403, "an admin key is required")
 
     def state() -> dict:
         now = first + timedelta(seconds=REPLAY_STEP_S * next(polls))
-        with PortalService(url) as portal, MatrixService(url) as matrix:
-            return dashboard_state(portal, matrix, now=now)
+        with open_portal_database(url) as database:
+            return database.read(lambda session: dashboard_state(session, now=now))
 
     app = FastAPI()
     app.include_router(dashboard_router(state, authorize))

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,12 @@ from sqlalchemy.orm import Session
 
 from matrixstack.errors import UserError
 from matrixstack.fabric.loader import load_fabric
-from matrixstack.matrix.service import MatrixService, parse_device
+from matrixstack.matrix.database import Database, open_database
+from matrixstack.matrix.events import list_events
+from matrixstack.matrix.failures import fail_device, parse_device, repair_device
+from matrixstack.matrix.pools import create_pool, list_pools, show_pool
 from matrixstack.matrix.simulate import resize_pod
+from matrixstack.matrix.slices import alloc_slice, free_slice, resize_slice
 from matrixstack.matrix.spec import SliceConstraints, SliceRequest
 from matrixstack.matrix.store import EventRow, SliceDeviceRow, SliceRow
 
@@ -110,7 +115,7 @@ def db_url(request, tmp_path):
 
 @pytest.fixture
 def service(db_url):
-    svc = MatrixService(db_url)
+    svc = open_database(db_url)
     yield svc
     svc.close()
 
@@ -120,20 +125,25 @@ def _request(devices: int, **constraints) -> SliceRequest:
 
 
 def test_state_survives_a_new_engine(db_url):
-    first = MatrixService(db_url)
-    first.create_pool("prod", [CM384])
-    kept = first.alloc("prod", "alice", _request(12))
-    first.alloc("prod", "bob", _request(3), policy="server")
-    first.fail("prod", (0, 300), "link down")
+    first = open_database(db_url)
+    first.write(lambda session: create_pool(session, "prod", [CM384]))
+    kept = first.write(lambda session: alloc_slice(session, "prod", "alice", _request(12)))
+    first.write(lambda session: alloc_slice(session, "prod", "bob", _request(3), policy="server"))
+    first.write(lambda session: fail_device(session, "prod", (0, 300), "link down"))
     first.close()
-    second = MatrixService(db_url)
-    view = second.show("prod")
+    second = open_database(db_url)
+    view = second.read(lambda session: show_pool(session, "prod"))
     assert view.stats["allocated"] == 20 and view.stats["failed"] == 1
     assert [s.id for s in view.slices] == [kept.id, kept.id + 1]
     assert view.slices[0].devices == kept.devices and view.slices[0].tenant == "alice"
     assert view.tenants == {"alice": 12, "bob": 8}
-    assert [e["kind"] for e in second.events("prod")] == ["create", "alloc", "alloc", "fail"]
-    assert second.list_pools()[0] | {"created_at": None} == {
+    assert [e["kind"] for e in second.read(lambda session: list_events(session, "prod"))] == [
+        "create",
+        "alloc",
+        "alloc",
+        "fail",
+    ]
+    assert second.read(list_pools)[0] | {"created_at": None} == {
         "pool": "prod",
         "fabrics": ["cloudmatrix384"],
         "devices": 384,
@@ -146,103 +156,105 @@ def test_state_survives_a_new_engine(db_url):
 
 
 def test_a_tenant_can_neither_see_free_nor_resize_another_tenants_slice(service):
-    service.create_pool("p", [CM384])
-    alice = service.alloc("p", "alice", _request(4))
-    bob = service.alloc("p", "bob", _request(2))
-    view = service.show("p", tenant="bob")
+    service.write(lambda session: create_pool(session, "p", [CM384]))
+    alice = service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
+    bob = service.write(lambda session: alloc_slice(session, "p", "bob", _request(2)))
+    view = service.read(lambda session: show_pool(session, "p", tenant="bob"))
     assert [s.id for s in view.slices] == [bob.id] and view.tenants is None
     assert view.owners[0][alice.devices[0]] < 0 and view.owners[0][bob.devices[0]] == bob.id
     with pytest.raises(UserError, match=f"no live slice {alice.id} of tenant 'bob'"):
-        service.free(alice.id, tenant="bob")
+        service.write(lambda session: free_slice(session, alice.id, tenant="bob"))
     with pytest.raises(UserError, match=f"no live slice {alice.id} of tenant 'bob'"):
-        service.resize(alice.id, 8, tenant="bob")
-    assert [e["slice"] for e in service.events("p", tenant="bob")] == [bob.id]
-    freed = service.free(alice.id, tenant="alice")
+        service.write(lambda session: resize_slice(session, alice.id, 8, tenant="bob"))
+    assert [e["slice"] for e in service.read(lambda session: list_events(session, "p", tenant="bob"))] == [bob.id]
+    freed = service.write(lambda session: free_slice(session, alice.id, tenant="alice"))
     assert freed.state == "freed" and freed.devices == alice.devices
     with pytest.raises(UserError, match=f"no live slice {alice.id}"):
-        service.free(alice.id)
-    assert service.show("p").stats["allocated"] == 2
+        service.write(lambda session: free_slice(session, alice.id))
+    assert service.read(lambda session: show_pool(session, "p")).stats["allocated"] == 2
 
 
 def test_fail_replaces_from_the_same_domain_or_degrades_then_repair_heals(service):
-    service.create_pool("small", [SMALL])
-    a = service.alloc("small", "alice", _request(6))
-    b = service.alloc("small", "bob", _request(8), policy="server")
-    replaced = service.fail("small", (0, a.devices[0]), "xid 79")
+    service.write(lambda session: create_pool(session, "small", [SMALL]))
+    a = service.write(lambda session: alloc_slice(session, "small", "alice", _request(6)))
+    b = service.write(lambda session: alloc_slice(session, "small", "bob", _request(8), policy="server"))
+    replaced = service.write(lambda session: fail_device(session, "small", (0, a.devices[0]), "xid 79"))
     assert replaced["action"] == "replaced" and replaced["slice"] == a.id and len(replaced["replacement"]) == 1
-    now = service.show("small")
+    now = service.read(lambda session: show_pool(session, "small"))
     by_id = {s.id: s for s in now.slices}
     assert len(by_id[a.id].devices) == 6 and a.devices[0] not in by_id[a.id].devices
     # fill the last free device, then fail one more: no spare is left, the slice is degraded with the reason
-    service.alloc("small", "carol", _request(1))
-    degraded = service.fail("small", (0, b.devices[3]), "ECC")
+    service.write(lambda session: alloc_slice(session, "small", "carol", _request(1)))
+    degraded = service.write(lambda session: fail_device(session, "small", (0, b.devices[3]), "ECC"))
     assert degraded["action"] == "degraded" and "no free whole node" in degraded["reason"]
-    slice_b = next(s for s in service.show("small").slices if s.id == b.id)
+    slice_b = next(s for s in service.read(lambda session: show_pool(session, "small")).slices if s.id == b.id)
     assert slice_b.state == "degraded" and len(slice_b.devices) == 7 and "ECC" not in slice_b.reason
     with pytest.raises(UserError, match="failed already"):
-        service.fail("small", (0, b.devices[3]))
-    repaired = service.repair("small", (0, b.devices[3]))
+        service.write(lambda session: fail_device(session, "small", (0, b.devices[3])))
+    repaired = service.write(lambda session: repair_device(session, "small", (0, b.devices[3])))
     assert repaired["healed_slices"] == [b.id]
-    slice_b = next(s for s in service.show("small").slices if s.id == b.id)
+    slice_b = next(s for s in service.read(lambda session: show_pool(session, "small")).slices if s.id == b.id)
     assert slice_b.state == "active" and slice_b.devices == b.devices
     with pytest.raises(UserError, match="is not failed"):
-        service.repair("small", (0, b.devices[3]))
-    kinds = [e["kind"] for e in service.events("small")]
+        service.write(lambda session: repair_device(session, "small", (0, b.devices[3])))
+    kinds = [e["kind"] for e in service.read(lambda session: list_events(session, "small"))]
     assert kinds.count("replace") == 1 and kinds.count("degrade") == 1 and kinds[-2:] == ["repair", "heal"]
 
 
 def test_a_whole_node_slice_moves_to_a_whole_free_node(service):
-    service.create_pool("p", [CM384])
-    s = service.alloc("p", "alice", SliceRequest(devices=8, host_cpus=2), policy="server")
-    result = service.fail("p", (0, s.devices[0]))
+    service.write(lambda session: create_pool(session, "p", [CM384]))
+    s = service.write(
+        lambda session: alloc_slice(session, "p", "alice", SliceRequest(devices=8, host_cpus=2), policy="server")
+    )
+    result = service.write(lambda session: fail_device(session, "p", (0, s.devices[0])))
     assert result["action"] == "replaced" and len(result["replacement"]) == 8
-    moved = service.show("p").slices[0]
+    moved = service.read(lambda session: show_pool(session, "p")).slices[0]
     assert moved.nodes == (1,) and moved.hosts == ((1, 4, 2048.0),)
-    assert service.show("p").stats["free"] == 384 - 8 - 1
+    assert service.read(lambda session: show_pool(session, "p")).stats["free"] == 384 - 8 - 1
 
 
 def test_a_degraded_whole_node_slice_heals_when_a_node_is_freed(service):
-    service.create_pool("small", [SMALL])
-    server = service.alloc("small", "alice", _request(8), policy="server")
-    other = service.alloc("small", "bob", _request(8))
-    assert service.fail("small", (0, server.devices[0]))["action"] == "degraded"
-    service.free(other.id, tenant="bob")
-    healed = next(s for s in service.show("small").slices if s.id == server.id)
+    service.write(lambda session: create_pool(session, "small", [SMALL]))
+    server = service.write(lambda session: alloc_slice(session, "small", "alice", _request(8), policy="server"))
+    other = service.write(lambda session: alloc_slice(session, "small", "bob", _request(8)))
+    assert service.write(lambda session: fail_device(session, "small", (0, server.devices[0])))["action"] == "degraded"
+    service.write(lambda session: free_slice(session, other.id, tenant="bob"))
+    healed = next(s for s in service.read(lambda session: show_pool(session, "small")).slices if s.id == server.id)
     assert healed.state == "active" and healed.nodes == other.nodes and len(healed.devices) == 8
-    assert [e["kind"] for e in service.events("small")][-2:] == ["free", "heal"]
+    assert [e["kind"] for e in service.read(lambda session: list_events(session, "small"))][-2:] == ["free", "heal"]
 
 
 def test_resize_grows_near_the_slice_and_shrinks_to_whole_nodes(service):
-    service.create_pool("p", [CM384])
-    s = service.alloc("p", "alice", _request(6))
-    grown = service.resize(s.id, 12, tenant="alice")
+    service.write(lambda session: create_pool(session, "p", [CM384]))
+    s = service.write(lambda session: alloc_slice(session, "p", "alice", _request(6)))
+    grown = service.write(lambda session: resize_slice(session, s.id, 12, tenant="alice"))
     assert set(s.devices) < set(grown.devices) and len(grown.nodes) == 2
-    shrunk = service.resize(s.id, 8, tenant="alice")
+    shrunk = service.write(lambda session: resize_slice(session, s.id, 8, tenant="alice"))
     assert len(shrunk.devices) == 8 and shrunk.nodes == (0,)
-    whole = service.alloc("p", "bob", _request(20), policy="server")
+    whole = service.write(lambda session: alloc_slice(session, "p", "bob", _request(20), policy="server"))
     assert len(whole.devices) == 24
-    assert len(service.resize(whole.id, 9).devices) == 16
+    assert len(service.write(lambda session: resize_slice(session, whole.id, 9)).devices) == 16
     with pytest.raises(UserError, match="cannot grow slice"):
-        service.resize(whole.id, 8 * 60)
+        service.write(lambda session: resize_slice(session, whole.id, 8 * 60))
 
 
 def test_constraints_and_errors_are_user_errors(service):
-    service.create_pool("p", [CM384])
+    service.write(lambda session: create_pool(session, "p", [CM384]))
     with pytest.raises(UserError, match="exists already"):
-        service.create_pool("p", [CM384])
+        service.write(lambda session: create_pool(session, "p", [CM384]))
     with pytest.raises(UserError, match="no pool named 'nope'.*matrix create --pool nope"):
-        service.alloc("nope", "alice", _request(1))
+        service.write(lambda session: alloc_slice(session, "nope", "alice", _request(1)))
     with pytest.raises(UserError, match="largest holds 8 devices"):
-        service.alloc("p", "alice", _request(9, max_tier=1))
+        service.write(lambda session: alloc_slice(session, "p", "alice", _request(9, max_tier=1)))
     with pytest.raises(UserError, match="unknown policy 'best'"):
-        service.alloc("p", "alice", _request(1), policy="best")
+        service.write(lambda session: alloc_slice(session, "p", "alice", _request(1), policy="best"))
     with pytest.raises(UserError, match="tenant name 'a b'"):
-        service.alloc("p", "a b", _request(1))
+        service.write(lambda session: alloc_slice(session, "p", "a b", _request(1)))
     with pytest.raises(UserError, match="devices 0..383; got device 384"):
-        service.fail("p", (0, 384))
-    service.alloc("p", "alice", _request(380))
+        service.write(lambda session: fail_device(session, "p", (0, 384)))
+    service.write(lambda session: alloc_slice(session, "p", "alice", _request(380)))
     with pytest.raises(UserError, match="no room now for 5 devices"):
-        service.alloc("p", "alice", _request(5))
+        service.write(lambda session: alloc_slice(session, "p", "alice", _request(5)))
     assert parse_device("1:17") == (1, 17) and parse_device("5") == (0, 5)
     with pytest.raises(UserError, match="is not F:D or D"):
         parse_device("a:b")
@@ -251,15 +263,15 @@ def test_constraints_and_errors_are_user_errors(service):
 
 
 def test_the_database_forbids_handing_out_a_device_twice(service):
-    service.create_pool("p", [CM384])
-    s = service.alloc("p", "alice", _request(2))
+    service.write(lambda session: create_pool(session, "p", [CM384]))
+    s = service.write(lambda session: alloc_slice(session, "p", "alice", _request(2)))
     with Session(service.engine) as session, pytest.raises(IntegrityError):
         with session.begin():
             session.add(SliceDeviceRow(slice_id=s.id, pool_id=1, fabric_index=0, device=s.devices[0]))
 
 
 def test_an_error_after_the_slice_rows_are_written_leaves_no_half_slice(service):
-    service.create_pool("p", [CM384])
+    service.write(lambda session: create_pool(session, "p", [CM384]))
 
     def explode(conn, cursor, statement, parameters, context, executemany):
         if statement.startswith("INSERT INTO slice_devices"):
@@ -267,18 +279,18 @@ def test_an_error_after_the_slice_rows_are_written_leaves_no_half_slice(service)
 
     event.listen(service.engine, "after_cursor_execute", explode)
     with pytest.raises(RuntimeError, match="injected"):
-        service.alloc("p", "alice", _request(4))
+        service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
     event.remove(service.engine, "after_cursor_execute", explode)
     _assert_empty(service)
-    assert len(service.alloc("p", "alice", _request(4)).devices) == 4
+    assert len(service.write(lambda session: alloc_slice(session, "p", "alice", _request(4))).devices) == 4
 
 
-def _assert_empty(service: MatrixService) -> None:
+def _assert_empty(service: Database) -> None:
     with Session(service.engine) as session:
         assert session.scalar(select(func.count()).select_from(SliceRow)) == 0
         assert session.scalar(select(func.count()).select_from(SliceDeviceRow)) == 0
         assert [k for (k,) in session.execute(select(EventRow.kind))] == ["create"]
-    assert service.show("p").stats["allocated"] == 0
+    assert service.read(lambda session: show_pool(session, "p")).stats["allocated"] == 0
 
 
 # --- real processes -------------------------------------------------------------------------------------------
@@ -286,12 +298,13 @@ def _assert_empty(service: MatrixService) -> None:
 
 def _allocate_many(url: str, worker: int, count: int, barrier, results) -> None:
     """Child process: allocate `count` slices of 1-6 devices from pool 'p' as tenant t<worker>."""
-    service = MatrixService(url)
+    service = open_database(url)
     barrier.wait(timeout=60)
     got = []
     for k in range(count):
         try:
-            info = service.alloc("p", f"t{worker}", _request(1 + (worker + k) % 6))
+            request = _request(1 + (worker + k) % 6)
+            info = service.write(partial(alloc_slice, pool="p", tenant=f"t{worker}", request=request))
         except UserError:
             continue
         got.append((info.id, info.devices))
@@ -301,7 +314,7 @@ def _allocate_many(url: str, worker: int, count: int, barrier, results) -> None:
 
 def _allocate_then_hang(url: str, marker: str) -> None:
     """Child process: start an allocation, signal once the slice rows are written, and hang before commit."""
-    service = MatrixService(url)
+    service = open_database(url)
 
     def hang(conn, cursor, statement, parameters, context, executemany):
         if statement.startswith("INSERT INTO slice_devices"):
@@ -309,12 +322,12 @@ def _allocate_then_hang(url: str, marker: str) -> None:
             time.sleep(120)
 
     event.listen(service.engine, "after_cursor_execute", hang)
-    service.alloc("p", "alice", _request(4))
+    service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
 
 
 def test_processes_allocating_at_once_never_share_a_device(db_url):
-    setup = MatrixService(db_url)
-    setup.create_pool("p", [CM384])
+    setup = open_database(db_url)
+    setup.write(lambda session: create_pool(session, "p", [CM384]))
     workers, each = 3, 40  # 3 x 40 slices of 3.5 devices on average: more than the 384 devices hold
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
@@ -327,7 +340,7 @@ def test_processes_allocating_at_once_never_share_a_device(db_url):
         assert p.exitcode == 0
     handed_out = [(0, d) for slices in got.values() for _, devices in slices for d in devices]
     assert len(handed_out) == len(set(handed_out))  # no device in two slices
-    view = setup.show("p")
+    view = setup.read(lambda session: show_pool(session, "p"))
     assert view.stats["allocated"] == len(handed_out) and view.stats["slices"] == sum(len(s) for s in got.values())
     assert all(len(s) > 0 for s in got.values())  # they really ran side by side, each got some
     assert view.stats["allocated"] > 384 - 6  # the pool was filled until the smallest asks no longer fit
@@ -335,8 +348,8 @@ def test_processes_allocating_at_once_never_share_a_device(db_url):
 
 
 def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
-    service = MatrixService(db_url)
-    service.create_pool("p", [CM384])
+    service = open_database(db_url)
+    service.write(lambda session: create_pool(session, "p", [CM384]))
     marker = tmp_path / "inserted"
     ctx = multiprocessing.get_context("spawn")
     child = ctx.Process(target=_allocate_then_hang, args=(db_url, str(marker)))
@@ -349,5 +362,7 @@ def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
     child.join(timeout=30)
     assert child.exitcode == -signal.SIGKILL
     _assert_empty(service)
-    assert len(service.alloc("p", "bob", _request(4)).devices) == 4  # the dead writer's lock is gone
+    assert (
+        len(service.write(lambda session: alloc_slice(session, "p", "bob", _request(4))).devices) == 4
+    )  # the dead writer's lock is gone
     service.close()

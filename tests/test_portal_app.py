@@ -21,12 +21,17 @@ import openai
 import pytest
 
 from matrixstack.fabric.loader import load_fabric
+from matrixstack.matrix.pools import create_pool
 from matrixstack.matrix.simulate import resize_pod
+from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
+from matrixstack.portal.catalog_service import add_entries
+from matrixstack.portal.key_service import create_key, list_keys
 from matrixstack.portal.metrics import METRIC_NAMES
 from matrixstack.portal.server import PortalThread
-from matrixstack.portal.service import PortalService, UsageRecord
 from matrixstack.portal.spec import EntrySpec
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import UsageRecord, record_usage, usage_report
 
 WAIT_S = 30.0  # deadline of the polls below: a failure guard, never a timing assertion
 UPSTREAM_MODEL = "tiny-moe"
@@ -52,36 +57,44 @@ def upstream(engine_process):
 def portal(upstream, tmp_path_factory):
     """Yield a running portal over a fresh database with the module's catalog and keys (`portal.keys`)."""
     db_url = f"sqlite:///{tmp_path_factory.mktemp('portal') / 'portal.db'}"
-    with PortalService(db_url) as svc:
+    with open_portal_database(db_url) as svc:
         keys = {
-            "admin": svc.create_key("ops", name="admin", admin=True)[1],
-            "acme": svc.create_key("acme")[1],
-            "globex": svc.create_key("globex")[1],
+            "admin": svc.write(lambda session: create_key(session, "ops", name="admin", admin=True))[1],
+            "acme": svc.write(lambda session: create_key(session, "acme"))[1],
+            "globex": svc.write(lambda session: create_key(session, "globex"))[1],
         }
-        svc.add_entries(
-            [
-                EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": upstream}),
-                EntrySpec(
-                    name="tiny-finance", level="L1", parent="tiny", system_prompt=L1_PROMPT, knowledge=[KNOWLEDGE]
-                ),
-                EntrySpec(
-                    name="tiny-finance-brief",
-                    level="L2",
-                    parent="tiny-finance",
-                    system_prompt=L2_PROMPT,
-                    parameters={"max_tokens": 3, "temperature": 0.2},
-                    parameter_ranges={"temperature": (0.0, 0.5), "max_tokens": (1, 8)},
-                    stop=["\n\n\n"],
-                ),
-                EntrySpec(name="acme-notes", level="L2", parent="tiny", owner="acme", system_prompt="Take notes."),
-                EntrySpec(
-                    name="deepseek-r1",
-                    level="L0",
-                    provider="third-party",
-                    description="a hosted model behind its vendor's OpenAI API",
-                    backend={"kind": "upstream", "url": upstream, "model": UPSTREAM_MODEL, "api_key": "vendor-secret"},
-                ),
-            ]
+        svc.write(
+            lambda session: add_entries(
+                session,
+                [
+                    EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": upstream}),
+                    EntrySpec(
+                        name="tiny-finance", level="L1", parent="tiny", system_prompt=L1_PROMPT, knowledge=[KNOWLEDGE]
+                    ),
+                    EntrySpec(
+                        name="tiny-finance-brief",
+                        level="L2",
+                        parent="tiny-finance",
+                        system_prompt=L2_PROMPT,
+                        parameters={"max_tokens": 3, "temperature": 0.2},
+                        parameter_ranges={"temperature": (0.0, 0.5), "max_tokens": (1, 8)},
+                        stop=["\n\n\n"],
+                    ),
+                    EntrySpec(name="acme-notes", level="L2", parent="tiny", owner="acme", system_prompt="Take notes."),
+                    EntrySpec(
+                        name="deepseek-r1",
+                        level="L0",
+                        provider="third-party",
+                        description="a hosted model behind its vendor's OpenAI API",
+                        backend={
+                            "kind": "upstream",
+                            "url": upstream,
+                            "model": UPSTREAM_MODEL,
+                            "api_key": "vendor-secret",
+                        },
+                    ),
+                ],
+            )
         )
     server = PortalThread(db_url, usage_interval_s=0.05)
     server.keys = keys
@@ -96,7 +109,7 @@ def client(portal, key: str) -> openai.OpenAI:
 
 def new_key(portal, tenant: str, **limits) -> tuple[int, str]:
     """Create a key straight in the database; return (its id, the plaintext)."""
-    info, plaintext = portal.portal.service.create_key(tenant, **limits)
+    info, plaintext = portal.portal.db.write(lambda session: create_key(session, tenant, **limits))
     return info.id, plaintext
 
 
@@ -255,9 +268,11 @@ def test_rate_and_token_limits_answer_429_with_retry_after(portal):
 
 def test_token_quota_counts_usage_already_in_the_database(portal):
     key_id, plaintext = new_key(portal, "veteran", token_quota=100)
-    service = portal.portal.service
-    tenant_id = next(k.tenant_id for k in service.list_keys("veteran"))
-    service.record_usage([UsageRecord(tenant_id, key_id, "tiny", 60, 40, 200, 10.0)])  # spent before this portal
+    service = portal.portal.db
+    tenant_id = next(k.tenant_id for k in service.read(lambda session: list_keys(session, "veteran")))
+    service.write(
+        lambda session: record_usage(session, [UsageRecord(tenant_id, key_id, "tiny", 60, 40, 200, 10.0)])
+    )  # spent before this portal
     with pytest.raises(openai.RateLimitError) as err:
         chat(client(portal, plaintext), "tiny")
     assert err.value.code == "insufficient_quota"
@@ -271,7 +286,7 @@ def test_usage_rows_land_in_the_database_per_tenant_key_and_entry(portal):
     with pytest.raises(openai.NotFoundError):
         chat(c, "acme-notes")
     assert portal.portal.writer.flush()
-    rows = portal.portal.service.usage_report(group_by=("tenant", "key", "entry"))
+    rows = portal.portal.db.read(lambda session: usage_report(session, group_by=("tenant", "key", "entry")))
     mine = {r["entry"]: r for r in rows if r["tenant"] == "initech"}
     assert set(mine) == {"tiny", "tiny-finance", "acme-notes"}
     assert {r["key"] for r in mine.values()} == {plaintext[:12]}
@@ -281,13 +296,12 @@ def test_usage_rows_land_in_the_database_per_tenant_key_and_entry(portal):
 
 
 def test_metrics_carry_the_names_and_the_entry_label(portal):
-    from matrixstack.matrix.service import MatrixService
 
     chat(client(portal, portal.keys["acme"]), "tiny-finance", max_tokens=2, stream=True).close()
     list(chat(client(portal, portal.keys["acme"]), "tiny-finance", max_tokens=2, stream=True))
-    with MatrixService(str(portal.portal.service.engine.url)) as matrix:
-        matrix.create_pool("metered", [resize_pod(load_fabric("cloudmatrix384"), 2)])  # 16 devices
-        matrix.alloc("metered", "acme", SliceRequest(devices=4))
+    fabric = resize_pod(load_fabric("cloudmatrix384"), 2)  # 16 devices
+    portal.portal.db.write(lambda session: create_pool(session, "metered", [fabric]))
+    portal.portal.db.write(lambda session: alloc_slice(session, "metered", "acme", SliceRequest(devices=4)))
     text = httpx.get(f"{portal.url}/metrics").text
     for name in METRIC_NAMES:
         assert f"# TYPE {name}" in text, name
@@ -316,11 +330,15 @@ def test_client_disconnect_is_metered_and_frees_the_request(portal):
     stream = chat(client(portal, plaintext), "tiny", max_tokens=200, stream=True)
     next(iter(stream))
     stream.close()  # hang up after the first chunk
-    service = portal.portal.service
+    service = portal.portal.db
     deadline = time.monotonic() + WAIT_S
     while True:
         portal.portal.writer.flush()
-        rows = [r for r in service.usage_report(group_by=("tenant",)) if r["tenant"] == "quitter"]
+        rows = [
+            r
+            for r in service.read(lambda session: usage_report(session, group_by=("tenant",)))
+            if r["tenant"] == "quitter"
+        ]
         if rows:
             break
         assert time.monotonic() < deadline, "the cut stream was never metered"

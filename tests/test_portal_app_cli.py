@@ -19,7 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from matrixstack.cli.portal_serve_cmd import portal_app
-from matrixstack.portal.service import PortalService
+from matrixstack.portal.key_service import create_key
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import usage_report
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -27,8 +29,8 @@ STOP_TIMEOUT_S = 30.0
 
 def test_portal_serve_runs_logs_json_and_stops_on_ctrl_c(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'portal.db'}"
-    with PortalService(db_url) as svc:
-        _, key = svc.create_key("acme")
+    with open_portal_database(db_url) as svc:
+        _, key = svc.write(lambda session: create_key(session, "acme"))
     cmd = [sys.executable, "-c", "from matrixstack.cli.portal_serve_cmd import portal_app; portal_app()"]
     cmd += ["serve", "--db", db_url, "--port", "0", "--log-level", "warning"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -68,8 +70,8 @@ def test_portal_serve_runs_logs_json_and_stops_on_ctrl_c(tmp_path):
     assert "stopped" in err and "Traceback" not in err
     line = json.loads(out.strip().splitlines()[-1])  # stdout carries only the request log
     assert line["tenant"] == "acme" and line["entry"] == "nope" and line["status"] == 404
-    with PortalService(db_url) as svc:  # the writer wrote its last batch on the way out
-        assert svc.usage_report(group_by=("entry",)) == [
+    with open_portal_database(db_url) as svc:  # the writer wrote its last batch on the way out
+        assert svc.read(lambda session: usage_report(session, group_by=("entry",))) == [
             {"entry": "nope", "requests": 1, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "errors": 1}
         ]
 

@@ -9,17 +9,23 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 
 from matrixstack.fabric.loader import load_fabric
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.database import Database, open_database
+from matrixstack.matrix.failures import fail_device
+from matrixstack.matrix.pools import create_pool, show_pool
 from matrixstack.matrix.simulate import resize_pod
+from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
 from matrixstack.portal.cache import TtlCache
+from matrixstack.portal.key_service import create_key
 from matrixstack.portal.limits import INSUFFICIENT_QUOTA, QUOTA_RETRY_AFTER_S, RATE_LIMIT_EXCEEDED, KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
-from matrixstack.portal.service import PortalService, UsageRecord
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import UsageRecord, record_usage, usage_report
 from matrixstack.portal.usage_writer import UsageWriter
 
 
@@ -154,36 +160,41 @@ def test_cache_clear_during_a_load_does_not_keep_the_stale_value():
 
 @pytest.fixture
 def service(tmp_path):
-    with PortalService(f"sqlite:///{tmp_path / 'usage.db'}") as svc:
+    with open_portal_database(f"sqlite:///{tmp_path / 'usage.db'}") as svc:
         yield svc
 
 
-def _records(service: PortalService, n: int, entry: str = "tiny") -> list[UsageRecord]:
-    info, _ = service.create_key("acme")
+def _records(service: Database, n: int, entry: str = "tiny") -> list[UsageRecord]:
+    info, _ = service.write(lambda session: create_key(session, "acme"))
     return [UsageRecord(info.tenant_id, info.id, entry, 10, i, 200, 5.0, 1.0) for i in range(n)]
 
 
+def _record_fn(service: Database):
+    """Return what the app gives its usage writer: write one batch in one unit of work."""
+    return lambda batch: service.write(lambda session: record_usage(session, batch))
+
+
 def test_writer_writes_batches_and_flush_waits_for_them(service):
-    writer = UsageWriter(service.record_usage, interval_s=0.05).start()
+    writer = UsageWriter(_record_fn(service), interval_s=0.05).start()
     records = _records(service, 50)
     for record in records[:30]:
         writer.submit(record)
     assert writer.flush()
-    assert service.usage_report()[0]["requests"] == 30
+    assert service.read(usage_report)[0]["requests"] == 30
     for record in records[30:]:
         writer.submit(record)
     writer.stop()
-    total = service.usage_report()[0]
+    total = service.read(usage_report)[0]
     assert total["requests"] == 50 and total["completion_tokens"] == sum(range(50)) and writer.written == 50
 
 
 def test_writer_loses_nothing_on_a_clean_stop(service):
-    writer = UsageWriter(service.record_usage, interval_s=60.0).start()  # no round would come before the stop
+    writer = UsageWriter(_record_fn(service), interval_s=60.0).start()  # no round would come before the stop
     for record in _records(service, 20):
         writer.submit(record)
     writer.stop()
     writer.stop()  # twice is fine
-    assert service.usage_report()[0]["requests"] == 20
+    assert service.read(usage_report)[0]["requests"] == 20
 
 
 def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
@@ -194,7 +205,7 @@ def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
         calls.append(len(batch))
         if len(calls) == 1:
             raise ConnectionError("database went away")
-        service.record_usage(batch)
+        service.write(lambda session: record_usage(session, batch))
 
     writer = UsageWriter(flaky_write, interval_s=0.01).start()
     for record in _records(service, 5):
@@ -202,11 +213,11 @@ def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
     assert writer.flush()
     writer.stop()
     assert calls[0] == 5 and writer.failures == 1
-    assert service.usage_report()[0]["requests"] == 5
+    assert service.read(usage_report)[0]["requests"] == 5
 
 
 def test_writer_submit_from_many_threads(service):
-    writer = UsageWriter(service.record_usage, interval_s=0.01).start()
+    writer = UsageWriter(_record_fn(service), interval_s=0.01).start()
     records = _records(service, 200)
     threads = [threading.Thread(target=lambda part: [writer.submit(r) for r in part], args=(records[i::4],))
                for i in range(4)]  # fmt: skip
@@ -215,27 +226,31 @@ def test_writer_submit_from_many_threads(service):
     for t in threads:
         t.join()
     writer.stop()
-    assert service.usage_report()[0]["requests"] == 200
+    assert service.read(usage_report)[0]["requests"] == 200
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
 
 
 def test_pool_utilisation_is_allocated_over_healthy_devices_and_refreshes_at_most_every_5_s(tmp_path):
-    with MatrixService(f"sqlite:///{tmp_path / 'matrix.db'}") as matrix:
-        matrix.create_pool("p", [resize_pod(load_fabric("cloudmatrix384"), 2)])  # 16 devices
-        matrix.alloc("p", "acme", SliceRequest(devices=4))
-        assert pool_utilisation(matrix) == {"p": 0.25}
-        free = [d for d, owner in enumerate(matrix.show("p").owners[0]) if owner == 0][:2]
+    with open_database(f"sqlite:///{tmp_path / 'matrix.db'}") as matrix:
+        matrix.write(
+            lambda session: create_pool(session, "p", [resize_pod(load_fabric("cloudmatrix384"), 2)])
+        )  # 16 devices
+        matrix.write(lambda session: alloc_slice(session, "p", "acme", SliceRequest(devices=4)))
+        assert matrix.read(pool_utilisation) == {"p": 0.25}
+        free = [
+            d for d, owner in enumerate(matrix.read(lambda session: show_pool(session, "p")).owners[0]) if owner == 0
+        ][:2]
         for device in free:
-            matrix.fail("p", (0, device))
-        assert pool_utilisation(matrix) == {"p": 4 / 14}
+            matrix.write(partial(fail_device, pool="p", device=(0, device)))
+        assert matrix.read(pool_utilisation) == {"p": 4 / 14}
 
         clock, reads = Clock(), []
 
         def read() -> dict[str, float]:
             reads.append(1)
-            return pool_utilisation(matrix)
+            return matrix.read(pool_utilisation)
 
         metrics = PortalMetrics(read, clock=clock)
         metrics.refresh_utilisation()

@@ -23,9 +23,12 @@ from matrixstack.openai.errors import UpstreamError
 from matrixstack.openai.httpx_client import HttpxClient
 from matrixstack.openai.server import ServerThread
 from matrixstack.openai.transport import KeepAliveTransport
+from matrixstack.portal.catalog_service import add_entry
+from matrixstack.portal.key_service import create_key
 from matrixstack.portal.server import PortalThread
-from matrixstack.portal.service import PortalService
 from matrixstack.portal.spec import EntrySpec
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import usage_report
 
 WAIT_S = 30.0  # a failure guard for polls, never a timing assertion
 WORDS = ["alpha", "beta", "gamma", "delta"]
@@ -229,10 +232,14 @@ def test_a_connection_the_server_closed_while_idle_is_replaced():
 
 def test_portal_adds_the_usage_chunk_a_vendor_does_not_send(backend, tmp_path):
     db_url = f"sqlite:///{tmp_path / 'p.db'}"
-    with PortalService(db_url) as svc:
-        _, key = svc.create_key("acme")
+    with open_portal_database(db_url) as svc:
+        _, key = svc.write(lambda session: create_key(session, "acme"))
         backend_spec = {"kind": "upstream", "url": f"{backend.url}/v1", "model": "vendor-model", "api_key": "s"}
-        svc.add_entry(EntrySpec(name="vendor", level="L0", provider="third-party", backend=backend_spec))
+        svc.write(
+            lambda session: add_entry(
+                session, EntrySpec(name="vendor", level="L0", provider="third-party", backend=backend_spec)
+            )
+        )
     with PortalThread(db_url) as portal:
         client = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0)
         chunks = list(
@@ -246,7 +253,7 @@ def test_portal_adds_the_usage_chunk_a_vendor_does_not_send(backend, tmp_path):
         reply = client.chat.completions.create(model="vendor", messages=[{"role": "user", "content": "hi"}])
         assert reply.model == "vendor" and reply.usage.total_tokens == 3 + len(WORDS)
         assert portal.portal.writer.flush()
-        rows = portal.portal.service.usage_report(group_by=("entry",))
+        rows = portal.portal.db.read(lambda session: usage_report(session, group_by=("entry",)))
         assert rows == [{"entry": "vendor", "requests": 2, "prompt_tokens": 3, "completion_tokens": 2 * len(WORDS),
                          "total_tokens": 3 + 2 * len(WORDS), "errors": 0}]  # fmt: skip
 
@@ -254,10 +261,14 @@ def test_portal_adds_the_usage_chunk_a_vendor_does_not_send(backend, tmp_path):
 def test_a_client_that_hangs_up_cancels_the_backend_request(backend, tmp_path):
     backend.state.cancelled.clear()
     db_url = f"sqlite:///{tmp_path / 'p.db'}"
-    with PortalService(db_url) as svc:
-        _, key = svc.create_key("acme")
+    with open_portal_database(db_url) as svc:
+        _, key = svc.write(lambda session: create_key(session, "acme"))
         backend_spec = {"kind": "upstream", "url": f"{backend.url}/v1", "model": "vendor-model"}
-        svc.add_entry(EntrySpec(name="vendor", level="L0", provider="third-party", backend=backend_spec))
+        svc.write(
+            lambda session: add_entry(
+                session, EntrySpec(name="vendor", level="L0", provider="third-party", backend=backend_spec)
+            )
+        )
     with PortalThread(db_url) as portal:
         client = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0)
         messages = [{"role": "user", "content": "hi"}]
@@ -267,18 +278,22 @@ def test_a_client_that_hangs_up_cancels_the_backend_request(backend, tmp_path):
         assert backend.state.cancelled.wait(WAIT_S)  # the portal closed its backend connection
         assert portal.portal.writer.flush()
         deadline = time.monotonic() + WAIT_S
-        while not portal.portal.service.usage_report(group_by=("entry",)):
+        while not portal.portal.db.read(lambda session: usage_report(session, group_by=("entry",))):
             assert time.monotonic() < deadline
             portal.portal.writer.flush()
-        row = portal.portal.service.usage_report(group_by=("entry",))[0]
+        row = portal.portal.db.read(lambda session: usage_report(session, group_by=("entry",)))[0]
         assert row["errors"] == 1 and row["completion_tokens"] >= 1
 
 
 def test_an_unreachable_backend_is_a_502_in_openai_format(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'p.db'}"
-    with PortalService(db_url) as svc:
-        _, key = svc.create_key("acme")
-        svc.add_entry(EntrySpec(name="gone", level="L0", backend={"kind": "engine", "url": "http://127.0.0.1:9/v1"}))
+    with open_portal_database(db_url) as svc:
+        _, key = svc.write(lambda session: create_key(session, "acme"))
+        svc.write(
+            lambda session: add_entry(
+                session, EntrySpec(name="gone", level="L0", backend={"kind": "engine", "url": "http://127.0.0.1:9/v1"})
+            )
+        )
     with PortalThread(db_url) as portal:
         client = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0)
         for stream in (False, True):

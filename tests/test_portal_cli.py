@@ -15,7 +15,10 @@ from typer.testing import CliRunner
 
 from matrixstack.cli.portal_cmd import catalog_app, deployment_app, key_app, parse_since, tenant_app, usage
 from matrixstack.errors import UserError
-from matrixstack.portal.service import PortalService, UsageRecord
+from matrixstack.portal.catalog_service import get_entry
+from matrixstack.portal.key_service import authenticate, create_key
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import UsageRecord, record_usage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "catalog"
 FAMILY = str(EXAMPLES / "tiny-moe-family.yaml")
@@ -97,8 +100,8 @@ def test_show_json_added_back_with_replace_keeps_the_upstream_secret(run, db, tm
     edited = tmp_path / "edited.json"
     edited.write_text(shown.replace("DeepSeek-R1 reasoning model", "edited"))
     assert run("catalog", "add", str(edited), "--replace").exit_code == 0
-    with PortalService(db) as svc:
-        entry = svc.get_entry("deepseek-r1")
+    with open_portal_database(db) as svc:
+        entry = svc.read(lambda session: get_entry(session, "deepseek-r1"))
     assert entry.description.startswith("edited") and entry.backend.api_key == DEEPSEEK_KEY
 
 
@@ -147,8 +150,11 @@ def test_tenants_and_keys(run, db, tmp_path):
     assert _json(run("key", "list", "--tenant", "acme", "--json"))[0]["revoked"] is True
     assert "no API key 'sk-unknown'" in _error(run("key", "revoke", "sk-unknown"))
     assert "tenant name 'bad name' is not allowed" in _error(run("key", "create", "--tenant", "bad name"))
-    with PortalService(db) as svc:
-        assert svc.authenticate(plaintext) is None and svc.authenticate(as_json["key"]).is_admin
+    with open_portal_database(db) as svc:
+        assert (
+            svc.read(lambda session: authenticate(session, plaintext)) is None
+            and svc.read(lambda session: authenticate(session, as_json["key"])).is_admin
+        )
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("portal.db*"))
     assert plaintext.encode() not in stored and as_json["key"].encode() not in stored
 
@@ -169,18 +175,21 @@ def test_deployments(run):
 
 
 def test_usage_table_and_json(run, db):
-    with PortalService(db) as svc:
-        a, _ = svc.create_key("acme")
-        b, _ = svc.create_key("bob")
-        svc.record_usage(
-            [
-                UsageRecord(a.tenant_id, a.id, "tiny-moe", 10, 5, 200, 20.0, 4.0),
-                UsageRecord(a.tenant_id, a.id, "tiny-moe-python", 3, 0, 429, 1.0),
-                UsageRecord(b.tenant_id, b.id, "tiny-moe", 2, 2, 200, 9.0, 1.0),
-                UsageRecord(
-                    b.tenant_id, b.id, "tiny-moe", 50, 50, 200, 9.0, 1.0, datetime.now(UTC) - timedelta(days=3)
-                ),
-            ]
+    with open_portal_database(db) as svc:
+        a, _ = svc.write(lambda session: create_key(session, "acme"))
+        b, _ = svc.write(lambda session: create_key(session, "bob"))
+        svc.write(
+            lambda session: record_usage(
+                session,
+                [
+                    UsageRecord(a.tenant_id, a.id, "tiny-moe", 10, 5, 200, 20.0, 4.0),
+                    UsageRecord(a.tenant_id, a.id, "tiny-moe-python", 3, 0, 429, 1.0),
+                    UsageRecord(b.tenant_id, b.id, "tiny-moe", 2, 2, 200, 9.0, 1.0),
+                    UsageRecord(
+                        b.tenant_id, b.id, "tiny-moe", 50, 50, 200, 9.0, 1.0, datetime.now(UTC) - timedelta(days=3)
+                    ),
+                ],
+            )
         )
     by_tenant = _json(run("usage", "--json"))
     assert [(r["tenant"], r["requests"], r["total_tokens"], r["errors"]) for r in by_tenant] == [

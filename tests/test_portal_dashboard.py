@@ -18,16 +18,24 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.orm import Session
 
 from matrixstack.fabric.loader import load_fabric
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.failures import fail_device
+from matrixstack.matrix.pools import create_pool, show_pool
 from matrixstack.matrix.simulate import resize_pod
+from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
+from matrixstack.matrix.tenants import create_tenant
 from matrixstack.openai.server import ServerThread
 from matrixstack.portal.app import create_portal_app
+from matrixstack.portal.catalog_service import add_entry, catalog_tree
 from matrixstack.portal.dashboard import DEPLOYMENT_COLOURS, dashboard_state
-from matrixstack.portal.service import PortalService, UsageRecord
+from matrixstack.portal.deployment_service import register_deployment
+from matrixstack.portal.key_service import create_key
 from matrixstack.portal.spec import BackendSpec, EntrySpec
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import UsageRecord, record_usage
 
 FABRIC = resize_pod(load_fabric("ascend910c-8x-roce"), 2)  # two 8-NPU servers, scale-up inside a server only
 POOL = "lab"
@@ -57,65 +65,71 @@ ENTRIES = {  # name -> level
 def world(tmp_path_factory):
     """Build the module's world in a fresh SQLite file; return what the tests check against."""
     url = f"sqlite:///{tmp_path_factory.mktemp('dashboard') / 'portal.db'}"
-    with MatrixService(url) as matrix:
-        matrix.create_pool(POOL, [FABRIC, FABRIC])
-        serving = matrix.alloc(POOL, "acme", SliceRequest(devices=6))
-        small = matrix.alloc(POOL, "acme", SliceRequest(devices=4))
+    now = datetime.now(UTC)
+
+    def build(session: Session) -> dict:
+        create_pool(session, POOL, [FABRIC, FABRIC])
+        serving = alloc_slice(session, POOL, "acme", SliceRequest(devices=6))
+        small = alloc_slice(session, POOL, "acme", SliceRequest(devices=4))
         failed = (serving.fabric_index, serving.devices[0])
-        failure = matrix.fail(POOL, failed, reason="HBM ECC errors")
+        failure = fail_device(session, POOL, failed, reason="HBM ECC errors")
         assert failure["action"] == "replaced"  # a free device of the same server took its place
-        idle = matrix.alloc(POOL, "globex", SliceRequest(devices=2))  # a slice nothing is deployed on
-        slices = {s.id: s for s in matrix.show(POOL).slices}
-    with PortalService(url) as portal:
-        portal.create_tenant("acme")
-        _, admin_key = portal.create_key("acme", name="ops", admin=True)
-        user, user_key = portal.create_key("acme", name="app")
-        portal.register_deployment(
-            "moe-a", "engine", "http://127.0.0.1:9001/v1", arch="tiny-moe", pool=POOL, slice_id=serving.id
+        idle = alloc_slice(session, POOL, "globex", SliceRequest(devices=2))  # a slice nothing is deployed on
+        slices = {s.id: s for s in show_pool(session, POOL).slices}
+        create_tenant(session, "acme")
+        _, admin_key = create_key(session, "acme", name="ops", admin=True)
+        user, user_key = create_key(session, "acme", name="app")
+        register_deployment(
+            session, "moe-a", "engine", "http://127.0.0.1:9001/v1", arch="tiny-moe", pool=POOL, slice_id=serving.id
         )
-        portal.register_deployment("moe-b", "vllm", "http://127.0.0.1:9002/v1", pool=POOL, slice_id=small.id)
-        portal.add_entry(
+        register_deployment(session, "moe-b", "vllm", "http://127.0.0.1:9002/v1", pool=POOL, slice_id=small.id)
+        add_entry(
+            session,
             EntrySpec(
                 name="base-moe",
                 level="L0",
                 backend=BackendSpec(kind="engine", url="http://127.0.0.1:9001/v1", deployment="moe-a"),
-            )
+            ),
         )
-        portal.add_entry(
+        add_entry(
+            session,
             EntrySpec(
                 name="upstream-gpt",
                 level="L0",
                 provider="third-party",
                 backend=BackendSpec(kind="upstream", url="https://api.example.com/v1", api_key="sk-upstream"),
-            )
+            ),
         )
-        portal.add_entry(EntrySpec(name="finance-moe", level="L1", parent="base-moe", system_prompt="Finance."))
-        portal.add_entry(EntrySpec(name="legal-moe", level="L1", parent="base-moe", system_prompt="Law."))
-        portal.add_entry(EntrySpec(name="report-writer", level="L2", parent="finance-moe", stop=["END"]))
-        portal.add_entry(EntrySpec(name="quick-answer", level="L2", parent="base-moe", parameters={"max_tokens": 64}))
-        now = datetime.now(UTC)
+        add_entry(session, EntrySpec(name="finance-moe", level="L1", parent="base-moe", system_prompt="Finance."))
+        add_entry(session, EntrySpec(name="legal-moe", level="L1", parent="base-moe", system_prompt="Law."))
+        add_entry(session, EntrySpec(name="report-writer", level="L2", parent="finance-moe", stop=["END"]))
+        add_entry(session, EntrySpec(name="quick-answer", level="L2", parent="base-moe", parameters={"max_tokens": 64}))
         record = functools.partial(usage, user, now)
-        portal.record_usage(
+        record_usage(
+            session,
             [
                 record("finance-moe", 100, 200, 5),
                 record("finance-moe", 50, 150, 20),
                 record("base-moe", 30, 70, 40),
                 record("report-writer", 10, 0, 50, status=502),
                 record("base-moe", 1000, 1000, 600),  # ten minutes ago: outside the 60-s window
-            ]
+            ],
         )
-    return {
-        "url": url,
-        "now": now,
-        "admin_key": admin_key,
-        "user_key": user_key,
-        "slices": slices,
-        "serving": serving.id,
-        "small": small.id,
-        "idle": idle.id,
-        "failed": failed,
-        "user": user,
-    }
+        return {
+            "url": url,
+            "now": now,
+            "admin_key": admin_key,
+            "user_key": user_key,
+            "slices": slices,
+            "serving": serving.id,
+            "small": small.id,
+            "idle": idle.id,
+            "failed": failed,
+            "user": user,
+        }
+
+    with open_portal_database(url) as database:
+        return database.write(build)
 
 
 def usage(key, now: datetime, entry: str, prompt: int, completion: int, age_s: float, status: int = 200):
@@ -135,8 +149,9 @@ def usage(key, now: datetime, entry: str, prompt: int, completion: int, age_s: f
 
 def state_of(world: dict, after_s: float = 1.0) -> dict:
     """Return dashboard_state over the world `after_s` seconds after its usage records were written."""
-    with PortalService(world["url"]) as portal, MatrixService(world["url"]) as matrix:
-        return dashboard_state(portal, matrix, now=world["now"] + timedelta(seconds=after_s))
+    now = world["now"] + timedelta(seconds=after_s)
+    with open_portal_database(world["url"]) as database:
+        return database.read(lambda session: dashboard_state(session, now=now))
 
 
 def devices_of(state: dict) -> dict[tuple[int, int], dict]:
@@ -213,8 +228,8 @@ def test_state_lists_deployments_with_distinct_palette_colours(world):
 
 def test_state_catalog_is_the_portal_tree(world):
     state = state_of(world)
-    with PortalService(world["url"]) as portal:
-        assert state["catalog"] == portal.tree()
+    with open_portal_database(world["url"]) as portal:
+        assert state["catalog"] == portal.read(catalog_tree)
     seen = {}
 
     def walk(nodes, parent):
@@ -260,8 +275,8 @@ def test_state_usage_window_ends_at_now(world):
 
 def test_state_of_an_empty_portal_is_empty_but_complete(tmp_path):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
-    with PortalService(url) as portal, MatrixService(url) as matrix:
-        state = dashboard_state(portal, matrix)
+    with open_portal_database(url) as database:
+        state = database.read(dashboard_state)
     assert state["pools"] == [] and state["deployments"] == [] and state["catalog"] == []
     assert state["usage"]["requests"] == 0 and state["usage"]["by_entry"] == []
     assert datetime.fromisoformat(state["generated_at"]).tzinfo is not None
@@ -364,10 +379,13 @@ def test_page_and_static_files_need_no_outside_origin(portal_url):
 
 @needs_chromium
 def test_chromium_draws_the_matrix_catalog_and_usage(world, portal_url, tmp_path):
-    with PortalService(world["url"]) as portal:  # two requests just now: in the portal's last minute for sure
+    with open_portal_database(world["url"]) as portal:  # two requests just now: in the portal's last minute for sure
         now = datetime.now(UTC)
-        portal.record_usage(
-            [usage(world["user"], now, "legal-moe", 7, 9, 0), usage(world["user"], now, "quick-answer", 3, 4, 0)]
+        portal.write(
+            lambda session: record_usage(
+                session,
+                [usage(world["user"], now, "legal-moe", 7, 9, 0), usage(world["user"], now, "quick-answer", 3, 4, 0)],
+            )
         )
     dom = Dom(chromium(f"{portal_url}/dashboard#key={world['admin_key']}", tmp_path / "profile", "--dump-dom"))
     assert dom.hidden("error") and dom.hidden("key-form") and not dom.hidden("content")

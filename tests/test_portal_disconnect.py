@@ -13,10 +13,14 @@ import time
 import httpx
 import pytest
 
+from matrixstack.matrix.tenants import create_tenant
 from matrixstack.openai.server import ServerThread
+from matrixstack.portal.catalog_service import add_entry
+from matrixstack.portal.key_service import create_key
 from matrixstack.portal.relay import CLIENT_CLOSED
 from matrixstack.portal.server import PortalThread
 from matrixstack.portal.spec import BackendSpec, EntrySpec
+from matrixstack.portal.usage_service import usage_report
 
 WAIT_S = 10.0
 
@@ -47,11 +51,15 @@ def held(tmp_path):
     with ServerThread(backend) as upstream:
         db_url = f"sqlite:///{tmp_path / 'portal.db'}"
         with PortalThread(db_url) as portal:
-            service = portal.portal.service
-            service.create_tenant("acme")
-            _, key = service.create_key("acme")
+            service = portal.portal.db
+            service.write(lambda session: create_tenant(session, "acme"))
+            _, key = service.write(lambda session: create_key(session, "acme"))
             url = f"{upstream.url}/v1"
-            service.add_entry(EntrySpec(name="held", level="L0", backend=BackendSpec(kind="upstream", url=url)))
+            service.write(
+                lambda session: add_entry(
+                    session, EntrySpec(name="held", level="L0", backend=BackendSpec(kind="upstream", url=url))
+                )
+            )
             yield portal, key, backend
 
 
@@ -67,7 +75,7 @@ def test_hanging_up_aborts_the_backend_request_and_meters_499(held, stream):
     assert backend.arrived.is_set()
     assert backend.abandoned.wait(WAIT_S), "the portal kept the backend request after its client hung up"
     deadline = time.monotonic() + WAIT_S
-    while not (rows := portal.portal.service.usage_report(group_by=("tenant",))):
+    while not (rows := portal.portal.db.read(lambda session: usage_report(session, group_by=("tenant",)))):
         assert time.monotonic() < deadline, "the abandoned request was never metered"
         portal.portal.writer.flush()
         time.sleep(0.05)

@@ -25,9 +25,11 @@ from ray.util.placement_group import placement_group_table  # noqa: E402
 
 import matrixstack.stack as stack_pkg  # noqa: E402
 from matrixstack.errors import UserError  # noqa: E402
+from matrixstack.portal.catalog_service import add_entry  # noqa: E402
+from matrixstack.portal.key_service import create_key  # noqa: E402
 from matrixstack.portal.server import PortalThread  # noqa: E402
-from matrixstack.portal.service import PortalService  # noqa: E402
 from matrixstack.portal.spec import EntrySpec  # noqa: E402
+from matrixstack.portal.store import open_portal_database  # noqa: E402
 from matrixstack.stack.ray_site import NAMESPACE, RaySite  # noqa: E402
 from matrixstack.stack.site import Launch  # noqa: E402
 from matrixstack.stack.spec import EngineArgs, SiteShape  # noqa: E402
@@ -173,10 +175,15 @@ def test_engine_actor_in_its_placement_group_serves_through_the_portal(ray_head,
         assert direct.model == "tiny-ray" and direct.usage.completion_tokens == 4
 
         db_url = f"sqlite:///{tmp_path / 'portal.db'}"
-        with PortalService(db_url) as svc:
-            key = svc.create_key("acme")[1]
-            svc.add_entry(
-                EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": started.url, "model": "tiny-ray"})
+        with open_portal_database(db_url) as svc:
+            key = svc.write(lambda session: create_key(session, "acme"))[1]
+            svc.write(
+                lambda session: add_entry(
+                    session,
+                    EntrySpec(
+                        name="tiny", level="L0", backend={"kind": "engine", "url": started.url, "model": "tiny-ray"}
+                    ),
+                )
             )
         with PortalThread(db_url) as portal:
             routed = chat(portal.base_url, key, "tiny")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -18,11 +19,16 @@ import yaml
 
 from matrixstack.errors import UserError
 from matrixstack.fabric.loader import load_fabric
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.database import open_database
+from matrixstack.matrix.pools import create_pool, show_pool
+from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
+from matrixstack.portal.catalog_service import add_entry, get_entry, list_entries
+from matrixstack.portal.deployment_service import list_deployments
+from matrixstack.portal.key_service import create_key, list_keys, revoke_key
 from matrixstack.portal.server import PortalThread
-from matrixstack.portal.service import PortalService
 from matrixstack.portal.spec import EntrySpec
+from matrixstack.portal.store import open_portal_database
 from matrixstack.stack.apply import PLACEHOLDER_URL, apply_shape, record_started, record_stopped
 from matrixstack.stack.export import default_shape, export_shape
 from matrixstack.stack.site import Started
@@ -218,19 +224,19 @@ def test_apply_is_idempotent(tmp_path, monkeypatch):
     assert second.slices == first.slices and second.new_keys == [] and second.launches == first.launches
     assert snapshot(url, skip_columns=("applied_at",)) == before  # no new row, no changed row, no event
 
-    with PortalService(url) as portal:
-        deployment = portal.list_deployments()[0]
+    with open_portal_database(url) as portal:
+        deployment = portal.read(list_deployments)[0]
         assert (deployment["status"], deployment["url"]) == ("stopped", PLACEHOLDER_URL)
         assert deployment["slice_id"] == first.slices["tiny-moe"]
-        assert portal.get_entry("deepseek-r1").backend.api_key == "sk-upstream-secret"
-        default_key = next(k for k in portal.list_keys("default"))
-        portal.revoke_key(default_key.id)
+        assert portal.read(lambda session: get_entry(session, "deepseek-r1")).backend.api_key == "sk-upstream-secret"
+        default_key = next(k for k in portal.read(lambda session: list_keys(session, "default")))
+        portal.write(lambda session: revoke_key(session, default_key.id))
     monkeypatch.delenv(UPSTREAM_ENV)
     third = apply_shape(shape, url)  # a revoked key is made again; an unset variable keeps the stored secret
     assert [(k.tenant, k.name) for k in third.new_keys] == [("default", "default")]
     assert len(third.warnings) == 1 and UPSTREAM_ENV in third.warnings[0] and "deepseek-r1" in third.warnings[0]
-    with PortalService(url) as portal:
-        assert portal.get_entry("deepseek-r1").backend.api_key == "sk-upstream-secret"
+    with open_portal_database(url) as portal:
+        assert portal.read(lambda session: get_entry(session, "deepseek-r1")).backend.api_key == "sk-upstream-secret"
 
 
 def test_import_through_the_cli_shows_keys_once(cli, tmp_path):
@@ -260,9 +266,9 @@ def _two_deployments() -> Shape:
 
 def test_a_failed_apply_leaves_the_database_as_it_was(cli, tmp_path):
     url = db(tmp_path, "busy")
-    with MatrixService(url) as matrix:  # someone holds all but 8 devices: a gets its slice, b cannot
-        matrix.create_pool("main", [load_fabric("cloudmatrix384")])
-        matrix.alloc("main", "squatter", SliceRequest(devices=376))
+    with open_database(url) as matrix:  # someone holds all but 8 devices: a gets its slice, b cannot
+        matrix.write(lambda session: create_pool(session, "main", [load_fabric("cloudmatrix384")]))
+        matrix.write(lambda session: alloc_slice(session, "main", "squatter", SliceRequest(devices=376)))
     before = snapshot(url)
     with pytest.raises(UserError, match=r"deployment b: no slice: pool 'main'.*nothing was applied"):
         apply_shape(_two_deployments(), url)
@@ -274,8 +280,8 @@ def test_a_failed_apply_leaves_the_database_as_it_was(cli, tmp_path):
     assert snapshot(url) == before
 
     other = db(tmp_path, "other")  # a pool of the shape's name over another fabric: named, nothing written
-    with MatrixService(other) as matrix:
-        matrix.create_pool("main", [load_fabric("cloudmatrix384")])
+    with open_database(other) as matrix:
+        matrix.write(lambda session: create_pool(session, "main", [load_fabric("cloudmatrix384")]))
     before = snapshot(other)
     with pytest.raises(UserError, match="pool main exists over cloudmatrix384"):
         apply_shape(tiny_shape(), other)
@@ -289,12 +295,21 @@ def test_export_then_import_gives_the_same_shape_catalog_and_deployments(cli, tm
     monkeypatch.setenv(UPSTREAM_ENV, "sk-upstream-secret")
     a, b = db(tmp_path, "a"), db(tmp_path, "b")
     keys = [k.plaintext for k in apply_shape(tiny_shape(), a).new_keys]
-    with PortalService(a) as portal:  # added by hand after the apply: exported too
-        portal.add_entry(EntrySpec(name="tiny-moe-haiku", level="L2", parent="tiny-moe", system_prompt="Haiku."))
-        portal.add_entry(
-            EntrySpec(name="by-hand", level="L0", backend={"kind": "vllm", "url": "http://10.0.0.7:8000/v1"})
+    with open_portal_database(a) as portal:  # added by hand after the apply: exported too
+        portal.write(
+            lambda session: add_entry(
+                session, EntrySpec(name="tiny-moe-haiku", level="L2", parent="tiny-moe", system_prompt="Haiku.")
+            )
         )
-        keys.append(portal.create_key("globex", "ci", rpm_limit=60, token_quota=10_000)[1])
+        portal.write(
+            lambda session: add_entry(
+                session,
+                EntrySpec(name="by-hand", level="L0", backend={"kind": "vllm", "url": "http://10.0.0.7:8000/v1"}),
+            )
+        )
+        keys.append(
+            portal.write(lambda session: create_key(session, "globex", "ci", rpm_limit=60, token_quota=10_000))[1]
+        )
 
     exported = tmp_path / "exported.yaml"
     assert cli("shape", "export", "--db", a, "--out", str(exported)).exit_code == 0
@@ -316,18 +331,18 @@ def test_export_then_import_gives_the_same_shape_catalog_and_deployments(cli, tm
     assert again.exit_code == 0 and again.output == text
     assert export_shape(b) == export_shape(a) == shape
 
-    with PortalService(a) as pa, PortalService(b) as pb:
-        catalogs = [[e.model_dump() for e in p.list_entries(admin=True)] for p in (pa, pb)]
+    with open_portal_database(a) as pa, open_portal_database(b) as pb:
+        catalogs = [[e.model_dump() for e in p.read(partial(list_entries, admin=True))] for p in (pa, pb)]
         assert catalogs[0] == catalogs[1] and len(catalogs[0]) == 6
         fields = ("name", "kind", "arch", "pool", "status", "url")
-        assert [{k: d[k] for k in fields} for d in pa.list_deployments()] == [
-            {k: d[k] for k in fields} for d in pb.list_deployments()
+        assert [{k: d[k] for k in fields} for d in pa.read(list_deployments)] == [
+            {k: d[k] for k in fields} for d in pb.read(list_deployments)
         ]
         slices = []
         for url, portal in ((a, pa), (b, pb)):
-            with MatrixService(url) as matrix:
-                held = {s.id: s for s in matrix.show("main").slices}
-                slices.append([held[d["slice_id"]].device_count for d in portal.list_deployments()])
+            with open_database(url) as matrix:
+                held = {s.id: s for s in matrix.read(lambda session: show_pool(session, "main")).slices}
+                slices.append([held[d["slice_id"]].device_count for d in portal.read(list_deployments)])
         assert slices[0] == slices[1] == [1]
     plans = [json.loads(cli("shape", "import", str(exported), "--db", u, "--json").output) for u in (a, b)]
     assert [d["plan"] for d in plans[0]["deployments"]] == [d["plan"] for d in plans[1]["deployments"]]
@@ -371,5 +386,5 @@ def test_the_portal_routes_to_the_deployments_current_url(tmp_path, engine_proce
         with pytest.raises(openai.InternalServerError) as err:
             call()
         assert err.value.status_code == 503
-    with PortalService(url) as portal:
-        assert portal.list_deployments()[0]["url"] == engine_url  # stopped keeps the last URL
+    with open_portal_database(url) as portal:
+        assert portal.read(list_deployments)[0]["url"] == engine_url  # stopped keeps the last URL

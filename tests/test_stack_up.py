@@ -20,7 +20,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from matrixstack.portal.service import PortalService
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import usage_report
 from matrixstack.stack.local_site import group_alive
 from matrixstack.stack.up import READY_LINE
 
@@ -156,7 +157,7 @@ def test_restart_keeps_keys_catalog_and_usage(first, home):
         for model in (L2, L0):
             chat(first.client(first.keys["default"]), model)
     assert first.interrupt() == 0
-    before = PortalService(None).usage_report(["tenant"])
+    before = open_portal_database(None).read(lambda session: usage_report(session, ["tenant"]))
     used = {row["tenant"]: row["requests"] for row in before}
     assert used.get("default", 0) >= 2, before  # the L2 and L0 calls of the first run
     second = UpRun(home, 2)
@@ -170,7 +171,10 @@ def test_restart_keeps_keys_catalog_and_usage(first, home):
     finally:
         assert second.interrupt(signal.SIGTERM) == 0, second.output()
         assert second.lines[-1] == "stopped" and not group_alive(second.engine_pids[0])
-    after = {row["tenant"]: row["requests"] for row in PortalService(None).usage_report(["tenant"])}
+    after = {
+        row["tenant"]: row["requests"]
+        for row in open_portal_database(None).read(lambda session: usage_report(session, ["tenant"]))
+    }
     assert after["default"] >= used["default"] + 3  # the first run's usage plus this run's chat, curl and openai
 
 

@@ -13,8 +13,9 @@ from matrixstack.errors import UserError
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.spec import POLICIES, POLICY_HELP, SliceConstraints, SliceRequest
 
-if TYPE_CHECKING:  # the service pulls in SQLAlchemy: import it only when a matrix command runs
-    from matrixstack.matrix.service import MatrixService, SliceInfo
+if TYPE_CHECKING:  # the services pull in SQLAlchemy: import them only when a matrix command runs
+    from matrixstack.matrix.database import Database
+    from matrixstack.matrix.slices import SliceInfo
 
 matrix_app = typer.Typer(
     help="Matrix-level supply: pools over fabrics, slices of any devices of a scale-up domain, failures, "
@@ -45,14 +46,14 @@ def ranges(values: list[int] | tuple[int, ...]) -> str:
     return ",".join(parts) or "-"
 
 
-def _service(db: str | None) -> MatrixService:
-    from matrixstack.matrix.service import MatrixService
+def _database(db: str | None) -> Database:
+    from matrixstack.matrix.database import open_database
 
-    return MatrixService(db)
+    return open_database(db)
 
 
 def _parse_device(text: str) -> tuple[int, int]:
-    from matrixstack.matrix.service import parse_device
+    from matrixstack.matrix.failures import parse_device
 
     return parse_device(text)
 
@@ -69,6 +70,14 @@ def _slice_line(s: SliceInfo, verb: str) -> str:
     )
 
 
+def _print_slice(s: SliceInfo, verb: str, as_json: bool) -> None:
+    """Print a slice a command changed: as JSON, or as one line saying what was done."""
+    if as_json:
+        print_json(s.to_dict())
+        return
+    console.print(_slice_line(s, verb), highlight=False)
+
+
 @matrix_app.command("create")
 @user_errors_exit_2
 def create(
@@ -82,8 +91,10 @@ def create(
     if count < 1:
         raise UserError("--count must be at least 1")
     specs = [load_fabric(name) for name in fabric for _ in range(count)]
-    with _service(db) as service:
-        summary = service.create_pool(pool, specs)
+    from matrixstack.matrix.pools import create_pool
+
+    with _database(db) as database:
+        summary = database.write(lambda session: create_pool(session, pool, specs))
     if as_json:
         print_json(summary)
         return
@@ -96,8 +107,10 @@ def create(
 @user_errors_exit_2
 def list_pools(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
     """List the pools."""
-    with _service(db) as service:
-        pools = service.list_pools()
+    from matrixstack.matrix import pools as matrix_pools
+
+    with _database(db) as database:
+        pools = database.read(matrix_pools.list_pools)
     if as_json:
         print_json(pools)
         return
@@ -144,12 +157,11 @@ def alloc(
         dram_gib=dram_gib,
         constraints=SliceConstraints(within_domain=not cross_domain, max_tier=within_tier, whole_nodes=whole_nodes),
     )
-    with _service(db) as service:
-        info = service.alloc(pool, tenant, request, policy)
-    if as_json:
-        print_json(info.to_dict())
-        return
-    console.print(_slice_line(info, "allocated"), highlight=False)
+    from matrixstack.matrix.slices import alloc_slice
+
+    with _database(db) as database:
+        info = database.write(lambda session: alloc_slice(session, pool, tenant, request, policy))
+    _print_slice(info, "allocated", as_json)
 
 
 @matrix_app.command("free")
@@ -161,12 +173,11 @@ def free(
     as_json: bool = JsonOption,
 ) -> None:
     """Free a slice."""
-    with _service(db) as service:
-        info = service.free(slice_id, tenant)
-    if as_json:
-        print_json(info.to_dict())
-        return
-    console.print(_slice_line(info, "freed"), highlight=False)
+    from matrixstack.matrix.slices import free_slice
+
+    with _database(db) as database:
+        info = database.write(lambda session: free_slice(session, slice_id, tenant))
+    _print_slice(info, "freed", as_json)
 
 
 @matrix_app.command("resize")
@@ -179,12 +190,11 @@ def resize(
     as_json: bool = JsonOption,
 ) -> None:
     """Grow or shrink a slice, inside the domain it was placed in."""
-    with _service(db) as service:
-        info = service.resize(slice_id, devices, tenant)
-    if as_json:
-        print_json(info.to_dict())
-        return
-    console.print(_slice_line(info, "resized"), highlight=False)
+    from matrixstack.matrix.slices import resize_slice
+
+    with _database(db) as database:
+        info = database.write(lambda session: resize_slice(session, slice_id, devices, tenant))
+    _print_slice(info, "resized", as_json)
 
 
 @matrix_app.command("fail")
@@ -197,8 +207,11 @@ def fail(
     as_json: bool = JsonOption,
 ) -> None:
     """Mark a device failed; its slice gets a replacement from the same domain, or is marked degraded."""
-    with _service(db) as service:
-        result = service.fail(pool, _parse_device(device), reason)
+    from matrixstack.matrix.failures import fail_device
+
+    at = _parse_device(device)
+    with _database(db) as database:
+        result = database.write(lambda session: fail_device(session, pool, at, reason))
     if as_json:
         print_json(result)
         return
@@ -221,8 +234,11 @@ def repair(
     as_json: bool = JsonOption,
 ) -> None:
     """Return a failed device to service and heal degraded slices that can now be made whole."""
-    with _service(db) as service:
-        result = service.repair(pool, _parse_device(device))
+    from matrixstack.matrix.failures import repair_device
+
+    at = _parse_device(device)
+    with _database(db) as database:
+        result = database.write(lambda session: repair_device(session, pool, at))
     if as_json:
         print_json(result)
         return
@@ -244,8 +260,10 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """Show a pool: counts, slices, failures; --png draws nodes x devices coloured by slice."""
-    with _service(db) as service:
-        view = service.show(pool, tenant)
+    from matrixstack.matrix.pools import show_pool
+
+    with _database(db) as database:
+        view = database.read(lambda session: show_pool(session, pool, tenant))
     if png is not None:
         from matrixstack.matrix.draw import draw_pool
 
@@ -297,8 +315,10 @@ def events(
     as_json: bool = JsonOption,
 ) -> None:
     """Show the pool's event log (every mutation), oldest first."""
-    with _service(db) as service:
-        rows = service.events(pool, tenant, limit)
+    from matrixstack.matrix.events import list_events
+
+    with _database(db) as database:
+        rows = database.read(lambda session: list_events(session, pool, tenant, limit))
     if as_json:
         print_json(rows)
         return

@@ -15,8 +15,9 @@ from matrixstack.cli.common import console, err_console, print_json, user_errors
 from matrixstack.cli.matrix_cmd import DbOption, JsonOption
 from matrixstack.errors import UserError
 
-if TYPE_CHECKING:  # the service pulls in SQLAlchemy: import it only when a command runs
-    from matrixstack.portal.service import KeyInfo, PortalService
+if TYPE_CHECKING:  # the services pull in SQLAlchemy: import them only when a command runs
+    from matrixstack.matrix.database import Database
+    from matrixstack.portal.key_service import KeyInfo
     from matrixstack.portal.spec import EntrySpec
 
 catalog_app = typer.Typer(
@@ -31,10 +32,10 @@ SINCE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 LEVEL_STYLES = {"L0": "bold cyan", "L1": "bold green", "L2": "bold magenta"}
 
 
-def _service(db: str | None) -> PortalService:
-    from matrixstack.portal.service import PortalService
+def _database(db: str | None) -> Database:
+    from matrixstack.portal.store import open_portal_database
 
-    return PortalService(db)
+    return open_portal_database(db)
 
 
 # --- catalog ---------------------------------------------------------------------------------------------
@@ -63,8 +64,10 @@ def catalog_add(
     from matrixstack.portal.spec import load_entries
 
     specs = load_entries(file)
-    with _service(db) as service:
-        added = service.add_entries(specs, replace=replace)
+    from matrixstack.portal.catalog_service import add_entries
+
+    with _database(db) as database:
+        added = database.write(lambda session: add_entries(session, specs, replace=replace))
     if as_json:
         print_json([e.view() for e in added])
         return
@@ -81,8 +84,10 @@ def catalog_show(
     as_json: bool = JsonOption,
 ) -> None:
     """Show one entry, its lineage and its settings (a backend's api_key shows as "set")."""
-    with _service(db) as service:
-        chain = service.chain(name)
+    from matrixstack.portal.catalog_service import entry_chain
+
+    with _database(db) as database:
+        chain = database.read(lambda session: entry_chain(session, name))
     entry = chain[-1]
     if as_json:
         print_json(entry.view())
@@ -105,8 +110,10 @@ def catalog_list(
     as_json: bool = JsonOption,
 ) -> None:
     """List the catalog entries."""
-    with _service(db) as service:
-        entries = service.list_entries(tenant, admin=tenant is None)
+    from matrixstack.portal.catalog_service import list_entries
+
+    with _database(db) as database:
+        entries = database.read(lambda session: list_entries(session, tenant, admin=tenant is None))
     if as_json:
         print_json([e.view() for e in entries])
         return
@@ -124,8 +131,10 @@ def catalog_list(
 @user_errors_exit_2
 def catalog_remove(name: str = typer.Argument(..., help="Entry name."), db: str | None = DbOption) -> None:
     """Remove an entry (one with children is refused: remove them first)."""
-    with _service(db) as service:
-        removed = service.remove_entry(name)
+    from matrixstack.portal.catalog_service import remove_entry
+
+    with _database(db) as database:
+        removed = database.write(lambda session: remove_entry(session, name))
     console.print(f"removed {removed.level} [bold]{removed.name}[/]", highlight=False)
 
 
@@ -133,8 +142,10 @@ def catalog_remove(name: str = typer.Argument(..., help="Entry name."), db: str 
 @user_errors_exit_2
 def catalog_tree(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
     """Draw the lineage L0 → L1 → L2, with each entry's provider and backend kind."""
-    with _service(db) as service:
-        roots = service.tree()
+    from matrixstack.portal.catalog_service import catalog_tree
+
+    with _database(db) as database:
+        roots = database.read(catalog_tree)
     if as_json:
         print_json(roots)
         return
@@ -162,8 +173,10 @@ def catalog_tree(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
 @user_errors_exit_2
 def tenant_add(name: str = typer.Argument(..., help="Tenant name."), db: str | None = DbOption) -> None:
     """Add a tenant (nothing happens when it exists)."""
-    with _service(db) as service:
-        service.create_tenant(name)
+    from matrixstack.matrix.tenants import create_tenant
+
+    with _database(db) as database:
+        database.write(lambda session: create_tenant(session, name))
     console.print(f"tenant [bold]{name}[/]", highlight=False)
 
 
@@ -171,8 +184,10 @@ def tenant_add(name: str = typer.Argument(..., help="Tenant name."), db: str | N
 @user_errors_exit_2
 def tenant_list(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
     """List the tenants and their number of valid keys."""
-    with _service(db) as service:
-        tenants = service.list_tenants()
+    from matrixstack.portal.key_service import list_tenants
+
+    with _database(db) as database:
+        tenants = database.read(list_tenants)
     if as_json:
         print_json(tenants)
         return
@@ -223,8 +238,10 @@ def key_create(
     as_json: bool = JsonOption,
 ) -> None:
     """Create an API key and print it once: only its hash is kept."""
-    with _service(db) as service:
-        info, plaintext = service.create_key(tenant, name, admin, rpm, tpm, quota)
+    from matrixstack.portal.key_service import create_key
+
+    with _database(db) as database:
+        info, plaintext = database.write(lambda session: create_key(session, tenant, name, admin, rpm, tpm, quota))
     if as_json:
         print_json(info.to_dict() | {"key": plaintext})
     else:
@@ -241,8 +258,10 @@ def key_list(
     as_json: bool = JsonOption,
 ) -> None:
     """List API keys (prefixes only)."""
-    with _service(db) as service:
-        keys = service.list_keys(tenant)
+    from matrixstack.portal.key_service import list_keys
+
+    with _database(db) as database:
+        keys = database.read(lambda session: list_keys(session, tenant))
     if as_json:
         print_json([k.to_dict() for k in keys])
         return
@@ -257,8 +276,10 @@ def key_revoke(
     as_json: bool = JsonOption,
 ) -> None:
     """Revoke an API key: it stops authenticating at once."""
-    with _service(db) as service:
-        info = service.revoke_key(prefix)
+    from matrixstack.portal.key_service import revoke_key
+
+    with _database(db) as database:
+        info = database.write(lambda session: revoke_key(session, prefix))
     if as_json:
         print_json(info.to_dict())
         return
@@ -279,8 +300,10 @@ def key_limits(
     given = {k: (v or None) for k, v in (("rpm", rpm), ("tpm", tpm), ("quota", quota)) if v is not None}
     if not given:
         raise UserError("give at least one of --rpm, --tpm, --quota (0 removes that limit)")
-    with _service(db) as service:
-        info = service.set_key_limits(prefix, **given)
+    from matrixstack.portal.key_service import set_key_limits
+
+    with _database(db) as database:
+        info = database.write(lambda session: set_key_limits(session, prefix, **given))
     if as_json:
         print_json(info.to_dict())
         return
@@ -303,8 +326,12 @@ def deployment_add(
     as_json: bool = JsonOption,
 ) -> None:
     """Register a deployment (replacing one of the same name)."""
-    with _service(db) as service:
-        d = service.register_deployment(name, kind, url, arch=arch, pool=pool, slice_id=slice_id)
+    from matrixstack.portal.deployment_service import register_deployment
+
+    with _database(db) as database:
+        d = database.write(
+            lambda session: register_deployment(session, name, kind, url, arch=arch, pool=pool, slice_id=slice_id)
+        )
     if as_json:
         print_json(d)
         return
@@ -316,8 +343,10 @@ def deployment_add(
 @user_errors_exit_2
 def deployment_list(db: str | None = DbOption, as_json: bool = JsonOption) -> None:
     """List the deployments."""
-    with _service(db) as service:
-        rows = service.list_deployments()
+    from matrixstack.portal.deployment_service import list_deployments
+
+    with _database(db) as database:
+        rows = database.read(list_deployments)
     if as_json:
         print_json(rows)
         return
@@ -335,8 +364,10 @@ def deployment_list(db: str | None = DbOption, as_json: bool = JsonOption) -> No
 @user_errors_exit_2
 def deployment_remove(name: str = typer.Argument(..., help="Deployment name."), db: str | None = DbOption) -> None:
     """Remove a deployment."""
-    with _service(db) as service:
-        service.remove_deployment(name)
+    from matrixstack.portal.deployment_service import remove_deployment
+
+    with _database(db) as database:
+        database.write(lambda session: remove_deployment(session, name))
     console.print(f"removed deployment [bold]{name}[/]", highlight=False)
 
 
@@ -367,8 +398,10 @@ def usage(
     """Show usage (requests, tokens, errors) grouped by tenant, key or entry."""
     groups = [g.strip() for g in by.split(",") if g.strip()]
     start = parse_since(since) if since else None
-    with _service(db) as service:
-        rows = service.usage_report(groups, start)
+    from matrixstack.portal.usage_service import usage_report
+
+    with _database(db) as database:
+        rows = database.read(lambda session: usage_report(session, groups, start))
     if as_json:
         print_json(rows)
         return

@@ -7,13 +7,19 @@ Modules, one job each:
 * `allocator` — `MatrixPool`: free/failed bitmaps and host resources, per-domain counts and indexes;
 * `policies` — `place` (matrix / server / tiered), `extend`, `shrink`, `never_fits`, `resolve_ceilings`;
 * `store` — SQLAlchemy tables and `open_engine(url)` (SQLite file by default, PostgreSQL by URL);
-* `service` — `MatrixService`: create / alloc / free / resize / fail / repair / show / events, one
-  transaction each, pool row locked;
+* `database` — `Database`: the unit of work (`read(op)` / `write(op)`: one committed transaction, retried on
+  contention); callers open it, the services below run inside it on its session;
+* `tenants` — the one owner of the tenants table (created on first use) and the name rule;
+* `pool_state` — a pool's state read inside a transaction (pool row locked for mutations), devices given and taken;
+* `pools` — create / list / show pools (`PoolView`);
+* `slices` — alloc / free / resize slices (`SliceInfo`);
+* `failures` — fail / repair devices, replacing or degrading their slices, healing degraded ones;
+* `events` — the event log, one row per mutation;
 * `trace` — the job-mix generator (`JobMix`, `generate`) and the CSV trace format;
 * `simulate` — the event-driven fleet simulation (`simulate`, `run_policy`) and `pod_size_sweep`;
 * `draw` — the pool heat map and the simulation plots.
 
-The in-memory names are re-exported here; `service`, `store`, `simulate` and `draw` are imported from their
+The in-memory names are re-exported here; the database modules, `simulate` and `draw` are imported from their
 modules (they pull in SQLAlchemy, numpy and matplotlib).
 """
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from matrixstack.errors import UserError
-from matrixstack.matrix.service import FAILED, OTHERS, PoolView
+from matrixstack.matrix.pools import FAILED, OTHERS, PoolView
 from matrixstack.matrix.simulate import PolicyResult, SweepPoint
 
 FREE_COLOR, OTHERS_COLOR, FAILED_COLOR, CROSS_COLOR = "#e9ecef", "#6c757d", "#212529", "#fa5252"

@@ -6,8 +6,8 @@ Tables: `pools`, `pool_fabrics` (the full fabric spec as JSON, so a pool outlive
 (open while `repaired_at` is null) and `events` (one row per mutation).
 
 The database itself forbids handing out a device twice: `slice_devices` has UNIQUE(pool_id, fabric_index,
-device), and a partial unique index allows one open failure per device. The service locks the pool row
-before it reads the state it decides on; these constraints are the last line of defence behind that lock.
+device), and a partial unique index allows one open failure per device. The services lock the pool row
+before they read the state they decide on; these constraints are the last line of defence behind that lock.
 
 URLs: `sqlite:///PATH` (the default is `matrixstack.db` under the data directory: `$MATRIXSTACK_HOME`, else
 `$XDG_DATA_HOME/matrixstack`, else `~/.local/share/matrixstack`) or `postgresql+psycopg://USER@HOST:PORT/DB`
@@ -17,11 +17,9 @@ transaction starts with `BEGIN IMMEDIATE`, so two writers queue instead of faili
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -40,17 +38,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.pool import StaticPool
 
 from matrixstack.errors import UserError
 from matrixstack.paths import data_dir
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
-RETRIES = 8
-RETRY_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
-T = TypeVar("T")
 WRITE_OPTION = "matrixstack_write"  # execution option: False makes a SQLite transaction a plain deferred BEGIN
 
 
@@ -258,29 +253,3 @@ def _sqlite_engine(parsed) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
-
-
-def transact(bind: Engine, op: Callable[[Session], T]) -> T:
-    """Return `op(session)` run in one transaction on `bind` and committed; retried on lock contention and
-    unique-constraint races (the state is read again each time), then a UserError naming the database's error."""
-    for attempt in range(RETRIES + 1):
-        try:
-            with Session(bind, expire_on_commit=False) as session:
-                with session.begin():
-                    return op(session)
-        except IntegrityError:
-            if attempt == RETRIES:
-                raise UserError("the database refused a conflicting write several times; try again") from None
-        except DBAPIError as exc:
-            if not _retryable(exc) or attempt == RETRIES:
-                first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-                raise UserError(f"database error: {first}") from None
-        time.sleep(min(0.5, 0.01 * 2**attempt))
-    raise AssertionError("unreachable")
-
-
-def _retryable(exc: DBAPIError) -> bool:
-    """Return whether a database error is contention worth retrying (busy SQLite, PostgreSQL serialization)."""
-    if isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower():
-        return True
-    return getattr(exc.orig, "sqlstate", None) in RETRY_SQLSTATES

@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
+from matrixstack.matrix import tenants
+from matrixstack.portal import catalog_service, deployment_service, key_service, usage_service
 from matrixstack.portal.gateway import Gateway, openai_error
-from matrixstack.portal.service import KeyInfo, PortalService
+from matrixstack.portal.key_service import KeyInfo
 from matrixstack.portal.spec import parse_entries
 
 
@@ -87,18 +89,21 @@ def parse_since(since: str | None) -> datetime | None:
 
 
 def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInfo]]) -> APIRouter:
-    """Return the router of the admin API over `gateway.service`; `require_admin` is the app's admin dependency."""
-    service: PortalService = gateway.service
+    """Return the router of the admin API over `gateway.db`; `require_admin` is the app's admin dependency."""
+    database = gateway.db
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
-    async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await run_in_threadpool(fn, *args, **kwargs)
+    async def read(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await run_in_threadpool(database.read, lambda session: fn(session, *args, **kwargs))
+
+    async def write(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await run_in_threadpool(database.write, lambda session: fn(session, *args, **kwargs))
 
     # ---- catalog ----
 
     @router.get("/catalog", summary="Every catalog entry")
     async def list_catalog() -> list[dict[str, Any]]:
-        return [e.view() for e in await db(service.list_entries, None, True)]
+        return [e.view() for e in await read(catalog_service.list_entries, None, True)]
 
     @router.post("/catalog", summary="Add one entry, or {'entries': [...]} (parents before children)")
     async def add_catalog(
@@ -106,27 +111,27 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
         replace: bool = Query(False, description="replace entries of the same name"),
     ) -> list[dict[str, Any]]:
         specs = parse_entries(body, "request body")
-        added = await db(service.add_entries, specs, replace)
+        added = await write(catalog_service.add_entries, specs, replace)
         gateway.catalog_changed()
         return [e.view() for e in added]
 
     @router.get("/catalog-tree", summary="The catalog as a tree, L0 -> L1 -> L2")
     async def catalog_tree() -> list[dict[str, Any]]:
-        return await db(service.tree)
+        return await read(catalog_service.catalog_tree)
 
     @router.get("/catalog/{name}", summary="One catalog entry")
     async def get_entry(name: str) -> dict[str, Any]:
-        return (await db(service.get_entry, name)).view()
+        return (await read(catalog_service.get_entry, name)).view()
 
     @router.patch("/catalog/{name}", summary="Change fields of an entry")
     async def patch_entry(name: str, changes: dict[str, Any] = Body(description="the fields to change")) -> dict:
-        entry = await db(service.update_entry, name, changes)
+        entry = await write(catalog_service.update_entry, name, changes)
         gateway.catalog_changed()
         return entry.view()
 
     @router.delete("/catalog/{name}", summary="Remove an entry (not one with children)")
     async def delete_entry(name: str) -> dict[str, Any]:
-        entry = await db(service.remove_entry, name)
+        entry = await write(catalog_service.remove_entry, name)
         gateway.catalog_changed()
         return entry.view()
 
@@ -134,22 +139,22 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
 
     @router.get("/tenants", summary="Every tenant")
     async def list_tenants() -> list[dict[str, Any]]:
-        return await db(service.list_tenants)
+        return await read(key_service.list_tenants)
 
     @router.post("/tenants", summary="Create a tenant (nothing happens when it exists)")
     async def create_tenant(body: TenantCreate) -> dict[str, Any]:
-        return {"name": await db(service.create_tenant, body.name)}
+        return {"name": await write(tenants.create_tenant, body.name)}
 
     # ---- keys ----
 
     @router.get("/keys", summary="API keys (never the keys themselves)")
     async def list_keys(tenant: str | None = None) -> list[dict[str, Any]]:
-        return [k.to_dict() for k in await db(service.list_keys, tenant)]
+        return [k.to_dict() for k in await read(key_service.list_keys, tenant)]
 
     @router.post("/keys", summary="Create an API key; the answer's `key` is the only time it is shown")
     async def create_key(body: KeyCreate) -> dict[str, Any]:
-        info, plaintext = await db(
-            service.create_key, body.tenant, body.name, body.admin, body.rpm_limit, body.tpm_limit, body.token_quota
+        info, plaintext = await write(
+            key_service.create_key, body.tenant, body.name, body.admin, body.rpm_limit, body.tpm_limit, body.token_quota
         )
         return info.to_dict() | {"key": plaintext}
 
@@ -159,13 +164,13 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
         if not given:
             raise UserError("give at least one of rpm_limit, tpm_limit, token_quota (null removes a limit)")
         names = {"rpm_limit": "rpm", "tpm_limit": "tpm", "token_quota": "quota"}
-        info = await db(service.set_key_limits, prefix, **{names[k]: v for k, v in given.items()})
+        info = await write(key_service.set_key_limits, prefix, **{names[k]: v for k, v in given.items()})
         gateway.keys_changed()
         return info.to_dict()
 
     @router.delete("/keys/{prefix}", summary="Revoke a key")
     async def revoke_key(prefix: str) -> dict[str, Any]:
-        info = await db(service.revoke_key, prefix)
+        info = await write(key_service.revoke_key, prefix)
         gateway.keys_changed()
         return info.to_dict()
 
@@ -177,20 +182,20 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
         since: str | None = Query(None, description="ISO-8601 time; only requests since then"),
     ) -> list[dict[str, Any]]:
         groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
-        return await db(service.usage_report, groups, parse_since(since))
+        return await read(usage_service.usage_report, groups, parse_since(since))
 
     # ---- deployments ----
 
     @router.get("/deployments", summary="Registered deployments")
     async def list_deployments() -> list[dict[str, Any]]:
-        return await db(service.list_deployments)
+        return await read(deployment_service.list_deployments)
 
     @router.post("/deployments", summary="Register a deployment (replacing one of the same name)")
     async def register_deployment(body: DeploymentCreate) -> dict[str, Any]:
-        return await db(service.register_deployment, **body.model_dump())
+        return await write(deployment_service.register_deployment, **body.model_dump())
 
     @router.delete("/deployments/{name}", summary="Remove a deployment")
     async def remove_deployment(name: str) -> dict[str, Any]:
-        return await db(service.remove_deployment, name)
+        return await write(deployment_service.remove_deployment, name)
 
     return router

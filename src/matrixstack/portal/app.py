@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.database import Database
 from matrixstack.openai.endpoints import CHAT, COMPLETION, ENDPOINTS, Endpoint
 from matrixstack.openai.errors import (
     ClientGone,
@@ -50,11 +50,13 @@ from matrixstack.portal.admin_api import admin_router
 from matrixstack.portal.dashboard import dashboard_router, dashboard_state
 from matrixstack.portal.encoding import JsonResponse
 from matrixstack.portal.gateway import DEFAULT_CACHE_TTL_S, Gateway, openai_error
+from matrixstack.portal.key_service import KeyInfo
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
 from matrixstack.portal.resolve import RangeError
-from matrixstack.portal.service import KeyInfo, PortalService
 from matrixstack.portal.spec import EntrySpec, UnknownEntry
+from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.usage_service import record_usage
 from matrixstack.portal.usage_writer import INTERVAL_S, UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
@@ -63,10 +65,9 @@ bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: B
 
 @dataclass
 class Portal:
-    """What one portal app holds: the database service, the gateway, metrics and the usage writer."""
+    """What one portal app holds: the database, the gateway, metrics and the usage writer."""
 
-    service: PortalService
-    matrix: MatrixService
+    db: Database
     gateway: Gateway
     metrics: PortalMetrics
     writer: UsageWriter
@@ -74,8 +75,7 @@ class Portal:
     def close(self) -> None:
         """Write the queued usage, then close the database connections."""
         self.writer.stop()
-        self.matrix.close()
-        self.service.close()
+        self.db.close()
 
 
 def model_card(entry: EntrySpec) -> dict[str, Any]:
@@ -207,12 +207,13 @@ def create_portal_app(
     `log_json` writes each request's log line as one JSON object (else `key=value` pairs); `cache_ttl_s` is how
     long keys and resolved entries are cached; `usage_interval_s` how often the usage writer writes a batch.
     """
-    service = PortalService(db_url)
-    matrix = MatrixService(db_url)
-    metrics = PortalMetrics(lambda: pool_utilisation(matrix))
-    writer = UsageWriter(service.record_usage, interval_s=usage_interval_s)
-    gateway = Gateway(service, metrics, writer, KeyLimiter(), cache_ttl_s=cache_ttl_s, log_json=log_json)
-    portal = Portal(service, matrix, gateway, metrics, writer)
+    db = open_portal_database(db_url)
+    metrics = PortalMetrics(lambda: db.read(pool_utilisation))
+    writer = UsageWriter(
+        lambda records: db.write(lambda session: record_usage(session, records)), interval_s=usage_interval_s
+    )
+    gateway = Gateway(db, metrics, writer, KeyLimiter(), cache_ttl_s=cache_ttl_s, log_json=log_json)
+    portal = Portal(db, gateway, metrics, writer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -304,6 +305,6 @@ def create_portal_app(
     _document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
 
     # ---- dashboard (portal/dashboard.py) ----
-    app.include_router(dashboard_router(lambda: dashboard_state(service, matrix), authorize_admin))
+    app.include_router(dashboard_router(lambda: db.read(dashboard_state), authorize_admin))
 
     return app

@@ -1,10 +1,10 @@
 """The web dashboard: one page that draws the matrix, the catalog tree and live usage, and the JSON it polls.
 
-`dashboard_state(portal, matrix)` builds the state the page draws, from the real stores:
+`dashboard_state(session)` builds the state the page draws, from the real stores, in the caller's unit of work:
 - `pools`: every matrix pool, fabric by fabric and node by node, each device `free`, `allocated` (with the slice
   that holds it and the deployment registered on that slice, if any) or `failed`;
 - `deployments`: the portal's deployments, each with a fixed colour (the page colours a slice's devices with it);
-- `catalog`: `PortalService.tree()` (L0 -> L1 -> L2);
+- `catalog`: `catalog_service.catalog_tree` (L0 -> L1 -> L2);
 - `usage`: requests and tokens over the last `usage_window_s` seconds, in all and per catalog entry.
 
 `dashboard_router(state_fn, authorize)` serves `GET /dashboard` (the page), `GET /dashboard/static/{file}` (its
@@ -20,17 +20,17 @@ import inspect
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from matrixstack.matrix.service import FAILED, FREE
-
-if TYPE_CHECKING:
-    from matrixstack.matrix.service import MatrixService
-    from matrixstack.portal.service import PortalService
+from matrixstack.matrix.pools import FAILED, FREE, list_pools, show_pool
+from matrixstack.portal.catalog_service import catalog_tree
+from matrixstack.portal.deployment_service import list_deployments
+from matrixstack.portal.usage_service import usage_report
 
 # matplotlib's tab10 without its red (failed devices) and grey (free ones), then tab20's light halves of the same.
 DEPLOYMENT_COLOURS = (
@@ -69,8 +69,7 @@ def deployment_colour(index: int) -> str:
 
 
 def dashboard_state(
-    portal: PortalService,
-    matrix: MatrixService,
+    session: Session,
     usage_window_s: float = USAGE_WINDOW_S,
     *,
     now: datetime | None = None,
@@ -86,23 +85,23 @@ def dashboard_state(
             "slice_id": d.get("slice_id"),
             "colour": deployment_colour(k),
         }
-        for k, d in enumerate(portal.list_deployments())
+        for k, d in enumerate(list_deployments(session))
     ]
     return {
-        "pools": pool_states(matrix, deployments),
+        "pools": pool_states(session, deployments),
         "deployments": deployments,
-        "catalog": portal.tree(),
-        "usage": usage_summary(portal, usage_window_s, now),
+        "catalog": catalog_tree(session),
+        "usage": usage_summary(session, usage_window_s, now),
         "generated_at": now.isoformat(),
     }
 
 
-def pool_states(matrix: MatrixService, deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def pool_states(session: Session, deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return every pool as fabrics -> nodes -> devices, each device with its state, slice and deployment."""
     on_slice = {(d["pool"], d["slice_id"]): d["name"] for d in deployments if d["slice_id"] is not None}
     pools = []
-    for summary in matrix.list_pools():
-        view = matrix.show(summary["pool"])
+    for summary in list_pools(session):
+        view = show_pool(session, summary["pool"])
         fabrics = []
         for fabric, owners in zip(view.fabrics, view.owners, strict=True):
             per_node = fabric["devices_per_node"]
@@ -131,7 +130,7 @@ def pool_states(matrix: MatrixService, deployments: list[dict[str, Any]]) -> lis
     return pools
 
 
-def usage_summary(portal: PortalService, window_s: float, now: datetime) -> dict[str, Any]:
+def usage_summary(session: Session, window_s: float, now: datetime) -> dict[str, Any]:
     """Return requests and tokens of the `window_s` seconds up to `now`, in all and per catalog entry.
 
     The usage report counts everything since a moment; what came at or after `now` (nothing, unless `now` is in
@@ -139,7 +138,7 @@ def usage_summary(portal: PortalService, window_s: float, now: datetime) -> dict
     """
     by_entry: dict[str, dict[str, int]] = {}
     for since, sign in ((now - timedelta(seconds=window_s), 1), (now, -1)):
-        for row in portal.usage_report(group_by=("entry",), since=since):
+        for row in usage_report(session, group_by=("entry",), since=since):
             totals = by_entry.setdefault(row["entry"], {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
             for name in totals:
                 totals[name] += sign * row[name]

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
+from matrixstack.matrix.database import Database
 from matrixstack.openai.client import Upstream, upstream_client
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import Endpoint
@@ -42,14 +43,16 @@ from matrixstack.openai.errors import ClientGone, OpenAIError, UpstreamError, va
 from matrixstack.openai.sse import EventStream
 from matrixstack.openai.types import SamplingFields, usage
 from matrixstack.portal.cache import TtlCache
+from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps
+from matrixstack.portal.key_service import KeyInfo, authenticate
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
-from matrixstack.portal.service import KeyInfo, PortalService, UsageRecord
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
+from matrixstack.portal.usage_service import UsageRecord, tokens_used
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
@@ -94,14 +97,14 @@ class Gateway:
 
     def __init__(
         self,
-        service: PortalService,
+        db: Database,
         metrics: PortalMetrics,
         writer: UsageWriter,
         limiter: KeyLimiter | None = None,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         log_json: bool = True,
     ):
-        self.service = service
+        self.db = db
         self.metrics = metrics
         self.writer = writer
         self.limiter = limiter or KeyLimiter()
@@ -135,7 +138,9 @@ class Gateway:
                 "invalid_api_key",
             )
         digest = hash_key(token)
-        key = await self.keys.get_or_load(digest, lambda: run_in_threadpool(self.service.authenticate, token))
+        key = await self.keys.get_or_load(
+            digest, lambda: run_in_threadpool(self.db.read, lambda session: authenticate(session, token))
+        )
         if key is None or key.revoked:
             shown = token[:12] + "..." if len(token) > 12 else "..."
             raise openai_error(401, f"Incorrect API key provided: {shown}", "invalid_api_key")
@@ -149,7 +154,9 @@ class Gateway:
 
         async def load() -> Resolved | str | DeploymentNotRunning:
             try:
-                return await run_in_threadpool(self.service.resolve, entry, key.tenant, key.is_admin)
+                return await run_in_threadpool(
+                    self.db.read, lambda session: resolve_entry(session, entry, key.tenant, key.is_admin)
+                )
             except UnknownEntry as exc:
                 return str(exc)  # cached like a hit, so unknown names do not reach the database each time
             except DeploymentNotRunning as exc:
@@ -167,7 +174,7 @@ class Gateway:
         """Return the catalog entries `key`'s tenant may call."""
         return await self.catalog.get_or_load(
             ("models", key.tenant, key.is_admin),
-            lambda: run_in_threadpool(self.service.list_entries, key.tenant, key.is_admin),
+            lambda: run_in_threadpool(self.db.read, lambda session: list_entries(session, key.tenant, key.is_admin)),
         )
 
     async def _seed_usage(self, key: KeyInfo) -> None:
@@ -177,7 +184,7 @@ class Gateway:
             self.limiter.seed(key.id, await self._seeds.get_or_load(key.id, lambda: self._tokens_used(key.id)))
 
     async def _tokens_used(self, key_id: int) -> int:
-        return await run_in_threadpool(self.service.tokens_used, key_id)
+        return await run_in_threadpool(self.db.read, lambda session: tokens_used(session, key_id))
 
     # ---- backends -----------------------------------------------------------------------------------------
 

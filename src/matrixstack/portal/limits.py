@@ -6,7 +6,7 @@ and refuses it while the last 60 s already hold `rpm_limit` requests or `tpm_lim
 adds a finished request's tokens to the minute and to the key's lifetime total. Tokens are known only when a
 request ends, so requests already in flight may take a key over its tpm limit once; the next request then waits.
 
-The lifetime total starts from the database (`PortalService.tokens_used(key_id)`, read once per key and process
+The lifetime total starts from the database (`usage_service.tokens_used(session, key_id)`, read once per key and process
 by the caller, outside the event loop, before the key's first request in this process: `needs_seed` / `seed`;
 every key is seeded, with or without a quota, so a quota set later counts what came before) and then grows in
 memory; over `token_quota` every

@@ -6,7 +6,7 @@
   output token after the first (streamed requests: the spread of the stream over its tokens);
 - `matrixstack_queue_depth`: requests in flight in this portal process;
 - `matrixstack_matrix_utilisation{pool}`: allocated / healthy devices of each matrix pool, read from
-  `MatrixService` pool views at most every `UTILISATION_REFRESH_S` (the read runs in a worker thread when
+  the matrix pool views (`matrix.pools`) at most every `UTILISATION_REFRESH_S` (the read runs in a worker thread when
   `/metrics` is scraped, never on the request path).
 
 A registry per `PortalMetrics` keeps several portals in one process (tests) from sharing counters.
@@ -20,6 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy.orm import Session
+
+from matrixstack.matrix.pools import list_pools, show_pool
 
 UTILISATION_REFRESH_S = 5.0
 # Latency buckets in seconds: a CPU engine's TTFT spans milliseconds to seconds, TPOT milliseconds to 100s of ms.
@@ -35,11 +38,11 @@ METRIC_NAMES = (
 )
 
 
-def pool_utilisation(matrix_service: Any) -> dict[str, float]:
-    """Return allocated / healthy devices per pool of a `MatrixService` (0.0 for a pool with no healthy device)."""
+def pool_utilisation(session: Session) -> dict[str, float]:
+    """Return allocated / healthy devices per matrix pool (0.0 for a pool with no healthy device)."""
     out = {}
-    for summary in matrix_service.list_pools():
-        stats = matrix_service.show(summary["pool"]).stats
+    for summary in list_pools(session):
+        stats = show_pool(session, summary["pool"]).stats
         healthy = stats["devices"] - stats["failed"]
         out[summary["pool"]] = stats["allocated"] / healthy if healthy > 0 else 0.0
     return out

@@ -33,7 +33,7 @@ from matrixstack.openai.errors import UpstreamError, error_body
 from matrixstack.openai.sse import DATA_PREFIX, EVENT_END, SSE_DONE, sse_event
 from matrixstack.openai.types import usage
 from matrixstack.portal.encoding import dumps_bytes, loads
-from matrixstack.portal.service import KeyInfo
+from matrixstack.portal.key_service import KeyInfo
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
 

@@ -123,7 +123,7 @@ class PortalThread:
 
     @property
     def portal(self) -> Portal:
-        """Return the app's Portal (service, gateway, metrics, writer)."""
+        """Return the app's Portal (database, gateway, metrics, writer)."""
         return self.app.state.portal
 
     @property

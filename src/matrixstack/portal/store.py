@@ -11,10 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, ForeignKey, Integer, String
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from matrixstack.matrix.store import TenantRow, open_engine, utcnow
+from matrixstack.matrix.database import Database, open_database
+from matrixstack.matrix.store import TenantRow, utcnow
 
 
 class PortalBase(DeclarativeBase):
@@ -86,11 +87,12 @@ class UsageRow(PortalBase):
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
-def open_portal_engine(url: str | None = None) -> Engine:
-    """Return an engine on the database at `url` (default: the matrix layer's SQLite file) with every table created.
+def open_portal_database(url: str | None = None) -> Database:
+    """Return the database at `url` (default: the matrix layer's SQLite file) with every matrix and portal table
+    created, to run units of work on (`matrix.database`).
 
     Raises a UserError (from the matrix layer) when the URL is malformed or the database cannot be reached.
     """
-    engine = open_engine(url)
-    PortalBase.metadata.create_all(engine)
-    return engine
+    database = open_database(url)
+    PortalBase.metadata.create_all(database.engine)
+    return database

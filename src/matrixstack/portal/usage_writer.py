@@ -1,8 +1,8 @@
 """The usage batch writer: requests hand their usage records to a queue; a thread writes them in batches.
 
 `UsageWriter(write_fn)` runs one daemon thread that wakes every `interval_s` (~200 ms), takes everything
-`submit(record)` queued since and calls `write_fn(records)` (`PortalService.record_usage`: one transaction for the
-batch). `submit` never blocks, never touches the database and wakes no thread (the writer does not wait on the
+`submit(record)` queued since and calls `write_fn(records)` (`usage_service.record_usage` in one unit of work for
+the batch). `submit` never blocks, never touches the database and wakes no thread (the writer does not wait on the
 queue), so the request path stays free of transactions and thread switches. A batch whose write fails is kept
 and retried on the next round (the error is logged); `stop()` writes everything still queued before it returns,
 so a clean stop loses no record. `flush()` starts a round at once and returns once every record submitted before

@@ -9,8 +9,8 @@ catalog entries of the shape are upserted (entries added by hand are left alone)
 registered with the portal as `stopped` at a placeholder URL until a site runs it (`record_started`).
 
 Atomicity: the perf and catalog checks run first (`check_shape`, nothing written), then every write runs in ONE
-database transaction (`stack.store.shared_transaction`): a failure in the middle, such as a slice that cannot
-be allocated, leaves the database as it was.
+unit of work (`matrix.database`) whose session the matrix and portal services and the stack tables share: a
+failure in the middle, such as a slice that cannot be allocated, leaves the database as it was.
 
 An upstream entry's secret comes from the environment variable its `api_key_env` names; when that is unset the
 apply goes on (keeping a secret stored by an earlier apply, if any) and says so in `warnings`.
@@ -21,10 +21,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from sqlalchemy.orm import Session
+
 from matrixstack.errors import UserError
 from matrixstack.fabric.spec import FabricSpec
-from matrixstack.matrix.service import MatrixService, SliceInfo
-from matrixstack.portal.service import PortalService
+from matrixstack.matrix.pools import create_pool, list_pools, show_pool
+from matrixstack.matrix.slices import SliceInfo, alloc_slice, free_slice
+from matrixstack.matrix.tenants import create_tenant
+from matrixstack.portal.catalog_service import add_entries, list_entries, update_entry
+from matrixstack.portal.deployment_service import list_deployments, register_deployment
+from matrixstack.portal.key_service import create_key, list_keys
 from matrixstack.portal.spec import EntrySpec
 from matrixstack.stack.site import Launch, Started
 from matrixstack.stack.spec import DeploymentShape, Shape, ShapeEntry
@@ -32,10 +38,9 @@ from matrixstack.stack.store import (
     SHAPE_ROW_ID,
     StackDeploymentRow,
     StackShapeRow,
-    StackTransaction,
+    open_stack_database,
     read_deployment_rows,
     read_shape_row,
-    shared_transaction,
 )
 from matrixstack.stack.validate import PlannedDeployment, check_shape, shape_fabric
 
@@ -74,13 +79,20 @@ def apply_shape(shape: Shape, db_url: str | None = None) -> Applied:
     fabric = shape_fabric(shape)
     warnings: list[str] = []
     secrets = _upstream_secrets(shape, warnings)
-    with shared_transaction(db_url) as tx:
-        _ensure_pools(tx.matrix, shape, fabric)
-        slices = _ensure_slices(tx, shape, warnings)
-        tx.portal.add_entries(_entry_specs(tx.portal, shape, secrets), replace=True)
-        new_keys = _ensure_keys(tx.portal, shape)
-        _register_deployments(tx.portal, shape, slices)
-        _record(tx, shape, fabric, planned, slices)
+
+    def write(session: Session) -> tuple[dict[str, SliceInfo], list[NewKey], list[str]]:
+        notes: list[str] = []  # this attempt's warnings (a unit of work may run again on contention)
+        _ensure_pools(session, shape, fabric)
+        slices = _ensure_slices(session, shape, notes)
+        add_entries(session, _entry_specs(session, shape, secrets), replace=True)
+        new_keys = _ensure_keys(session, shape)
+        _register_deployments(session, shape, slices)
+        _record(session, shape, fabric, planned, slices)
+        return slices, new_keys, notes
+
+    with open_stack_database(db_url) as database:
+        slices, new_keys, notes = database.write(write)
+    warnings.extend(notes)
     launches = [_launch(d, p, slices[d.name], fabric) for d, p in zip(shape.deployments, planned, strict=True)]
     return Applied(shape, launches, planned, {n: s.id for n, s in slices.items()}, new_keys, warnings)
 
@@ -89,35 +101,43 @@ def record_started(shape: Shape, started: list[Started], db_url: str | None = No
     """Register each started deployment of `shape` at its URL with status `running`, and write that URL into the
     L0 entries of the shape that name it (what `catalog show` prints; the portal routes by the deployment either
     way); UserError for a deployment that is not in the shape or was never applied."""
-    with PortalService(db_url) as portal:
-        current = _registered(portal, shape)
+
+    def write(session: Session) -> None:
+        current = _registered(session, shape)
         urls = {}
         for run in started:
             row = current.get(run.name)
             if row is None:
                 raise UserError(f"deployment {run.name} is not a deployment of shape {shape.name}; apply it first")
-            portal.register_deployment(
-                run.name, row["kind"], run.url, row["arch"], row["pool"], row["slice_id"], status="running"
+            register_deployment(
+                session, run.name, row["kind"], run.url, row["arch"], row["pool"], row["slice_id"], status="running"
             )
             urls[run.name] = run.url
         for entry in shape.catalog:
             if entry.backend is not None and entry.backend.deployment in urls:
-                portal.update_entry(entry.name, {"backend": {"url": urls[entry.backend.deployment]}})
+                update_entry(session, entry.name, {"backend": {"url": urls[entry.backend.deployment]}})
+
+    with open_stack_database(db_url) as database:
+        database.write(write)
 
 
 def record_stopped(shape: Shape, db_url: str | None = None) -> None:
     """Set the status of every registered deployment of `shape` to `stopped` (their last URL is kept)."""
-    with PortalService(db_url) as portal:
-        for name, row in _registered(portal, shape).items():
-            portal.register_deployment(
-                name, row["kind"], row["url"], row["arch"], row["pool"], row["slice_id"], status="stopped"
+
+    def write(session: Session) -> None:
+        for name, row in _registered(session, shape).items():
+            register_deployment(
+                session, name, row["kind"], row["url"], row["arch"], row["pool"], row["slice_id"], status="stopped"
             )
 
+    with open_stack_database(db_url) as database:
+        database.write(write)
 
-def _registered(portal: PortalService, shape: Shape) -> dict[str, dict]:
+
+def _registered(session: Session, shape: Shape) -> dict[str, dict]:
     """Return the portal's registered deployments that belong to `shape`, by name."""
     names = {d.name for d in shape.deployments}
-    return {d["name"]: d for d in portal.list_deployments() if d["name"] in names}
+    return {d["name"]: d for d in list_deployments(session) if d["name"] in names}
 
 
 def _upstream_secrets(shape: Shape, warnings: list[str]) -> dict[str, str | None]:
@@ -137,14 +157,14 @@ def _upstream_secrets(shape: Shape, warnings: list[str]) -> dict[str, str | None
     return secrets
 
 
-def _ensure_pools(matrix: MatrixService, shape: Shape, fabric: FabricSpec) -> None:
+def _ensure_pools(session: Session, shape: Shape, fabric: FabricSpec) -> None:
     """Create each pool of the shape that does not exist; UserError when one exists over another fabric."""
-    existing = {p["pool"]: p for p in matrix.list_pools()}
+    existing = {p["pool"]: p for p in list_pools(session)}
     for pool in shape.pools:
         wanted = [fabric.name] * pool.fabrics
         found = existing.get(pool.name)
         if found is None:
-            matrix.create_pool(pool.name, [fabric] * pool.fabrics)
+            create_pool(session, pool.name, [fabric] * pool.fabrics)
         elif found["fabrics"] != wanted or found["devices"] != fabric.device_count * pool.fabrics:
             raise UserError(
                 f"pool {pool.name} exists over {' + '.join(found['fabrics'])} ({found['devices']} devices), but the "
@@ -153,11 +173,11 @@ def _ensure_pools(matrix: MatrixService, shape: Shape, fabric: FabricSpec) -> No
             )
 
 
-def _ensure_slices(tx: StackTransaction, shape: Shape, warnings: list[str]) -> dict[str, SliceInfo]:
+def _ensure_slices(session: Session, shape: Shape, warnings: list[str]) -> dict[str, SliceInfo]:
     """Return deployment name -> its slice: the one it holds when still live and asked the same way, else a new
     one (an outdated slice is freed first)."""
-    stored = {row.name: row for row in read_deployment_rows(tx.session)}
-    pools = {p["pool"] for p in tx.matrix.list_pools()}
+    stored = {row.name: row for row in read_deployment_rows(session)}
+    pools = {p["pool"] for p in list_pools(session)}
     live: dict[str, dict[int, SliceInfo]] = {}
     out: dict[str, SliceInfo] = {}
     for d in shape.deployments:
@@ -165,7 +185,7 @@ def _ensure_slices(tx: StackTransaction, shape: Shape, warnings: list[str]) -> d
         held = None
         if row is not None and row.pool in pools:
             if row.pool not in live:
-                live[row.pool] = {s.id: s for s in tx.matrix.show(row.pool).slices}
+                live[row.pool] = {s.id: s for s in show_pool(session, row.pool).slices}
             held = live[row.pool].get(row.slice_id)
         if held is not None and _same_slice(row.spec, d):
             if held.state != "active":
@@ -173,10 +193,10 @@ def _ensure_slices(tx: StackTransaction, shape: Shape, warnings: list[str]) -> d
             out[d.name] = held
             continue
         if held is not None:
-            tx.matrix.free(held.id)
+            free_slice(session, held.id)
             warnings.append(f"deployment {d.name}: freed slice {held.id}, the shape asks for another slice now")
         try:
-            out[d.name] = tx.matrix.alloc(d.pool, d.tenant, d.slice, d.policy)
+            out[d.name] = alloc_slice(session, d.pool, d.tenant, d.slice, d.policy)
         except UserError as exc:
             raise UserError(f"deployment {d.name}: no slice: {exc}; nothing was applied") from None
     return out
@@ -188,10 +208,10 @@ def _same_slice(stored_spec: dict, d: DeploymentShape) -> bool:
     return all(stored_spec.get(k) == now[k] for k in SLICE_FIELDS)
 
 
-def _entry_specs(portal: PortalService, shape: Shape, secrets: dict[str, str | None]) -> list[EntrySpec]:
+def _entry_specs(session: Session, shape: Shape, secrets: dict[str, str | None]) -> list[EntrySpec]:
     """Return the shape's catalog entries as portal entries (a deployment's backend at the placeholder URL; an
     upstream's secret from its variable, or "set" to keep the one stored when the variable is unset)."""
-    stored = {e.name: e for e in portal.list_entries(admin=True)}
+    stored = {e.name: e for e in list_entries(session, admin=True)}
     return [_entry_spec(e, secrets.get(e.name), stored.get(e.name)) for e in shape.catalog]
 
 
@@ -213,26 +233,26 @@ def _entry_spec(entry: ShapeEntry, secret: str | None, stored: EntrySpec | None)
     return EntrySpec.model_validate(data)
 
 
-def _ensure_keys(portal: PortalService, shape: Shape) -> list[NewKey]:
+def _ensure_keys(session: Session, shape: Shape) -> list[NewKey]:
     """Create each tenant, and each key a tenant has no valid key of that name for; return the new keys."""
     new_keys: list[NewKey] = []
     for tenant in shape.tenants:
-        portal.create_tenant(tenant.name)
-        valid = {k.name for k in portal.list_keys(tenant.name) if not k.revoked}
+        create_tenant(session, tenant.name)
+        valid = {k.name for k in list_keys(session, tenant.name) if not k.revoked}
         for key in tenant.keys:
             if key.name in valid:
                 continue
-            _, plaintext = portal.create_key(
-                tenant.name, key.name, key.admin, key.rpm_limit, key.tpm_limit, key.token_quota
+            _, plaintext = create_key(
+                session, tenant.name, key.name, key.admin, key.rpm_limit, key.tpm_limit, key.token_quota
             )
             new_keys.append(NewKey(tenant.name, key.name, plaintext, key.admin))
     return new_keys
 
 
-def _register_deployments(portal: PortalService, shape: Shape, slices: dict[str, SliceInfo]) -> None:
+def _register_deployments(session: Session, shape: Shape, slices: dict[str, SliceInfo]) -> None:
     """Register each deployment, `stopped` at the placeholder URL, unless it is registered already on the same
     slice (a restart: its URL and status stay until the site reports)."""
-    current = {d["name"]: d for d in portal.list_deployments()}
+    current = {d["name"]: d for d in list_deployments(session)}
     for d in shape.deployments:
         kind = "engine" if d.engine == "matrixstack" else "vllm"
         slice_id = slices[d.name].id
@@ -244,21 +264,21 @@ def _register_deployments(portal: PortalService, shape: Shape, slices: dict[str,
             slice_id,
         ):
             continue
-        portal.register_deployment(d.name, kind, PLACEHOLDER_URL, d.arch, d.pool, slice_id, status="stopped")
+        register_deployment(session, d.name, kind, PLACEHOLDER_URL, d.arch, d.pool, slice_id, status="stopped")
 
 
 def _record(
-    tx: StackTransaction,
+    session: Session,
     shape: Shape,
     fabric: FabricSpec,
     planned: list[PlannedDeployment],
     slices: dict[str, SliceInfo],
 ) -> None:
     """Write the shape's metadata and each deployment's shape, slice and plan to the stack tables."""
-    meta = read_shape_row(tx.session)
+    meta = read_shape_row(session)
     if meta is None:
         meta = StackShapeRow(id=SHAPE_ROW_ID)
-        tx.session.add(meta)
+        session.add(meta)
     envs = dict(meta.api_key_envs or {})
     for entry in shape.catalog:
         envs.pop(entry.name, None)
@@ -269,17 +289,17 @@ def _record(
     meta.fabric_name = fabric.name
     meta.site = shape.site.model_dump(mode="json")
     meta.api_key_envs = envs
-    rows = {row.name: row for row in read_deployment_rows(tx.session)}
+    rows = {row.name: row for row in read_deployment_rows(session)}
     for d, p in zip(shape.deployments, planned, strict=True):
         row = rows.get(d.name)
         if row is None:
             row = StackDeploymentRow(name=d.name)
-            tx.session.add(row)
+            session.add(row)
         row.spec = d.model_dump(mode="json")
         row.pool, row.slice_id = d.pool, slices[d.name].id
         row.plan = p.plan.model_dump(mode="json")
         row.workers, row.predicted = p.workers, p.predicted
-    tx.session.flush()
+    session.flush()
 
 
 def device_kind(fabric: FabricSpec) -> str:

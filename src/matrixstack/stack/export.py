@@ -17,11 +17,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from matrixstack.errors import UserError
-from matrixstack.matrix.service import MatrixService
-from matrixstack.portal.service import KeyInfo, PortalService
+from matrixstack.matrix.pools import list_pools
+from matrixstack.portal.catalog_service import list_entries
+from matrixstack.portal.key_service import KeyInfo, list_keys, list_tenants
 from matrixstack.portal.spec import EntrySpec
 from matrixstack.stack.spec import SHAPE_VERSION, Shape, load_shape, parse_shape
-from matrixstack.stack.store import open_stack_engine, read_deployment_rows, read_shape_row
+from matrixstack.stack.store import open_stack_database, read_deployment_rows, read_shape_row
 
 DEFAULT_SHAPE = "default.yaml"
 LEVEL_ORDER = {"L0": 0, "L1": 1, "L2": 2}
@@ -37,42 +38,41 @@ def default_shape() -> Shape:
 def export_shape(db_url: str | None = None) -> Shape:
     """Return the shape the database at `db_url` holds (see the module docstring); UserError when no shape was
     ever applied to it, or when what it holds no longer makes a valid shape."""
-    engine = open_stack_engine(db_url)
-    try:
-        with Session(engine) as session:
-            meta = read_shape_row(session)
-            if meta is None:
-                raise UserError(
-                    "this database holds no shape yet: import one with `matrixstack shape import FILE` (or run "
-                    "`matrixstack up`), or pass the --db that holds it"
-                )
-            head: dict[str, Any] = {
-                "version": SHAPE_VERSION,
-                "name": meta.name,
-                "description": meta.description,
-                "fabric": meta.fabric,
-            }
-            fabric_name, site, envs = meta.fabric_name, meta.site, dict(meta.api_key_envs or {})
-            deployments = [row.spec for row in read_deployment_rows(session)]
-    finally:
-        engine.dispose()
-    with MatrixService(db_url) as matrix:
-        pools = [
-            {"name": p["pool"], "fabrics": len(p["fabrics"])}
-            for p in matrix.list_pools()
-            if p["fabrics"] and all(name == fabric_name for name in p["fabrics"])
-        ]
-    with PortalService(db_url) as portal:
-        shape_deployments = {d["name"] for d in deployments}
-        entries = sorted(portal.list_entries(admin=True), key=lambda e: (LEVEL_ORDER[e.level], e.name))
-        catalog = [_shape_entry(e, shape_deployments, envs) for e in entries]
-        keys: dict[str, list[KeyInfo]] = {}
-        for key in portal.list_keys():
-            if not key.revoked:
-                keys.setdefault(key.tenant, []).append(key)
-        tenants = [{"name": t["name"], "keys": _key_shapes(keys.get(t["name"], []))} for t in portal.list_tenants()]
-    data = head | {"pools": pools, "deployments": deployments, "catalog": catalog, "tenants": tenants, "site": site}
+    with open_stack_database(db_url) as database:
+        data = database.read(_shape_data)
     return parse_shape(data, "the shape exported from the database")
+
+
+def _shape_data(session: Session) -> dict[str, Any]:
+    """Return the shape the database holds as data (see `export_shape`); UserError when it holds none."""
+    meta = read_shape_row(session)
+    if meta is None:
+        raise UserError(
+            "this database holds no shape yet: import one with `matrixstack shape import FILE` (or run "
+            "`matrixstack up`), or pass the --db that holds it"
+        )
+    head: dict[str, Any] = {
+        "version": SHAPE_VERSION,
+        "name": meta.name,
+        "description": meta.description,
+        "fabric": meta.fabric,
+    }
+    fabric_name, site, envs = meta.fabric_name, meta.site, dict(meta.api_key_envs or {})
+    deployments = [row.spec for row in read_deployment_rows(session)]
+    pools = [
+        {"name": p["pool"], "fabrics": len(p["fabrics"])}
+        for p in list_pools(session)
+        if p["fabrics"] and all(name == fabric_name for name in p["fabrics"])
+    ]
+    shape_deployments = {d["name"] for d in deployments}
+    entries = sorted(list_entries(session, admin=True), key=lambda e: (LEVEL_ORDER[e.level], e.name))
+    catalog = [_shape_entry(e, shape_deployments, envs) for e in entries]
+    keys: dict[str, list[KeyInfo]] = {}
+    for key in list_keys(session):
+        if not key.revoked:
+            keys.setdefault(key.tenant, []).append(key)
+    tenants = [{"name": t["name"], "keys": _key_shapes(keys.get(t["name"], []))} for t in list_tenants(session)]
+    return head | {"pools": pools, "deployments": deployments, "catalog": catalog, "tenants": tenants, "site": site}
 
 
 def _shape_entry(entry: EntrySpec, deployments: set[str], envs: dict[str, str]) -> dict[str, Any]:

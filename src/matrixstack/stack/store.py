@@ -1,32 +1,28 @@
 """Persisted state of the stack: the applied shape's metadata and its deployments, beside the matrix and portal
-tables in the same database, and one transaction shared by the matrix and portal services.
+tables in the same database.
 
 Tables: `stack_shapes` (one row: the last applied shape's name, description, fabric as given, site, and the
 environment variables that hold the upstream secrets of its entries) and `stack_deployments` (each deployment's
 full `DeploymentShape` as JSON, the matrix slice it holds, its plan, engine workers and perf's prediction).
 Pools, slices, tenants, keys, catalog entries and registered deployments live in the matrix and portal tables.
 
-`shared_transaction(url)` runs a whole apply as ONE database transaction: the matrix and portal services are
-bound to one connection whose transaction is committed only when every step succeeded, so a failure in the
-middle (a slice that does not fit, a catalog rule) leaves the database as it was.
+`open_stack_database(url)` opens the database with every table created; an apply runs as ONE unit of work on it
+(`matrix.database`): the matrix and portal services and the stack tables share its session, and it is committed
+only when every step succeeded, so a failure in the middle (a slice that does not fit, a catalog rule) leaves the
+database as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, DateTime, Integer, String, Text, select
+from sqlalchemy import JSON, DateTime, Integer, String, Text, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from matrixstack.errors import UserError
-from matrixstack.matrix.service import MatrixService
+from matrixstack.matrix.database import Database
 from matrixstack.matrix.store import utcnow
-from matrixstack.portal.service import PortalService
-from matrixstack.portal.store import open_portal_engine
+from matrixstack.portal.store import open_portal_database
 
 SHAPE_ROW_ID = 1  # a database holds one applied shape: the last one applied
 
@@ -66,59 +62,12 @@ class StackDeploymentRow(StackBase):
     applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
-@dataclass
-class StackTransaction:
-    """The services and the session of one shared transaction (see the module docstring)."""
-
-    matrix: MatrixService
-    portal: PortalService
-    session: Session
-
-
-def _bind(service: MatrixService | PortalService, connection: Connection) -> None:
-    """Make every operation of `service` run on `connection`, inside the transaction it has open.
-
-    The services open one transaction per call on their own engine; a Session on a connection that is already in
-    a transaction joins it instead (SQLAlchemy's "join an external transaction"), committing nothing itself.
-    """
-    service._write = connection  # type: ignore[assignment]
-    service._read = connection  # type: ignore[assignment]
-
-
-@contextmanager
-def shared_transaction(url: str | None = None) -> Iterator[StackTransaction]:
-    """Yield matrix and portal services and a session that all run in ONE transaction, committed when the block
-    ends without an exception and rolled back otherwise. Raises UserError when the database cannot be opened."""
-    engine = open_stack_engine(url)
-    matrix, portal = MatrixService(url), PortalService(url)
-    try:
-        with engine.connect() as connection:
-            outer = connection.begin()
-            _bind(matrix, connection)
-            _bind(portal, connection)
-            try:
-                with Session(connection, expire_on_commit=False) as session:
-                    yield StackTransaction(matrix, portal, session)
-                    session.flush()
-                if not outer.is_active:  # a service's retry rolled the whole transaction back underneath us
-                    raise UserError("the database rolled back the apply after a conflicting write; run it again")
-                outer.commit()
-            except BaseException:
-                if outer.is_active:
-                    outer.rollback()
-                raise
-    finally:
-        matrix.close()
-        portal.close()
-        engine.dispose()
-
-
-def open_stack_engine(url: str | None = None):
-    """Return an engine on the database at `url` (default: the data directory's SQLite file) with the matrix,
-    portal and stack tables created; UserError when it cannot be opened."""
-    engine = open_portal_engine(url)
-    StackBase.metadata.create_all(engine)
-    return engine
+def open_stack_database(url: str | None = None) -> Database:
+    """Return the database at `url` (default: the data directory's SQLite file) with the matrix, portal and stack
+    tables created; UserError when it cannot be opened."""
+    database = open_portal_database(url)
+    StackBase.metadata.create_all(database.engine)
+    return database
 
 
 def read_shape_row(session: Session) -> StackShapeRow | None:
