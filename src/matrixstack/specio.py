@@ -1,7 +1,8 @@
 """Load pydantic specs from YAML with errors that name the file, the field and the expected unit.
 
-Used by every layer that reads a spec (fabric, arch, later shapes). A built-in name is looked up in a
-package catalog folder; anything that looks like a path is read from disk.
+Used by every layer that reads a spec (fabric, arch, shapes). A built-in name is looked up in a package catalog
+folder; anything that looks like a path is read from disk. `Strict` is the base of every spec model: an unknown field
+is an error (a typo must not pass silently).
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from matrixstack.errors import SpecError, UnknownNameError
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown fields are an error (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def catalog_names(package: str) -> list[str]:
