@@ -7,9 +7,9 @@ import json
 import pytest
 
 from matrixstack.arch import load_arch
-from matrixstack.engine.calibrate import FIT_BATCHES, predicted_decode_seconds
 from matrixstack.fabric.local import calibration_path, detect_local_fabric
 from matrixstack.perf.step import active_experts_per_rank, kernels_per_layer
+from matrixstack.tools.calibrate import FIT_BATCHES, predicted_decode_seconds
 
 
 @pytest.fixture

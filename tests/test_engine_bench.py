@@ -1,4 +1,4 @@
-"""The engine benchmark harness (`matrixstack.engine.bench`, `matrixstack engine bench`): figures and keys only.
+"""The engine benchmark harness (`matrixstack.tools.bench`, `matrixstack engine bench`): figures and keys only.
 
 No wall-clock assertion anywhere: timings depend on the machine; the tests check that the figures exist, are
 positive and add up, on request sets small enough to run in a second or two.
@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from matrixstack.cli.main import app
-from matrixstack.engine.bench import OUTPUT_TOKENS, PROMPT_TOKENS, make_requests, run_bench
 from matrixstack.errors import UserError
+from matrixstack.tools.bench import OUTPUT_TOKENS, PROMPT_TOKENS, make_requests, run_bench
 
 SMALL = {"prompt_tokens": (8, 24), "output_tokens": (3, 6)}
 FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s", "ttft_ms_mean", "tpot_ms_mean")

@@ -130,12 +130,12 @@ def bench(
     """Run a fixed request set through ARCH and report prefill and decode tokens/s, TTFT and TPOT.
 
     Prompts of 16..256 and outputs of 16..128 tokens (uniform, seeded), all submitted at once; see
-    `matrixstack.engine.bench` for how each figure is measured.
+    `matrixstack.tools.bench` for how each figure is measured.
     """
     import sys
 
     from matrixstack.cli.common import print_json
-    from matrixstack.engine.bench import run_bench
+    from matrixstack.tools.bench import run_bench
 
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r} is not one of cpu, cuda")

@@ -10,11 +10,10 @@ Modules, one job each:
 * `service` — `MatrixService`: create / alloc / free / resize / fail / repair / show / events, one
   transaction each, pool row locked;
 * `trace` — the job-mix generator (`JobMix`, `generate`) and the CSV trace format;
-* `simulate` — the event-driven fleet simulation (`simulate`, `run_policy`) and `pod_size_sweep`;
-* `draw` — the pool heat map and the simulation plots.
+* `simulate` — the event-driven fleet simulation (`simulate`, `run_policy`) and `pod_size_sweep`.
 
-The in-memory names are re-exported here; `service`, `store`, `simulate` and `draw` are imported from their
-modules (they pull in SQLAlchemy, numpy and matplotlib).
+The pool heat map and the simulation plots are drawn by `tools.draw.matrix`. The in-memory names are re-exported
+here; `service`, `store` and `simulate` are imported from their modules (they pull in SQLAlchemy and numpy).
 """
 
 from matrixstack.matrix.allocator import MatrixPool, PoolStats
