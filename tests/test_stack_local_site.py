@@ -1,6 +1,6 @@
-"""The local site: a real `matrixstack engine serve` child process bound to CPU core 0, served through the `openai`
-client, then stopped with nothing of its process group left; launches it cannot run are refused before any
-process starts, and an engine that dies while starting is reported with the end of its log."""
+"""The local site: a real engine child process (`python -m matrixstack.engine.launch`) bound to CPU core 0, served
+through the `openai` client, then stopped with nothing of its process group left; launches it cannot run are refused
+before any process starts, and an engine that dies while starting is reported with the end of its log."""
 
 from __future__ import annotations
 
