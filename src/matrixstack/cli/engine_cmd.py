@@ -93,7 +93,7 @@ def bench(
     import sys
 
     from matrixstack.cli.common import print_json
-    from matrixstack.tools.bench import run_bench
+    from matrixstack.tools.bench import run_bench, summary_rows
 
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r} is not one of cpu, cuda")
@@ -115,16 +115,6 @@ def bench(
     from rich.table import Table
 
     table = Table(title=f"engine bench: {result['arch']}, {result['runner']}, {requests} requests", show_header=False)
-    rows = [
-        ("prefill tokens/s", f"{result['prefill_tokens_per_s']:,.0f}"),
-        ("decode tokens/s", f"{result['decode_tokens_per_s']:,.0f}"),
-        ("output tokens/s (end to end)", f"{result['output_tokens_per_s']:,.0f}"),
-        ("TTFT mean", f"{result['ttft_ms_mean']:,.1f} ms"),
-        ("TPOT mean", f"{result['tpot_ms_mean']:,.2f} ms"),
-        ("prompt / output tokens", f"{result['prompt_tokens']:,} / {result['output_tokens']:,}"),
-        ("threads, dtype, device", f"{result['threads']}, {result['dtype']}, {result['device']}"),
-        ("torch", result["torch"]),
-    ]
-    for name, value in rows:
+    for name, value in summary_rows(result):
         table.add_row(name, value)
     console.print(table)
