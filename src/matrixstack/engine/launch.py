@@ -16,6 +16,7 @@ arch, limits that do not fit) is `error: ...` on stderr and exit code 2, as on t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -55,13 +56,7 @@ def engine_config(launch: EngineLaunch):
     from matrixstack.engine.config import EngineConfig
 
     try:
-        return EngineConfig(
-            max_model_len=launch.max_model_len,
-            num_kv_blocks=launch.num_kv_blocks,
-            block_size=launch.block_size,
-            max_num_seqs=launch.max_num_seqs,
-            max_num_batched_tokens=launch.max_num_batched_tokens,
-        )
+        return EngineConfig(**launch.model_dump(include=set(EngineConfig.model_fields)))
     except pydantic.ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -83,11 +78,7 @@ def serve_engine(launch: EngineLaunch, console: Console) -> None:
             launch.arch,
             config,
             weights_dir=launch.weights,
-            workers=launch.workers,
-            model_id=launch.model_id,
-            device=launch.device,
-            dtype=launch.dtype,
-            random_weights=launch.random_weights,
+            **launch.model_dump(include={"workers", "model_id", "device", "dtype", "random_weights"}),
         )
     except BaseException:
         sock.close()
@@ -100,9 +91,8 @@ def serve_engine(launch: EngineLaunch, console: Console) -> None:
         soft_wrap=True,
     )
     try:
-        serve_socket(deployment.engine, deployment.model_id, sock, log_level=launch.log_level)
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends serving; the deployment still closes
+            serve_socket(deployment.engine, deployment.model_id, sock, log_level=launch.log_level)
     finally:
         deployment.close()
         sock.close()
