@@ -5,7 +5,7 @@ the engine's measured decode step (LLMEngine + ModelRunner, single-threaded, ran
 32 output tokens) with what `matrixstack plan tiny-moe --fabric local --precision fp32 --input-len 48
 --output-len 32 --pin decode.devices=1 --pin decode.batch_per_device=B --pin decode.microbatches=1` predicts,
 for several batch sizes. The issue's target: within 25%. Batches 1 and 32 are where the kernel costs and the GEMM
-efficiency are fitted (`engine.calibrate.FIT_BATCHES`), so the batches between are the test. `--json` ends with a
+efficiency are fitted (`tools.calibrate.FIT_BATCHES`), so the batches between are the test. `--json` ends with a
 JSON line; results go to bench/results/calibrate_check.json.
 """
 
@@ -34,16 +34,16 @@ def main() -> None:
     from rich.progress import track
 
     from matrixstack.arch.loader import load_arch
-    from matrixstack.engine.calibrate import (
+    from matrixstack.fabric.local import detect_local_fabric
+    from matrixstack.perf.search import search_plan
+    from matrixstack.perf.spec import Slo, Workload
+    from matrixstack.tools.calibrate import (
         DECODE_TOKENS,
         FIT_BATCHES,
         PROMPT_TOKENS,
         calibrate,
         decode_step_seconds,
     )
-    from matrixstack.fabric.local import detect_local_fabric
-    from matrixstack.perf.search import search_plan
-    from matrixstack.perf.spec import Slo, Workload
 
     measured = calibrate()
     torch.set_num_threads(1)

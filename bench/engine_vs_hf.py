@@ -23,10 +23,10 @@ The weights are tiny-moe's packaged trained weights by default (greedy tokens of
 the two implementations can be compared token by token); `--random-weights` uses the engine's seeded random
 initialisation instead (`--seed`). Either way both sides run the same tensors, in float32 (`--dtype bfloat16`
 runs both in bf16, with a looser logits check), with the same torch intra-op threads, set explicitly with
-`torch.set_num_threads` (`--threads`, default 1: one core, the `local` fabric's device, as `engine.calibrate`
+`torch.set_num_threads` (`--threads`, default 1: one core, the `local` fabric's device, as `tools.calibrate`
 measures; `--threads 2` uses both cores of a 2-core machine).
 
-The requests. `matrixstack.engine.bench.make_requests(requests, seed)`: prompt lengths uniform in 16..256 tokens,
+The requests. `matrixstack.tools.bench.make_requests(requests, seed)`: prompt lengths uniform in 16..256 tokens,
 output lengths uniform in 16..128 tokens, prompt token ids uniform over the vocabulary past the special tokens,
 greedy decoding, end-of-sequence ignored (every request produces exactly its output length).
 
@@ -64,12 +64,12 @@ import torch
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
-from matrixstack.engine.bench import bench_config, distribution, make_requests, run_phase, warm_up
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights, save_weights
+from matrixstack.tools.bench import bench_config, distribution, make_requests, run_phase, warm_up
 
 RESULTS = Path(__file__).parent / "results"
 ARCH = "tiny-moe"

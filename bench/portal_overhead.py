@@ -595,9 +595,34 @@ def _vs_direct(figures: dict[str, dict]) -> None:
             figures[name]["vs_direct"] = compare(figures, name)
 
 
+@dataclass
+class Measured:
+    """What a run measured, before any figure is made of it: each kind's runs per path with the load it ran at,
+    the setup and LiteLLM reports, and how many requests the portal metered (read after it stopped)."""
+
+    runs: dict[str, dict[str, PathRun]]  # kind ("chat", "stream", "serial") -> path name -> its run
+    loads: dict[str, tuple[int, int]]  # kind -> (timed requests, concurrency)
+    setup: dict
+    litellm: dict
+    metered: int | None
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the whole bench as `args` says and return the report (see the module docstring)."""
-    report: dict = {
+    header = report_header(args)  # before the servers start: the load average is the machine's own
+    measured = measure_paths(args)
+    report = build_report(header, measured)
+    if not args.no_plot:
+        png = Path(args.out).with_suffix(".png")
+        title = f"chat completions (stream: streamed) through each path, {os.cpu_count()} cores shared"
+        plot(latency_cdfs(measured), png, title)
+        report["plot"] = str(png.relative_to(BENCH_DIR.parent)) if png.is_relative_to(BENCH_DIR.parent) else str(png)
+    return report
+
+
+def report_header(args: argparse.Namespace) -> dict:
+    """Return the report's opening: the options, the code measured, the request and the machine as it is now."""
+    return {
         "bench": "portal_overhead",
         "requests": args.requests,
         "concurrency": args.concurrency,
@@ -618,42 +643,57 @@ def run_bench(args: argparse.Namespace) -> dict:
             "platform": platform.platform(),
         },
     }
+
+
+def measure_paths(args: argparse.Namespace) -> Measured:
+    """Start the servers, run every kind of load `args` asks for on every path, stop them; return what was
+    measured."""
     kinds = [("chat", False, args.concurrency, args.requests, args.warmup, args.rounds)]
     if not args.no_stream:
         kinds.append(("stream", True, args.concurrency, args.requests, args.warmup, args.rounds))
     if args.serial:
         kinds.append(("serial", False, 1, args.serial, min(args.warmup, SERIAL_WARMUP), 1))
-    cdfs: dict[str, dict[str, list[float]]] = {}
-    portal_served = 0
+    runs: dict[str, dict[str, PathRun]] = {}
     with tempfile.TemporaryDirectory(prefix="matrixstack-portal-bench-") as tmp:
         with servers(Path(tmp), args.litellm, args.upstream_delay_ms) as (targets, litellm, setup, cpu):
-            report["setup"] = setup
-            report["litellm"] = litellm
             with _progress(not args.quiet) as progress:
                 for kind, stream, concurrency, requests, warmup, rounds in kinds:
-                    runs = asyncio.run(
+                    runs[kind] = asyncio.run(
                         measure(targets, args.client, requests, concurrency, warmup, rounds, stream, progress, cpu)
                     )
-                    report[kind] = {name: summarize(run) for name, run in runs.items()}
-                    _vs_direct(report[kind])
-                    panel = f"{kind}: {requests} requests at concurrency {concurrency}"
-                    cdfs[panel] = {name: [s.latency_s * 1e3 for s in run.samples if s.ok] for name, run in runs.items()}
-                    portal_served += runs["portal"].warmup_served + report[kind]["portal"]["served"]
         # read after the portal stopped: its usage writer writes what it still holds on the way out
         metered = metered_requests(setup["db_url"])
-        report["portal_metering"] = {"requests_served": portal_served, "requests_metered": metered}
+    loads = {kind: (requests, concurrency) for kind, _, concurrency, requests, _, _ in kinds}
+    return Measured(runs, loads, setup, litellm, metered)
+
+
+def build_report(header: dict, measured: Measured) -> dict:
+    """Return the report: `header`, then each kind's figures per path (each against `direct`), what the portal
+    served and metered, the portal's overhead against the targets, and LiteLLM's (when it ran)."""
+    report = {**header, "setup": measured.setup, "litellm": dict(measured.litellm)}
+    portal_served = 0
+    for kind, runs in measured.runs.items():
+        report[kind] = {name: summarize(run) for name, run in runs.items()}
+        _vs_direct(report[kind])
+        portal_served += runs["portal"].warmup_served + report[kind]["portal"]["served"]
+    report["portal_metering"] = {"requests_served": portal_served, "requests_metered": measured.metered}
     overhead = report["chat"]["portal"]["vs_direct"]
     report["added_latency_p50_ms"] = overhead["added_latency_p50_ms"]
     report["throughput_ratio"] = overhead["throughput_ratio"]
     report["targets"] = check_targets(overhead)
-    if litellm["available"]:
+    if report["litellm"]["available"]:
         report["litellm"].update(report["chat"]["litellm"]["vs_direct"])
-    if not args.no_plot:
-        png = Path(args.out).with_suffix(".png")
-        title = f"chat completions (stream: streamed) through each path, {os.cpu_count()} cores shared"
-        plot(cdfs, png, title)
-        report["plot"] = str(png.relative_to(BENCH_DIR.parent)) if png.is_relative_to(BENCH_DIR.parent) else str(png)
     return report
+
+
+def latency_cdfs(measured: Measured) -> dict[str, dict[str, list[float]]]:
+    """Return the served requests' latencies in ms, per CDF panel (one per kind, titled with its load) and path."""
+    cdfs = {}
+    for kind, runs in measured.runs.items():
+        requests, concurrency = measured.loads[kind]
+        panel = f"{kind}: {requests} requests at concurrency {concurrency}"
+        cdfs[panel] = {name: [s.latency_s * 1e3 for s in run.samples if s.ok] for name, run in runs.items()}
+    return cdfs
 
 
 def print_summary(report: dict) -> None:

@@ -1,28 +1,55 @@
-"""`matrixstack calibrate` writes measured figures that the `local` fabric then uses (mechanics, not timings)."""
+"""`matrixstack calibrate` writes measured figures that the `local` fabric then uses (mechanics, not timings).
+
+Calibration measures for a while, so it runs once for the module (`calibrated`) and its tests share the result."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
+from typer.testing import CliRunner
 
 from matrixstack.arch import load_arch
-from matrixstack.engine.calibrate import FIT_BATCHES, predicted_decode_seconds
+from matrixstack.cli.main import app
 from matrixstack.fabric.local import calibration_path, detect_local_fabric
 from matrixstack.perf.step import active_experts_per_rank, kernels_per_layer
+from matrixstack.tools.calibrate import FIT_BATCHES, predicted_decode_seconds
+
+PLAN_ARGS = (
+    "plan", "tiny-moe", "--fabric", "local", "--precision", "fp32", "--input-len", "48", "--output-len", "32",
+    "--pin", "decode.devices=1", "--pin", "decode.batch_per_device=8", "--pin", "prefill.devices=1", "--json",
+)  # fmt: skip
 
 
-@pytest.fixture
-def scratch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MATRIXSTACK_HOME", str(tmp_path))
-    return tmp_path
+@dataclass(frozen=True)
+class Calibrated:
+    """One calibration in a scratch home, and what the local fabric said before it."""
+
+    data: dict  # what `calibrate --json` printed
+    description_before: str
+    plan_step_ms_before: float
 
 
-def test_calibrate_writes_figures_the_local_fabric_uses(cli, scratch_home):
-    before = detect_local_fabric()
-    result = cli("calibrate", "--json", "--skip-bus")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+def invoke(*args: str):
+    """Return the click Result of `matrixstack ARGS...` run in this process."""
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """Calibrate once for the module (the bus skipped) in a scratch MATRIXSTACK_HOME, which stays set meanwhile."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MATRIXSTACK_HOME", str(tmp_path_factory.mktemp("home")))
+        description = detect_local_fabric().description
+        step_ms = json.loads(invoke(*PLAN_ARGS).stdout)["plan"]["decode"]["step_ms"]
+        result = invoke("calibrate", "--json", "--skip-bus")
+        assert result.exit_code == 0, result.output
+        yield Calibrated(json.loads(result.stdout), description, step_ms)
+
+
+def test_calibrate_writes_figures_the_local_fabric_uses(calibrated):
+    data = calibrated.data
     assert calibration_path().is_file() and data["path"] == str(calibration_path())
     eff = data["efficiency"]
     assert 0 < eff["gemm"] <= 1 and 0 < eff["attention"] <= 1 and eff["hbm"] == 1.0
@@ -30,26 +57,29 @@ def test_calibrate_writes_figures_the_local_fabric_uses(cli, scratch_home):
     after = detect_local_fabric()
     assert after.device.efficiency.gemm == eff["gemm"] and after.device.hbm_gbs == data["hbm_gbs"]
     assert after.device.efficiency.matmul_kernel_us == eff["matmul_kernel_us"]
-    assert "calibrated" in after.description and "calibrated" not in before.description
+    assert "calibrated" in after.description and "calibrated" not in calibrated.description_before
 
 
-def test_plan_on_local_uses_the_calibration(cli, scratch_home):
-    args = (
-        "plan", "tiny-moe", "--fabric", "local", "--precision", "fp32", "--input-len", "48", "--output-len", "32",
-        "--pin", "decode.devices=1", "--pin", "decode.batch_per_device=8", "--pin", "prefill.devices=1", "--json",
-    )  # fmt: skip
-    estimated = json.loads(cli(*args).stdout)["plan"]["decode"]["step_ms"]
-    assert cli("calibrate", "--skip-bus").exit_code == 0
-    calibrated = json.loads(cli(*args).stdout)["plan"]["decode"]["step_ms"]
-    assert calibrated != estimated and calibrated > 0
+def test_plan_on_local_uses_the_calibration(calibrated):
+    step_ms = json.loads(invoke(*PLAN_ARGS).stdout)["plan"]["decode"]["step_ms"]
+    assert step_ms != calibrated.plan_step_ms_before and step_ms > 0
 
 
-def test_calibration_reproduces_the_two_decode_steps_it_was_fitted_to(cli, scratch_home):
-    data = json.loads(cli("calibrate", "--json", "--skip-bus").stdout)
-    fitted = data["fitted_decode_step_ms"]
-    assert data["efficiency"]["grouped_gemm_per_expert"] is True
+def test_calibration_reproduces_the_two_decode_steps_it_was_fitted_to(calibrated):
+    fitted = calibrated.data["fitted_decode_step_ms"]
+    assert calibrated.data["efficiency"]["grouped_gemm_per_expert"] is True
     for batch in FIT_BATCHES:  # the fit's own consistency: the prediction meets the step it was fitted to
         assert predicted_decode_seconds(batch) * 1e3 == pytest.approx(fitted[str(batch)], rel=0.02)
+
+
+def test_calibrate_prints_a_summary(calibrated, monkeypatch):
+    """The human-readable output, on the module's figures (no second measurement)."""
+    measured = {key: value for key, value in calibrated.data.items() if key != "path"}
+    monkeypatch.setattr("matrixstack.tools.calibrate.calibrate", lambda measure_bus: measured)
+    result = invoke("calibrate", "--skip-bus")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {calibration_path()}" in result.stdout and "of peak" in result.stdout
+    assert "next: matrixstack plan tiny-moe --fabric local" in result.stdout
 
 
 def test_active_experts_and_their_kernels():

@@ -10,9 +10,9 @@ import yaml
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from matrixstack.fabric.draw import CPU_COLOR, DEVICE_COLORS, PLANE_COLORS, draw_fabric
 from matrixstack.fabric.loader import fabric_names, load_fabric
 from matrixstack.fabric.spec import FabricSpec
+from matrixstack.tools.draw.fabric import CPU_COLOR, DEVICE_COLORS, PLANE_COLORS, draw_fabric
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

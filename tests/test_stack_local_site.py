@@ -1,6 +1,6 @@
-"""The local site: a real `matrixstack engine serve` child process bound to CPU core 0, served through the `openai`
-client, then stopped with nothing of its process group left; launches it cannot run are refused before any
-process starts, and an engine that dies while starting is reported with the end of its log."""
+"""The local site: a real engine child process (`python -m matrixstack.engine.launch`) bound to CPU core 0, served
+through the `openai` client, then stopped with nothing of its process group left; launches it cannot run are refused
+before any process starts, and an engine that dies while starting is reported with the end of its log."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from matrixstack.engine.launch import parse_launch
 from matrixstack.errors import UserError
-from matrixstack.stack.local_site import LocalSite, group_alive
+from matrixstack.stack.local_site import LocalSite, engine_command, group_alive
 from matrixstack.stack.site import Launch
 from matrixstack.stack.spec import EngineArgs, SiteShape
 
@@ -95,3 +96,19 @@ def test_engine_that_exits_while_starting_is_reported_with_its_log(home):
     with pytest.raises(UserError, match=r"(?s)deployment broken exited with code 2.*no-such-arch"):
         site.start([launch(name="broken", arch="no-such-arch")])
     assert site.pids == {}
+
+
+def test_engine_command_is_the_launch_entry_point_with_the_spec_as_data():
+    argv = engine_command(launch(devices=(3, 1), weights="/w", engine_args=EngineArgs(dtype="bfloat16")))
+    assert argv[1:3] == ["-m", "matrixstack.engine.launch"] and len(argv) == 4
+    spec = parse_launch(argv[3])
+    assert (spec.arch, spec.weights, spec.random_weights, spec.model_id) == ("tiny-moe", "/w", False, "tiny")
+    assert (spec.port, spec.device, spec.dtype, spec.log_level) == (0, "cpu", "bfloat16", "warning")
+    assert spec.cpus == ([1, 3] if hasattr(os, "sched_setaffinity") else None)
+    random = parse_launch(engine_command(launch(device_kind="cuda"))[3])
+    assert (random.weights, random.random_weights, random.cpus, random.max_model_len) == (None, True, None, 256)
+
+
+def test_a_bad_launch_spec_names_the_field():
+    with pytest.raises(UserError, match=r"(?s)engine launch spec.*workerz: Extra inputs"):
+        parse_launch('{"arch": "tiny-moe", "workerz": 2}')

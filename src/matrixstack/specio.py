@@ -1,22 +1,30 @@
 """Load pydantic specs from YAML with errors that name the file, the field and the expected unit.
 
-Used by every layer that reads a spec (fabric, arch, later shapes). A built-in name is looked up in a
-package catalog folder; anything that looks like a path is read from disk.
+Used by every layer that reads a spec (fabric, arch, shapes). A built-in name is looked up in a package catalog
+folder; anything that looks like a path is read from disk. `Strict` is the base of every spec model: an unknown field
+is an error (a typo must not pass silently).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from matrixstack.errors import SpecError, UnknownNameError
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown fields are an error (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def catalog_names(package: str) -> list[str]:
@@ -54,18 +62,28 @@ def malformed_json(exc: json.JSONDecodeError, source: str) -> SpecError:
     return SpecError(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
 
 
+def read_mapping(
+    path: Path, source: str, missing_hint: str, load: Callable[[str], Any], expected: str
+) -> dict[str, Any]:
+    """Return the mapping `load` (yaml.safe_load or json.loads) reads from the file `source` names at `path`;
+    SpecError naming the file when it is missing, malformed (with the line), or not `expected` (a mapping)."""
+    text = read_text(path, source, missing_hint)
+    try:
+        data = load(text)
+    except yaml.YAMLError as exc:
+        raise malformed_yaml(exc, source) from None
+    except json.JSONDecodeError as exc:
+        raise malformed_json(exc, source) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 def read_yaml(path: Path | str, what: str) -> dict[str, Any]:
     """Return the mapping at the top of a YAML file, or raise SpecError naming the file and the line."""
     path = Path(path)
-    source = f"{what} file {path}"
-    text = read_text(path, source, "give a built-in name or an existing YAML path")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise malformed_yaml(exc, source) from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: expected a mapping of fields at the top, got {type(data).__name__}")
-    return data
+    hint = "give a built-in name or an existing YAML path"
+    return read_mapping(path, f"{what} file {path}", hint, yaml.safe_load, "a mapping of fields at the top")
 
 
 def _field_hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:

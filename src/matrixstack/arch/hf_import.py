@@ -18,7 +18,7 @@ import yaml
 
 from matrixstack.arch.spec import Arch
 from matrixstack.errors import SpecError, UserError
-from matrixstack.specio import malformed_json, read_text, validate_spec
+from matrixstack.specio import read_mapping, validate_spec
 
 _MISSING = object()
 _COMMENT_COLUMN = 36
@@ -216,15 +216,8 @@ FAMILIES: dict[str, Callable[[ConfigReader], dict[str, Any]]] = {
 def read_hf_config(path: Path | str) -> dict[str, Any]:
     """Return the JSON object in a config.json file, or raise SpecError naming the file and the problem."""
     path = Path(path)
-    source = f"config file {path}"
-    text = read_text(path, source, "give the path to a Hugging Face config.json")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise malformed_json(exc, source) from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: expected a JSON object of fields, got {type(data).__name__}")
-    return data
+    hint = "give the path to a Hugging Face config.json"
+    return read_mapping(path, f"config file {path}", hint, json.loads, "a JSON object of fields")
 
 
 def default_name(path: Path | str) -> str:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from matrixstack.dtypes import BYTES_PER_ELEMENT, Dtype, bytes_for
+from matrixstack.specio import Strict
 
 Phase = Literal["prefill", "decode"]
 
@@ -35,13 +36,7 @@ def gated_ffn_params(hidden_size: int, intermediate: int) -> int:
     return GATED_FFN_MATRICES * hidden_size * intermediate
 
 
-class Strict(BaseModel):
-    """Base for arch specs: unknown fields are an error and a loaded spec does not change."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Mla(Strict):
+class Mla(Strict, frozen=True):
     """Multi-head latent attention dimensions (DeepSeek-V2/V3): K and V are cached as one compressed latent."""
 
     q_lora_rank: int | None = Field(
@@ -53,7 +48,7 @@ class Mla(Strict):
     v_head_dim: int = Field(gt=0, description="integer per-head value dims")
 
 
-class Attention(Strict):
+class Attention(Strict, frozen=True):
     """One layer's attention: MHA (kv_heads == heads), GQA (kv_heads divides heads) or MLA."""
 
     kind: Literal["mha", "gqa", "mla"] = Field(description="one of mha, gqa, mla")
@@ -126,7 +121,7 @@ class Attention(Strict):
         return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim, self.mla.kv_lora_rank
 
 
-class Moe(Strict):
+class Moe(Strict, frozen=True):
     """A mixture-of-experts FFN: routed experts (top-k per token), optional always-on shared experts."""
 
     routed_experts: int = Field(gt=0, description="integer count of routed experts per MoE layer")
@@ -161,7 +156,7 @@ class Moe(Strict):
         return self
 
 
-class Ffn(Strict):
+class Ffn(Strict, frozen=True):
     """The FFN of every layer: dense everywhere (moe null) or MoE except `moe.dense_layers`."""
 
     dense_intermediate: int | None = Field(
@@ -170,7 +165,7 @@ class Ffn(Strict):
     moe: Moe | None = Field(None, description="mapping of MoE settings, or null for a dense model")
 
 
-class Arch(Strict):
+class Arch(Strict, frozen=True):
     """A decoder-only transformer architecture; behaviour (counts, FLOPs, bytes) is in its methods."""
 
     name: str = Field(description="short name, e.g. deepseek-v3")

@@ -12,8 +12,8 @@ def calibrate(
     skip_bus: bool = typer.Option(False, "--skip-bus", help="Keep the estimated local bus (no worker processes)."),
 ) -> None:
     """Measure GEMM, attention and memory rates, kernel costs and the local bus; write them for `--fabric local`."""
-    from matrixstack.engine.calibrate import calibrate as run
     from matrixstack.fabric.local import calibration_path
+    from matrixstack.tools.calibrate import calibrate as run
 
     with console.status("measuring this machine (GEMM, attention, memory, kernel costs, local bus)..."):
         measured = run(measure_bus=not skip_bus)

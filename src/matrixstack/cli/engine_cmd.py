@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pydantic
 import typer
 
 from matrixstack.cli.common import console, user_errors_exit_2
+from matrixstack.engine.launch import EngineLaunch, serve_engine
 from matrixstack.errors import UserError
 
 engine_app = typer.Typer(
@@ -16,27 +16,7 @@ engine_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DEFAULTS = {
-    "block_size": 16,
-    "num_kv_blocks": 1024,
-    "max_num_seqs": 64,
-    "max_num_batched_tokens": 2048,
-    "max_model_len": 2048,
-}
-
-
-def engine_config(**limits: int):
-    """Return an EngineConfig from CLI numbers; UserError naming the option when they do not fit together."""
-    from matrixstack.engine.config import EngineConfig
-
-    try:
-        return EngineConfig(**limits)
-    except pydantic.ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "options"
-            problems.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
-        raise UserError("; ".join(problems)) from None
+_DEFAULTS = {name: field.default for name, field in EngineLaunch.model_fields.items()}  # as a launch spec has them
 
 
 @engine_app.command("serve")
@@ -65,46 +45,24 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
 ) -> None:
     """Serve ARCH over an OpenAI-compatible API on HOST:PORT until Ctrl-C."""
-    from matrixstack.engine.server import build_deployment, serve_socket
-    from matrixstack.openai.server import bind_socket
-
-    config = engine_config(
+    launch = EngineLaunch(
+        arch=arch,
+        weights=str(weights) if weights is not None else None,
+        random_weights=random_weights,
+        workers=workers,
+        host=host,
+        port=port,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
         max_model_len=max_model_len,
         num_kv_blocks=num_kv_blocks,
         block_size=block_size,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        log_level=log_level,
     )
-    sock = bind_socket(host, port)  # before loading the model: a taken port fails fast
-    try:
-        deployment = build_deployment(
-            arch,
-            config,
-            weights_dir=str(weights) if weights is not None else None,
-            workers=workers,
-            model_id=model_id,
-            device=device,
-            dtype=dtype,
-            random_weights=random_weights,
-        )
-    except BaseException:
-        sock.close()
-        raise
-    bound_port = sock.getsockname()[1]
-    console.print(
-        f"serving [bold]{deployment.model_id}[/] ({workers} worker{'s' if workers > 1 else ''}) on "
-        f"http://{host}:{bound_port}/v1 — Ctrl-C stops it",
-        highlight=False,
-        soft_wrap=True,
-    )
-    try:
-        serve_socket(deployment.engine, deployment.model_id, sock, log_level=log_level)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        deployment.close()
-        sock.close()
-    console.print("stopped", highlight=False)
+    serve_engine(launch, console)
 
 
 @engine_app.command("bench")
@@ -130,12 +88,12 @@ def bench(
     """Run a fixed request set through ARCH and report prefill and decode tokens/s, TTFT and TPOT.
 
     Prompts of 16..256 and outputs of 16..128 tokens (uniform, seeded), all submitted at once; see
-    `matrixstack.engine.bench` for how each figure is measured.
+    `matrixstack.tools.bench` for how each figure is measured.
     """
     import sys
 
     from matrixstack.cli.common import print_json
-    from matrixstack.engine.bench import run_bench
+    from matrixstack.tools.bench import run_bench, summary_rows
 
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r} is not one of cpu, cuda")
@@ -157,16 +115,6 @@ def bench(
     from rich.table import Table
 
     table = Table(title=f"engine bench: {result['arch']}, {result['runner']}, {requests} requests", show_header=False)
-    rows = [
-        ("prefill tokens/s", f"{result['prefill_tokens_per_s']:,.0f}"),
-        ("decode tokens/s", f"{result['decode_tokens_per_s']:,.0f}"),
-        ("output tokens/s (end to end)", f"{result['output_tokens_per_s']:,.0f}"),
-        ("TTFT mean", f"{result['ttft_ms_mean']:,.1f} ms"),
-        ("TPOT mean", f"{result['tpot_ms_mean']:,.2f} ms"),
-        ("prompt / output tokens", f"{result['prompt_tokens']:,} / {result['output_tokens']:,}"),
-        ("threads, dtype, device", f"{result['threads']}, {result['dtype']}, {result['device']}"),
-        ("torch", result["torch"]),
-    ]
-    for name, value in rows:
+    for name, value in summary_rows(result):
         table.add_row(name, value)
     console.print(table)

@@ -107,7 +107,7 @@ def show_fabric(
     """Show one fabric: devices, hosts, planes and switch tiers."""
     fabric = load_fabric(name)
     if png is not None:
-        from matrixstack.fabric.draw import draw_fabric
+        from matrixstack.tools.draw.fabric import draw_fabric
 
         draw_fabric(fabric, png)
     if as_json:
@@ -186,7 +186,7 @@ def validate(
     rows = compare()
     worst = max(abs(r.error) for r in rows)
     if png is not None:
-        from matrixstack.fabric.ep_validation import draw_comparison
+        from matrixstack.tools.draw.fabric import draw_comparison
 
         draw_comparison(rows, png)
     if as_json:

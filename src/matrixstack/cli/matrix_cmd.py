@@ -265,7 +265,7 @@ def show(
     with _database(db) as database:
         view = database.read(lambda session: show_pool(session, pool, tenant))
     if png is not None:
-        from matrixstack.matrix.draw import draw_pool
+        from matrixstack.tools.draw.matrix import draw_pool
 
         draw_pool(view, png)
     if as_json:
@@ -382,7 +382,7 @@ def simulate(
         given = job_list if trace is not None else None
         sweep = sim.pod_size_sweep(spec, count, nodes, jobs, seed, mix=mix, trace_jobs=given, **options)
     if png is not None:
-        from matrixstack.matrix.draw import draw_simulation
+        from matrixstack.tools.draw.matrix import draw_simulation
 
         draw_simulation(results, sweep, png)
     if as_json:

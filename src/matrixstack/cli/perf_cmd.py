@@ -192,7 +192,7 @@ def plan(
     result = _plan_one(arch, fabric, options)
     dies = fabric.device.dies_per_device
     if png is not None:
-        from matrixstack.perf.draw import draw_pareto
+        from matrixstack.tools.draw.perf import draw_pareto
 
         title = f"{arch.name} decode on {fabric.name}, {precision}"
         draw_pareto(title, [_pareto_series(arch, fabric, options, result)], tpot_ms, png)
@@ -233,7 +233,7 @@ def compare(
     results = [_plan_one(arch, fabric, options) for fabric in loaded]
     ratio = results[0].decode.tokens_per_s_per_device / results[1].decode.tokens_per_s_per_device
     if png is not None:
-        from matrixstack.perf.draw import draw_pareto
+        from matrixstack.tools.draw.perf import draw_pareto
 
         series = [_pareto_series(arch, f, options, r) for f, r in zip(loaded, results, strict=True)]
         draw_pareto(f"{arch.name} decode, {precision}: {names[0]} vs {names[1]}", series, tpot_ms, png)

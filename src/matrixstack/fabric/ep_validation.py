@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
@@ -119,31 +118,3 @@ def fit_software_overheads() -> dict[str, dict[str, float]]:
         solution, *_ = np.linalg.lstsq(np.array(design) * w[:, None], np.array(target) * w, rcond=None)
         fits[library.key] = {"all_to_all_launch_us": float(solution[0]), "per_peer_us": float(solution[1])}
     return fits
-
-
-def draw_comparison(rows: list[Row], path: str | Path) -> Path:
-    """Draw published vs predicted latency against EP degree for each library and op; return the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    names = {"cm384": "CloudMatrix384 CANN EP (UB)", "h800": "H800 DeepEP (RDMA)"}
-    for ax, op in zip(axes, ("dispatch", "combine"), strict=True):
-        for library, color in (("cm384", "tab:red"), ("h800", "tab:blue")):
-            mine = sorted((r for r in rows if r.library == library and r.op == op), key=lambda r: r.ep)
-            eps = [r.ep for r in mine]
-            ax.plot(eps, [r.published_us for r in mine], "o", color=color, label=f"{names[library]} published")
-            ax.plot(eps, [r.predicted_us for r in mine], "-", color=color, label=f"{names[library]} predicted")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("EP degree (ranks)")
-        ax.set_title(f"MoE {op}, 128 tokens/rank, top-8, hidden 7168")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("latency (us)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

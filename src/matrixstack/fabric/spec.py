@@ -10,17 +10,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from matrixstack.dtypes import Dtype
+from matrixstack.specio import Strict
 
 PlaneKind = Literal["scale_up", "scale_out", "frontend"]
-
-
-class Strict(BaseModel):
-    """Base for specs: unknown fields are an error (a typo must not pass silently)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class EfficiencySpec(Strict):

@@ -16,11 +16,10 @@ Modules, one job each:
 * `failures` — fail / repair devices, replacing or degrading their slices, healing degraded ones;
 * `events` — the event log, one row per mutation;
 * `trace` — the job-mix generator (`JobMix`, `generate`) and the CSV trace format;
-* `simulate` — the event-driven fleet simulation (`simulate`, `run_policy`) and `pod_size_sweep`;
-* `draw` — the pool heat map and the simulation plots.
+* `simulate` — the event-driven fleet simulation (`simulate`, `run_policy`) and `pod_size_sweep`.
 
-The in-memory names are re-exported here; the database modules, `simulate` and `draw` are imported from their
-modules (they pull in SQLAlchemy, numpy and matplotlib).
+The pool heat map and the simulation plots are drawn by `tools.draw.matrix`. The in-memory names are re-exported
+here; the database modules and `simulate` are imported from their modules (they pull in SQLAlchemy and numpy).
 """
 
 from matrixstack.matrix.allocator import MatrixPool, PoolStats

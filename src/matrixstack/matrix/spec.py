@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
-from matrixstack.fabric.spec import Strict
+from matrixstack.specio import Strict
 
 PolicyName = Literal["matrix", "server", "tiered"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)

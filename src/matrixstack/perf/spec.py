@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from matrixstack.dtypes import Dtype
+from matrixstack.specio import Strict
 
 Precision = Literal["fp32", "bf16", "fp8", "int8"]
 PhaseName = Literal["prefill", "decode"]
-
-
-class Strict(BaseModel):
-    """Base for perf specs: unknown fields are an error."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class Workload(Strict):

@@ -1,11 +1,12 @@
-"""The `local` site: each deployment's engine is a `matrixstack engine serve` child process on this machine.
+"""The `local` site: each deployment's engine is a child process on this machine (`python -m matrixstack.engine.launch`
+with the deployment's `EngineLaunch` spec, the code path of `matrixstack engine serve`).
 
 Each engine runs in a session (and so a process group) of its own, bound to its slice's devices: CPU cores
 (device kind "cpu") become the process's CPU affinity, which the expert-parallel workers it forks inherit; GPUs
-(device kind "cuda") become its CUDA_VISIBLE_DEVICES. The affinity is set by the child itself as its first
-statement, before it imports anything or forks (no `preexec_fn`, which is unsafe while the parent runs threads,
-as it does under a progress display). Its output goes to `data_dir()/logs/NAME.log` (replaced at each start); the
-engine prints its URL there (`--port 0`: it picks a free port), and the site waits for `/health` to answer.
+(device kind "cuda") become its CUDA_VISIBLE_DEVICES. The affinity is set by the child itself (the spec's `cpus`)
+before it imports the runtime or forks (no `preexec_fn`, which is unsafe while the parent runs threads, as it does
+under a progress display). Its output goes to `data_dir()/logs/NAME.log` (replaced at each start); the engine
+prints its URL there (port 0: it picks a free port), and the site waits for `/health` to answer.
 `stop()` sends SIGTERM to each process group, SIGKILL to what is left after `STOP_TIMEOUT_S`, and returns once no
 process of the group is alive, EP workers included.
 """
@@ -25,6 +26,7 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from matrixstack.engine.launch import ENTRY_MODULE, EngineLaunch
 from matrixstack.errors import UserError
 from matrixstack.paths import data_dir
 from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started
@@ -49,24 +51,27 @@ class _Engine:
 
 
 def engine_command(launch: Launch) -> list[str]:
-    """Return the argv that runs `launch`'s engine (`matrixstack engine serve ... --port 0`) bound to its devices.
+    """Return the argv that runs `launch`'s engine: `python -m matrixstack.engine.launch SPEC`, SPEC its
+    `EngineLaunch` as JSON (port 0: a free one), bound to its devices.
 
-    For CPU cores the child's first statement sets its CPU affinity (where the platform has
-    `os.sched_setaffinity`), so that the engine and every worker it forks run on those cores only."""
-    bind = ""
-    if launch.device_kind == "cpu" and hasattr(os, "sched_setaffinity"):
-        bind = f"import os; os.sched_setaffinity(0, {sorted(launch.devices)!r}); "
-    args = [
-        *["engine", "serve", launch.arch, "--workers", str(launch.workers), "--port", "0", "--host", "127.0.0.1"],
-        *["--model-id", launch.name, "--device", launch.device_kind, "--log-level", "warning"],
-    ]
-    if launch.weights == WEIGHTS_RANDOM:
-        args.append("--random-weights")
-    elif launch.weights != WEIGHTS_PACKAGED:
-        args += ["--weights", launch.weights]
-    for field, value in launch.engine_args.model_dump().items():
-        args += [f"--{field.replace('_', '-')}", str(value)]
-    return [sys.executable, "-c", f"{bind}from matrixstack.cli.main import app; app()", *args]
+    For CPU cores the spec names them (`cpus`, where the platform has `os.sched_setaffinity`): the entry point
+    binds itself to them before it imports the runtime, so the engine and every worker it forks run on those
+    cores only."""
+    pinned = launch.device_kind == "cpu" and hasattr(os, "sched_setaffinity")
+    spec = EngineLaunch(
+        arch=launch.arch,
+        weights=None if launch.weights in (WEIGHTS_PACKAGED, WEIGHTS_RANDOM) else launch.weights,
+        random_weights=launch.weights == WEIGHTS_RANDOM,
+        workers=launch.workers,
+        host="127.0.0.1",
+        port=0,
+        model_id=launch.name,
+        device=launch.device_kind,
+        log_level="warning",
+        cpus=sorted(launch.devices) if pinned else None,
+        **launch.engine_args.model_dump(),
+    )
+    return [sys.executable, "-m", ENTRY_MODULE, spec.model_dump_json()]
 
 
 def engine_env(launch: Launch) -> dict[str, str]:

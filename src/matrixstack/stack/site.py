@@ -4,7 +4,8 @@ A site (local processes, a Ray cluster) starts the engines of a shape's deployme
 has been applied before (pools made, slices allocated, plans found: `stack.apply`), so a site needs no database:
 each `Launch` says what to run and on which devices. `Site.start` returns when every engine answers its health
 check, or raises UserError naming the deployment that did not come up (after stopping what it started);
-`Site.stop` stops everything it started and may be called more than once.
+`Site.stop` stops everything it started and may be called more than once. `stack.sites.open_site` picks the
+site a shape names.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from matrixstack.errors import UserError
-from matrixstack.stack.spec import EngineArgs, SiteShape
+from matrixstack.stack.spec import EngineArgs
 
 ENGINE_DEVICE_KINDS = ("cpu", "cuda")  # what the builtin engine runs on: CPU cores or CUDA GPUs
 
@@ -53,19 +53,3 @@ class Site(Protocol):
     def stop(self) -> None:
         """Stop every engine this site started (idempotent)."""
         ...
-
-
-def open_site(site: SiteShape) -> Site:
-    """Return the site `site` names: a LocalSite or a RaySite; UserError for k8s (rendered, not run)."""
-    if site.kind == "local":
-        from matrixstack.stack.local_site import LocalSite
-
-        return LocalSite(site)
-    if site.kind == "ray":
-        from matrixstack.stack.ray_site import RaySite
-
-        return RaySite(site)
-    raise UserError(
-        "a k8s site is not run from here: render its manifests with `matrixstack stack render k8s SHAPE --out DIR` "
-        "and apply them with kubectl; `matrixstack up` runs local and ray sites"
-    )

@@ -14,25 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.spec import PolicyName, SliceRequest
 from matrixstack.perf.spec import InstancePlan, Plan, Slo, Workload
 from matrixstack.portal.spec import NAME_PATTERN, EntrySpec, KeyLimits
-from matrixstack.specio import read_yaml, validate_spec
+from matrixstack.specio import Strict, read_yaml, validate_spec
 
 SHAPE_VERSION = 1
 SiteKind = Literal["local", "ray", "k8s"]
 EngineKind = Literal["matrixstack", "vllm"]
 WEIGHTS_PACKAGED = "packaged"  # the weights shipped in the package (tiny-moe)
 WEIGHTS_RANDOM = "random"  # seeded random weights: smoke tests only
-
-
-class Strict(BaseModel):
-    """Base of the shape specs: unknown fields are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def _name_type(what: str) -> Any:

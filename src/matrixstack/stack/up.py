@@ -25,7 +25,8 @@ from typing import TextIO
 from matrixstack.errors import UserError
 from matrixstack.stack.apply import NewKey, apply_shape, device_kind, record_started, record_stopped
 from matrixstack.stack.export import default_shape
-from matrixstack.stack.site import ENGINE_DEVICE_KINDS, open_site
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS
+from matrixstack.stack.sites import open_site
 from matrixstack.stack.spec import Shape, SiteShape, load_shape
 from matrixstack.stack.validate import shape_fabric
 

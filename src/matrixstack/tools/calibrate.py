@@ -22,7 +22,6 @@ The result goes to `local-calibration.yaml` in the data directory, which `fabric
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from matrixstack.arch.loader import load_arch
+from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.model import MoETransformer
@@ -42,7 +42,6 @@ from matrixstack.fabric.local import calibration_path, detect_local_fabric
 from matrixstack.perf.spec import InstancePlan, Workload
 from matrixstack.perf.step import StepModel, active_experts_per_rank, kernels_per_layer
 
-TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tiny-moe", "tokenizer.json")
 CALIBRATION_ARCH = "tiny-moe"
 PROMPT_TOKENS = 48
 DECODE_TOKENS = 32
@@ -106,7 +105,7 @@ def decode_step_seconds(batch: int, seed: int = 0) -> float:
     """Return the mean time of the engine's pure decode steps for `batch` sequences of tiny-moe (random weights)."""
     torch.manual_seed(seed)
     model = MoETransformer(load_arch(CALIBRATION_ARCH)).eval()
-    tokenizer = Tokenizer.from_file(TOKENIZER)
+    tokenizer = Tokenizer.from_file(PACKAGED_WEIGHTS[CALIBRATION_ARCH] / TOKENIZER_FILE)
     config = EngineConfig(
         num_kv_blocks=max(64, batch * 8), block_size=16, max_num_seqs=max(batch, 1), max_model_len=256,
         max_num_batched_tokens=max(batch * PROMPT_TOKENS, 256),
@@ -263,5 +262,5 @@ def _uncalibrated():
 def _write(measured: dict) -> None:
     path = calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Measured by `matrixstack calibrate` (matrixstack/engine/calibrate.py); read by fabric/local.py.\n"
+    header = "# Measured by `matrixstack calibrate` (matrixstack/tools/calibrate.py); read by fabric/local.py.\n"
     path.write_text(header + yaml.safe_dump(measured, sort_keys=False))

@@ -285,7 +285,8 @@ def run_bench(
     prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
     output_tokens: tuple[int, int] = OUTPUT_TOKENS,
 ) -> dict:
-    """Run the benchmark (module docstring) and return its figures, request set and configuration as a dict.
+    """Run the benchmark (module docstring) and return its report (`bench_report`): figures, request set and
+    configuration as a dict.
 
     `prompt_tokens` and `output_tokens` narrow the request set's (inclusive) length ranges (quick runs, tests).
     """
@@ -311,23 +312,60 @@ def run_bench(
             serve = run_phase(engine, requests, full_outputs=True, on_tokens=advance)
     finally:
         close()
-    return {
+    setup = {
         "arch": spec.name,
         "workers": workers,
         "runner": runner_kind,
-        "requests": num_requests,
         "seed": seed,
+        "dtype": dtype,
+        "device": device,
+    }
+    return bench_report(setup, requests, prefill, serve, config, prompt_tokens, output_tokens)
+
+
+def bench_report(
+    setup: dict,
+    requests: list[BenchRequest],
+    prefill: PhaseTiming | None,
+    serve: PhaseTiming,
+    config: EngineConfig,
+    prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+    output_tokens: tuple[int, int] = OUTPUT_TOKENS,
+) -> dict:
+    """Return the report of a run (`run_bench`'s dict) from what it measured: `setup` (arch, workers, runner, seed,
+    dtype, device), the request set, the two phases' timings, the config and the length ranges; this process's
+    torch and CPU are added as they are."""
+    return {
+        "arch": setup["arch"],
+        "workers": setup["workers"],
+        "runner": setup["runner"],
+        "requests": len(requests),
+        "seed": setup["seed"],
         "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
         **summarize(prefill, serve),
         "distribution": distribution(prompt_tokens, output_tokens),
         "config": config.model_dump(),
-        "dtype": dtype,
-        "device": device if workers == 1 else "per worker",
+        "dtype": setup["dtype"],
+        "device": setup["device"] if setup["workers"] == 1 else "per worker",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def summary_rows(result: dict) -> list[tuple[str, str]]:
+    """Return the (figure, value) rows `matrixstack engine bench` shows of a report, the values formatted."""
+    return [
+        ("prefill tokens/s", f"{result['prefill_tokens_per_s']:,.0f}"),
+        ("decode tokens/s", f"{result['decode_tokens_per_s']:,.0f}"),
+        ("output tokens/s (end to end)", f"{result['output_tokens_per_s']:,.0f}"),
+        ("TTFT mean", f"{result['ttft_ms_mean']:,.1f} ms"),
+        ("TPOT mean", f"{result['tpot_ms_mean']:,.2f} ms"),
+        ("prompt / output tokens", f"{result['prompt_tokens']:,} / {result['output_tokens']:,}"),
+        ("threads, dtype, device", f"{result['threads']}, {result['dtype']}, {result['device']}"),
+        ("torch", result["torch"]),
+    ]
 
 
 class _progress:

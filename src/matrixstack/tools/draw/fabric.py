@@ -1,4 +1,7 @@
-"""Draw a fabric as a PNG: nodes with their devices, dies and host CPUs, every plane's switch tiers, and links.
+"""Pictures of the fabric layer as PNGs: a fabric's topology (`draw_fabric`), and the published EP dispatch/combine
+latencies against the model's (`draw_comparison`, the rows of `fabric.ep_validation.compare`).
+
+`draw_fabric` draws nodes with their devices, dies and host CPUs, every plane's switch tiers, and links.
 
 The picture follows the vendors' topology diagrams (CloudMatrix384 paper Figs. 2 and 5, the DGX SuperPOD
 reference architecture). Scale-up switch tiers sit above the grid of nodes; a node-level tier (CloudMatrix384's
@@ -24,6 +27,7 @@ from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Patch, Rectangle
 
+from matrixstack.fabric.ep_validation import Row
 from matrixstack.fabric.spec import FabricSpec, PlaneSpec, TierSpec
 
 PLANE_COLORS = {"scale_up": "#e8590c", "scale_out": "#1c7ed6", "frontend": "#2f9e44"}
@@ -415,3 +419,31 @@ def _legend(pen: _Pen, fabric: FabricSpec, x: float, y: float) -> float:
         pen.text(x + sw * 2.2, y - sw / 2, text, pt=10, va="center")
         y -= step
     return y
+
+
+def draw_comparison(rows: list[Row], path: str | pathlib.Path) -> pathlib.Path:
+    """Draw published vs predicted latency against EP degree for each library and op; return the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    names = {"cm384": "CloudMatrix384 CANN EP (UB)", "h800": "H800 DeepEP (RDMA)"}
+    for ax, op in zip(axes, ("dispatch", "combine"), strict=True):
+        for library, color in (("cm384", "tab:red"), ("h800", "tab:blue")):
+            mine = sorted((r for r in rows if r.library == library and r.op == op), key=lambda r: r.ep)
+            eps = [r.ep for r in mine]
+            ax.plot(eps, [r.published_us for r in mine], "o", color=color, label=f"{names[library]} published")
+            ax.plot(eps, [r.predicted_us for r in mine], "-", color=color, label=f"{names[library]} predicted")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("EP degree (ranks)")
+        ax.set_title(f"MoE {op}, 128 tokens/rank, top-8, hidden 7168")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("latency (us)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = pathlib.Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
