@@ -15,10 +15,10 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from matrixstack.errors import SpecError, UserError
-from matrixstack.specio import malformed_json, malformed_yaml, read_text, validate_spec
+from matrixstack.specio import Strict, malformed_json, malformed_yaml, read_text, validate_spec
 
 Level = Literal["L0", "L1", "L2"]
 Provider = Literal["first-party", "third-party"]
@@ -29,12 +29,6 @@ PARENT_LEVELS: dict[str, tuple[str, ...]] = {"L0": (), "L1": ("L0",), "L2": ("L1
 
 class UnknownEntry(UserError):
     """A catalog entry that does not exist, or that the asking tenant may not see (HTTP 404 model_not_found)."""
-
-
-class Strict(BaseModel):
-    """Base of the portal specs: unknown fields are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class BackendSpec(Strict):
