@@ -1,4 +1,5 @@
-"""The floors hold, read statically from the sources (no interpreter started): the `openai` floor imports nothing
+"""The floors hold, read statically from the sources (no interpreter started): every floor imports only what
+design.md's floor table lets it (the `tools` wing only from the CLI), the `openai` floor imports nothing
 of MatrixStack above `matrixstack.errors`, the portal imports nothing of the engine, and nothing the portal or the
 `openai` floor imports at module level pulls in torch (torch alone is ~200k objects, which every full garbage
 collection of the portal process would then walk)."""
@@ -98,3 +99,48 @@ def test_the_portal_and_the_protocol_do_not_pull_torch():
 
 def test_the_walk_sees_torch_where_it_is():
     assert "torch" in _reachable(["matrixstack.engine.server"])
+
+
+# What each floor may import (design.md's "depends on" column), besides the base modules every floor shares.
+# `tools` is the wing at the top (drawing, benchmarks, calibration): only the CLI imports it.
+BASE = {"errors", "specio", "paths", "units", "dtypes", "data"}  # data: packaged CSV tables, no code
+MAY_IMPORT = {
+    "fabric": set(),
+    "arch": set(),
+    "matrix": {"fabric"},
+    "perf": {"fabric", "arch"},
+    "openai": set(),
+    "engine": {"arch", "perf", "openai"},
+    "lanes": {"perf", "openai"},
+    "portal": {"matrix", "perf", "openai"},
+    "stack": {"fabric", "arch", "matrix", "perf", "openai", "engine", "lanes", "portal"},
+    "tools": {"fabric", "arch", "matrix", "perf", "engine"},
+}
+
+
+def _every_import(path: Path) -> set[str]:
+    """Return the matrixstack floors (top-level packages or base modules) a source file imports anywhere in it."""
+    floors = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        floors.update(n.split(".")[1] for n in names if n.startswith("matrixstack."))
+    return floors
+
+
+def test_no_floor_imports_a_floor_it_may_not():
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert set(MAY_IMPORT) | {"cli", "data"} == packages, "a new package needs its row in MAY_IMPORT (and in design.md)"
+    wrong = []
+    for floor, allowed in MAY_IMPORT.items():
+        for path in sorted((ROOT / floor).rglob("*.py")):
+            above = _every_import(path) - allowed - BASE - {floor}
+            wrong += [f"{path.relative_to(ROOT)} imports matrixstack.{name}" for name in sorted(above)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    source = tmp_path / "upward.py"
+    source.write_text("def f():\n    from matrixstack.portal.app import create_portal_app\n")
+    assert _every_import(source) == {"portal"}
