@@ -1,5 +1,6 @@
 """Shared test fixtures: the CLI runner, a way to invoke `matrixstack` as a user would, and engine server
-processes to stand behind clients."""
+processes to stand behind clients. And the `slow` tier: every test that starts a process or a server is marked
+`slow` here or at its definition, so `make test-fast` (`pytest -m "not slow"`) runs the in-process tests only."""
 
 from __future__ import annotations
 
@@ -17,6 +18,36 @@ from matrixstack.cli.main import app
 from matrixstack.engine.external import ExternalEngine
 
 ENGINE_START_TIMEOUT_S = 120.0
+
+# Marked `slow` here: the tests of these files (each runs subprocesses), the tests using a fixture that starts a
+# process or a server (engine_process for any file; the others for their own file's tests), and the tests on the
+# PostgreSQL server. Tests that start one themselves carry `@pytest.mark.slow`.
+SLOW_FILES = frozenset({"test_engine_imports.py", "test_readme_walkthroughs.py"})
+SLOW_FIXTURES = frozenset({"engine_process"})
+SLOW_FIXTURES_OF_FILE = {
+    "test_engine_ep.py": {"tiny_ep"},  # expert-parallel worker processes
+    "test_engine_server.py": {"deployment"},  # the engine's app on a uvicorn thread
+    "test_portal_app_transport.py": {"backend"},  # a backend app on a uvicorn thread
+    "test_portal_dashboard.py": {"portal_url"},  # the portal on a uvicorn thread, opened in Chromium
+    "test_portal_disconnect.py": {"held"},  # a backend and a portal on uvicorn threads
+    "test_stack_local_site.py": {"running"},  # an engine process on a CPU core
+    "test_stack_ray.py": {"ray_head"},  # a Ray head node
+    "test_stack_up.py": {"first"},  # `matrixstack up` in a subprocess
+}
+
+
+def _starts_a_process_or_server(item: pytest.Item) -> bool:
+    """Return whether the test is in SLOW_FILES, uses a fixture of SLOW_FIXTURES(_OF_FILE) or runs on PostgreSQL."""
+    name, used = item.path.name, set(item.fixturenames)
+    on_postgres = getattr(item, "callspec", None) is not None and item.callspec.params.get("db_url") == "postgresql"
+    return name in SLOW_FILES or bool(used & (SLOW_FIXTURES | SLOW_FIXTURES_OF_FILE.get(name, set()))) or on_postgres
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every collected test that starts a process or a server (see SLOW_FILES)."""
+    for item in items:
+        if _starts_a_process_or_server(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

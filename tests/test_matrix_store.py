@@ -312,6 +312,7 @@ def _allocate_then_hang(url: str, marker: str) -> None:
     service.alloc("p", "alice", _request(4))
 
 
+@pytest.mark.slow
 def test_processes_allocating_at_once_never_share_a_device(db_url):
     setup = MatrixService(db_url)
     setup.create_pool("p", [CM384])
@@ -334,6 +335,7 @@ def test_processes_allocating_at_once_never_share_a_device(db_url):
     setup.close()
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
     service = MatrixService(db_url)
     service.create_pool("p", [CM384])
