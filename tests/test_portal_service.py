@@ -1,6 +1,6 @@
 """Portal state on SQLite and on a real PostgreSQL server: catalog rules, visibility, keys, deployments, usage.
 
-The databases come from test_matrix_store's fixtures: a SQLite file under tmp_path, and a fresh database on a
+The databases come from conftest.py's `db_url`: a SQLite file under tmp_path, and a fresh database on a
 throwaway PostgreSQL server when one can be started here.
 """
 
@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from test_matrix_store import db_url, postgres_server  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 from matrixstack.errors import SpecError, UserError
 from matrixstack.fabric.loader import load_fabric
@@ -29,7 +28,7 @@ SECRET = "sk-upstream-secret-0123456789"
 
 
 @pytest.fixture
-def svc(db_url):  # noqa: F811
+def svc(db_url):
     with PortalService(db_url) as service:
         yield service
 
