@@ -1,9 +1,9 @@
-# The two set-up commands of the README: `make run` and `make test`.
+# The set-up commands of the README: `make run`, `make test` and `make test-fast`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test test-fast lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,8 +21,13 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard bench)
 
+# every test (CI runs this)
 test: lint
 	$(VENV)/bin/pytest -q
+
+# the inner loop: the in-process tests, without those marked `slow` (processes, servers, over ~2 s each)
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

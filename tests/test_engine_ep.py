@@ -195,6 +195,7 @@ def test_ep_logits_match_single_process(tiny_ep, tiny_reference, tokenizer):
     assert compare_logits(tiny_ep, model, prompts, max_tokens=5) > 5
 
 
+@pytest.mark.slow
 def test_redundant_experts_give_same_output(tiny_weights, tiny_reference, tokenizer):
     _, want = tiny_reference
     placement = [3, 3, 0, 1, 2, 0, 1, 2]  # custom: worker 3 holds experts 0 and 1
@@ -208,6 +209,7 @@ def test_redundant_experts_give_same_output(tiny_weights, tiny_reference, tokeni
     assert [c.token_ids for c in got] == want
 
 
+@pytest.mark.slow
 def test_mla_arch_matches_single_process(tmp_path, tokenizer):
     """A DeepSeek-style arch (MLA, group-limited sigmoid routing) over 2 workers, one holding 5 experts."""
     save_weights(randomized(MLA_ARCH, seed=1), tmp_path / "model.safetensors")
@@ -238,6 +240,7 @@ def step_in_thread(engine: LLMEngine):
     return not thread.is_alive(), outcome.get("error")
 
 
+@pytest.mark.slow
 def test_killed_worker_fails_fast_and_the_deployment_recovers(tiny_weights, tiny_reference, tokenizer):
     _, want = tiny_reference
     with ExpertParallelRunner("tiny-moe", tiny_weights, CONFIG, workers=2, **EP_KWARGS) as ep:
@@ -277,6 +280,7 @@ def test_killed_worker_fails_fast_and_the_deployment_recovers(tiny_weights, tiny
     assert wait_until_gone(pids) == []
 
 
+@pytest.mark.slow
 def test_close_leaves_no_worker_processes(tiny_weights):
     ep = ExpertParallelRunner("tiny-moe", tiny_weights, CONFIG, workers=2, **EP_KWARGS)
     pids = ep.worker_pids
@@ -300,6 +304,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # the driver vanishes without closing anyt
 """
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_driver_dies(tiny_weights):
     """Also starts workers with `spawn` (the other tests use the default forkserver)."""
     driver = subprocess.run(
@@ -356,6 +361,7 @@ def start_local_rank(rank: int, spec, address: tuple[str, int], authkey: bytes):
     return kill
 
 
+@pytest.mark.slow
 def test_ranks_connected_over_tcp_match_and_a_killed_one_fails_fast(tiny_weights, tiny_reference, tokenizer):
     _, want = tiny_reference
     launcher = TcpLauncher(start_local_rank)

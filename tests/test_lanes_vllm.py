@@ -66,6 +66,7 @@ VLLM_SKIP = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(VLLM_SKIP), reason=VLLM_SKIP)
 def test_vllm_launch_serves_and_stops():
     import socket

@@ -23,6 +23,7 @@ def _json(result):
     return json.loads(result.output)
 
 
+@pytest.mark.slow
 def test_create_alloc_fail_repair_free_show_round_trip(cli, home, tmp_path):
     created = _json(cli("matrix", "create", "--fabric", "cloudmatrix384", "--json"))
     assert created["pool"] == "default" and created["devices"] == 384

@@ -1,23 +1,15 @@
 """Matrix layer, persisted: the service on SQLite and on a real PostgreSQL server, with real processes.
 
 The PostgreSQL half runs when a server can be started here: `initdb` and `pg_ctl` on PATH or in Debian's
-/usr/lib/postgresql/*/bin (`.ci/run` installs the `postgresql` package). The fixture starts a throwaway
-server in a temporary folder on a free loopback port (as the `postgres` user when the tests run as root),
-gives each test a fresh database, and stops the server at the end.
+/usr/lib/postgresql/*/bin (`.ci/run` installs the `postgresql` package). conftest.py's `db_url` gives each test a
+fresh database on one throwaway server for the whole session (shared with the portal's tests).
 """
 
 from __future__ import annotations
 
-import glob
-import itertools
 import multiprocessing
 import os
-import pwd
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -40,77 +32,6 @@ from matrixstack.matrix.store import EventRow, SliceDeviceRow, SliceRow
 
 CM384 = load_fabric("cloudmatrix384")
 SMALL = resize_pod(CM384, 2)  # 16 devices: easy to fill
-_database_numbers = itertools.count()
-
-
-def _postgres_bin() -> Path | None:
-    """Return the folder holding initdb and pg_ctl, or None when PostgreSQL is not installed."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(found).resolve().parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    return Path(candidates[-1]).parent if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_server():
-    """Start a throwaway PostgreSQL server; yield its base URL; stop it and delete its files."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin)")
-    prefix: list[str] = []
-    base = Path(tempfile.mkdtemp(prefix="matrixstack-pg-"))
-    if os.geteuid() == 0:  # the server refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(base)
-            pytest.skip("running as root needs a 'postgres' user to start PostgreSQL (Debian's package makes one)")
-        if shutil.which("runuser") is None:
-            shutil.rmtree(base)
-            pytest.skip("running as root needs runuser (util-linux) to start PostgreSQL as the postgres user")
-        os.chown(base, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
-    subprocess.run(
-        [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-    subprocess.run(
-        [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60", "-o", options,
-         "start"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True
-        )
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """Return the URL of a fresh, empty database: a SQLite file, or a new database on the PostgreSQL server."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'matrix.db'}"
-    import psycopg
-
-    base = request.getfixturevalue("postgres_server")
-    name = f"matrix_{os.getpid()}_{next(_database_numbers)}"
-    with psycopg.connect(base.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{base}/{name}"
 
 
 @pytest.fixture
@@ -325,6 +246,7 @@ def _allocate_then_hang(url: str, marker: str) -> None:
     service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
 
 
+@pytest.mark.slow
 def test_processes_allocating_at_once_never_share_a_device(db_url):
     setup = open_database(db_url)
     setup.write(lambda session: create_pool(session, "p", [CM384]))
@@ -347,6 +269,7 @@ def test_processes_allocating_at_once_never_share_a_device(db_url):
     setup.close()
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
     service = open_database(db_url)
     service.write(lambda session: create_pool(session, "p", [CM384]))

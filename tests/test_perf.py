@@ -146,10 +146,12 @@ def test_validation_meets_the_targets():
     assert abs(worst.error) <= 0.30, worst
 
 
+@pytest.mark.slow
 def test_the_one_fitted_constant_is_the_documented_fit():
     assert fit_sequence_expert_cv() == DEFAULT_SEQUENCE_EXPERT_CV
 
 
+@pytest.mark.slow
 def test_supernode_claim_ballpark():
     """Huawei: ~2,300 vs ~600 tokens/s per card, "nearly 4x" (cloudmatrix384.md §5)."""
     slo = Slo(tpot_ms=50)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,6 +49,7 @@ def test_plan_table(cli):
     assert "moe_dispatch" in result.stdout and "kv_cache" in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_json_holds_both_and_the_ratio(cli, tmp_path):
     png = tmp_path / "compare.png"
     result = cli(

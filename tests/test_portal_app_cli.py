@@ -27,6 +27,7 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
 
+@pytest.mark.slow
 def test_portal_serve_runs_logs_json_and_stops_on_ctrl_c(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'portal.db'}"
     with open_portal_database(db_url) as svc:

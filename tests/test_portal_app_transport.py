@@ -215,6 +215,7 @@ def test_backend_errors_pass_through_the_httpx_client(backend):
     run(scenario())
 
 
+@pytest.mark.slow
 def test_a_connection_the_server_closed_while_idle_is_replaced():
     server = ServerThread(backend_app(Backend()))
     server.server.config.timeout_keep_alive = 0.1  # uvicorn closes connections idle this long
@@ -285,6 +286,7 @@ def test_a_client_that_hangs_up_cancels_the_backend_request(backend, tmp_path):
         assert row["errors"] == 1 and row["completion_tokens"] >= 1
 
 
+@pytest.mark.slow
 def test_an_unreachable_backend_is_a_502_in_openai_format(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'p.db'}"
     with open_portal_database(db_url) as svc:

@@ -1,6 +1,6 @@
 """Portal state on SQLite and on a real PostgreSQL server: catalog rules, visibility, keys, deployments, usage.
 
-The databases come from test_matrix_store's fixtures: a SQLite file under tmp_path, and a fresh database on a
+The databases come from conftest.py's `db_url`: a SQLite file under tmp_path, and a fresh database on a
 throwaway PostgreSQL server when one can be started here.
 """
 
@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from test_matrix_store import db_url, postgres_server  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 from matrixstack.errors import SpecError, UserError
 from matrixstack.fabric.loader import load_fabric
@@ -46,7 +45,7 @@ SECRET = "sk-upstream-secret-0123456789"
 
 
 @pytest.fixture
-def svc(db_url):  # noqa: F811
+def svc(db_url):
     with open_portal_database(db_url) as service:
         yield service
 
@@ -282,7 +281,7 @@ def test_the_backend_secret_is_kept_but_never_shown(svc):
 # --- tenants and keys ---------------------------------------------------------------------------------------
 
 
-def test_tenants_are_the_matrix_layers_tenants(svc, db_url):  # noqa: F811
+def test_tenants_are_the_matrix_layers_tenants(svc, db_url):
     assert (
         svc.write(lambda session: create_tenant(session, "acme")) == "acme"
         and svc.write(lambda session: create_tenant(session, "acme")) == "acme"
@@ -296,7 +295,7 @@ def test_tenants_are_the_matrix_layers_tenants(svc, db_url):  # noqa: F811
         svc.write(lambda session: create_tenant(session, "no way"))
 
 
-def test_keys_are_stored_as_hashes_and_revoked_keys_fail(svc, db_url, tmp_path):  # noqa: F811
+def test_keys_are_stored_as_hashes_and_revoked_keys_fail(svc, db_url, tmp_path):
     info, plaintext = svc.write(
         lambda session: create_key(session, "acme", "ci", rpm_limit=60, tpm_limit=1000, token_quota=50_000)
     )
@@ -350,7 +349,7 @@ def test_key_limits_are_stored_kept_and_cleared(svc):
 # --- deployments --------------------------------------------------------------------------------------------
 
 
-def test_deployments_register_list_remove(svc, db_url):  # noqa: F811
+def test_deployments_register_list_remove(svc, db_url):
     first = svc.write(
         lambda session: register_deployment(session, "tiny", "engine", "http://127.0.0.1:8001/v1", arch="tiny-moe")
     )
@@ -450,7 +449,7 @@ def test_usage_report_sums_by_each_grouping_and_since(svc):
         svc.read(lambda session: usage_report(session, ("tenant", "model")))
 
 
-def test_state_survives_a_new_service(db_url):  # noqa: F811
+def test_state_survives_a_new_service(db_url):
     with open_portal_database(db_url) as first:
         _family(first)
         info, plaintext = first.write(lambda session: create_key(session, "acme"))

@@ -91,6 +91,7 @@ def test_launches_this_machine_cannot_run_are_refused(home, fields, message):
     assert site.pids == {}
 
 
+@pytest.mark.slow
 def test_engine_that_exits_while_starting_is_reported_with_its_log(home):
     site = LocalSite(SiteShape())
     with pytest.raises(UserError, match=r"(?s)deployment broken exited with code 2.*no-such-arch"):
