@@ -62,9 +62,6 @@ class ClientWatch:
             raise ClientGone from None
 
 
-WATCH_SCOPE_KEY = "matrixstack.client_watch"
-
-
 def client_watch(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]]) -> ClientWatch:
     """Return the request's ClientWatch, made on first use (call it once the request body has been read)."""
     watch = scope.get(WATCH_SCOPE_KEY)
