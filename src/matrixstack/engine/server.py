@@ -16,15 +16,16 @@ fails the request (a worker died). A stream that fails after it started sends on
 and closes.
 
 Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
-streamed (the response task is cancelled and closes the engine stream) or not (the server polls the
-connection while it waits).
+streamed or not: the request's one watcher of its client (`openai.disconnect`) ends the wait or the stream, which
+closes the engine stream.
 
 `OpenAIServer` holds the deployment and answers the model and health routes; each generation route is an
 `OpenAIServing` (SGLang's `OpenAIServingBase`): the steps both share — check the request, turn it into the engine's
 `SamplingParams`, start it, answer it streamed or whole — around the route's own prompt step, in `ChatServing` and
-`CompletionServing`. `create_app(engine, model_id)` builds the app; `serve(...)` runs it in the foreground;
-`openai.server.ServerThread` runs it on a background thread (tests, embedding). The HTTP plumbing (errors, SSE,
-sockets, uvicorn) is the `openai` floor's, which the portal shares without importing torch.
+`CompletionServing`. `create_app(engine, model_id)` builds the app; `serve_socket(...)` runs it in the foreground
+on a bound socket (`engine.launch`); `openai.server.ServerThread` runs it on a background thread (tests,
+embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn) is the `openai` floor's, which the portal shares
+without importing torch.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from matrixstack.errors import UserError
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import CHAT, COMPLETION, Endpoint
 from matrixstack.openai.errors import OpenAIError, install_openai_error_handlers, validation_error
-from matrixstack.openai.server import bind_socket, uvicorn_server
+from matrixstack.openai.server import uvicorn_server
 from matrixstack.openai.sse import SSE_DONE, EventStream, sse_event
 from matrixstack.openai.types import ChatCompletionRequest, CompletionRequest, SamplingFields, model_card, now_s, usage
 
@@ -311,18 +312,6 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
 def serve_socket(engine: AsyncEngine, model_id: str, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
     uvicorn_server(create_app(engine, model_id), log_level).run(sockets=[sock])
-
-
-def serve(
-    engine: AsyncEngine, model_id: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
-) -> None:
-    """Serve the deployment on host:port until Ctrl-C (uvicorn, in the foreground); UserError when the port is
-    taken."""
-    sock = bind_socket(host, port)
-    try:
-        serve_socket(engine, model_id, sock, log_level)
-    finally:
-        sock.close()
 
 
 # ---- one deployment: model + runner + engine, as `matrixstack engine serve` builds it ----------------------------
