@@ -17,8 +17,8 @@ another tenant's private one), admit it against the key's limits (429 with Retry
 settings (400 naming the param when a value is outside an L2 range), then forward it to the backend. A stream
 always asks the backend for `stream_options.include_usage` and always ends with a usage chunk, then
 `data: [DONE]`. The response's `model` is the catalog entry's name. A client that goes away cancels the
-backend request (streamed: closing the stream closes the upstream connection; not streamed: the connection is
-polled while the backend works).
+backend request (streamed: closing the stream closes the upstream connection; not streamed: the request's client
+watcher, `openai.disconnect`, cancels the wait for the backend's answer).
 """
 
 from __future__ import annotations
