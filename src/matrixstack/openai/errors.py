@@ -6,8 +6,8 @@
 - `ClientGone`: a request's client went away (answered 499, which nobody reads);
 - `install_openai_error_handlers(app)`: the handlers every OpenAI-compatible server here shares;
 - `UpstreamError(status, body)`: an upstream server's error, its status and OpenAI error body as sent;
-  `upstream_error`, `transport_error`, `stream_error` make one from an error response, an unreachable or slow
-  upstream (502 / 504), and an error event in a stream.
+  `upstream_error`, `non_json_error`, `transport_error`, `stream_error` make one from an error response, an answer
+  that is not JSON (502), an unreachable or slow upstream (502 / 504), and an error event in a stream.
 """
 
 from __future__ import annotations
