@@ -1,4 +1,4 @@
-"""Matrix layer, persisted: the service on SQLite and on a real PostgreSQL server, with real processes.
+"""Matrix layer, persisted: the services on SQLite and on a real PostgreSQL server, with real processes.
 
 The PostgreSQL half runs when a server can be started here: `initdb` and `pg_ctl` on PATH or in Debian's
 /usr/lib/postgresql/*/bin (`.ci/run` installs the `postgresql` package). conftest.py's `db_url` gives each test a
@@ -35,7 +35,7 @@ SMALL = resize_pod(CM384, 2)  # 16 devices: easy to fill
 
 
 @pytest.fixture
-def service(db_url):
+def database(db_url):
     svc = open_database(db_url)
     yield svc
     svc.close()
@@ -76,142 +76,142 @@ def test_state_survives_a_new_engine(db_url):
     second.close()
 
 
-def test_a_tenant_can_neither_see_free_nor_resize_another_tenants_slice(service):
-    service.write(lambda session: create_pool(session, "p", [CM384]))
-    alice = service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
-    bob = service.write(lambda session: alloc_slice(session, "p", "bob", _request(2)))
-    view = service.read(lambda session: show_pool(session, "p", tenant="bob"))
+def test_a_tenant_can_neither_see_free_nor_resize_another_tenants_slice(database):
+    database.write(lambda session: create_pool(session, "p", [CM384]))
+    alice = database.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
+    bob = database.write(lambda session: alloc_slice(session, "p", "bob", _request(2)))
+    view = database.read(lambda session: show_pool(session, "p", tenant="bob"))
     assert [s.id for s in view.slices] == [bob.id] and view.tenants is None
     assert view.owners[0][alice.devices[0]] < 0 and view.owners[0][bob.devices[0]] == bob.id
     with pytest.raises(UserError, match=f"no live slice {alice.id} of tenant 'bob'"):
-        service.write(lambda session: free_slice(session, alice.id, tenant="bob"))
+        database.write(lambda session: free_slice(session, alice.id, tenant="bob"))
     with pytest.raises(UserError, match=f"no live slice {alice.id} of tenant 'bob'"):
-        service.write(lambda session: resize_slice(session, alice.id, 8, tenant="bob"))
-    assert [e["slice"] for e in service.read(lambda session: list_events(session, "p", tenant="bob"))] == [bob.id]
-    freed = service.write(lambda session: free_slice(session, alice.id, tenant="alice"))
+        database.write(lambda session: resize_slice(session, alice.id, 8, tenant="bob"))
+    assert [e["slice"] for e in database.read(lambda session: list_events(session, "p", tenant="bob"))] == [bob.id]
+    freed = database.write(lambda session: free_slice(session, alice.id, tenant="alice"))
     assert freed.state == "freed" and freed.devices == alice.devices
     with pytest.raises(UserError, match=f"no live slice {alice.id}"):
-        service.write(lambda session: free_slice(session, alice.id))
-    assert service.read(lambda session: show_pool(session, "p")).stats["allocated"] == 2
+        database.write(lambda session: free_slice(session, alice.id))
+    assert database.read(lambda session: show_pool(session, "p")).stats["allocated"] == 2
 
 
-def test_fail_replaces_from_the_same_domain_or_degrades_then_repair_heals(service):
-    service.write(lambda session: create_pool(session, "small", [SMALL]))
-    a = service.write(lambda session: alloc_slice(session, "small", "alice", _request(6)))
-    b = service.write(lambda session: alloc_slice(session, "small", "bob", _request(8), policy="server"))
-    replaced = service.write(lambda session: fail_device(session, "small", (0, a.devices[0]), "xid 79"))
+def test_fail_replaces_from_the_same_domain_or_degrades_then_repair_heals(database):
+    database.write(lambda session: create_pool(session, "small", [SMALL]))
+    a = database.write(lambda session: alloc_slice(session, "small", "alice", _request(6)))
+    b = database.write(lambda session: alloc_slice(session, "small", "bob", _request(8), policy="server"))
+    replaced = database.write(lambda session: fail_device(session, "small", (0, a.devices[0]), "xid 79"))
     assert replaced["action"] == "replaced" and replaced["slice"] == a.id and len(replaced["replacement"]) == 1
-    now = service.read(lambda session: show_pool(session, "small"))
+    now = database.read(lambda session: show_pool(session, "small"))
     by_id = {s.id: s for s in now.slices}
     assert len(by_id[a.id].devices) == 6 and a.devices[0] not in by_id[a.id].devices
     # fill the last free device, then fail one more: no spare is left, the slice is degraded with the reason
-    service.write(lambda session: alloc_slice(session, "small", "carol", _request(1)))
-    degraded = service.write(lambda session: fail_device(session, "small", (0, b.devices[3]), "ECC"))
+    database.write(lambda session: alloc_slice(session, "small", "carol", _request(1)))
+    degraded = database.write(lambda session: fail_device(session, "small", (0, b.devices[3]), "ECC"))
     assert degraded["action"] == "degraded" and "no free whole node" in degraded["reason"]
-    slice_b = next(s for s in service.read(lambda session: show_pool(session, "small")).slices if s.id == b.id)
+    slice_b = next(s for s in database.read(lambda session: show_pool(session, "small")).slices if s.id == b.id)
     assert slice_b.state == "degraded" and len(slice_b.devices) == 7 and "ECC" not in slice_b.reason
     with pytest.raises(UserError, match="failed already"):
-        service.write(lambda session: fail_device(session, "small", (0, b.devices[3])))
-    repaired = service.write(lambda session: repair_device(session, "small", (0, b.devices[3])))
+        database.write(lambda session: fail_device(session, "small", (0, b.devices[3])))
+    repaired = database.write(lambda session: repair_device(session, "small", (0, b.devices[3])))
     assert repaired["healed_slices"] == [b.id]
-    slice_b = next(s for s in service.read(lambda session: show_pool(session, "small")).slices if s.id == b.id)
+    slice_b = next(s for s in database.read(lambda session: show_pool(session, "small")).slices if s.id == b.id)
     assert slice_b.state == "active" and slice_b.devices == b.devices
     with pytest.raises(UserError, match="is not failed"):
-        service.write(lambda session: repair_device(session, "small", (0, b.devices[3])))
-    kinds = [e["kind"] for e in service.read(lambda session: list_events(session, "small"))]
+        database.write(lambda session: repair_device(session, "small", (0, b.devices[3])))
+    kinds = [e["kind"] for e in database.read(lambda session: list_events(session, "small"))]
     assert kinds.count("replace") == 1 and kinds.count("degrade") == 1 and kinds[-2:] == ["repair", "heal"]
 
 
-def test_a_whole_node_slice_moves_to_a_whole_free_node(service):
-    service.write(lambda session: create_pool(session, "p", [CM384]))
-    s = service.write(
+def test_a_whole_node_slice_moves_to_a_whole_free_node(database):
+    database.write(lambda session: create_pool(session, "p", [CM384]))
+    s = database.write(
         lambda session: alloc_slice(session, "p", "alice", SliceRequest(devices=8, host_cpus=2), policy="server")
     )
-    result = service.write(lambda session: fail_device(session, "p", (0, s.devices[0])))
+    result = database.write(lambda session: fail_device(session, "p", (0, s.devices[0])))
     assert result["action"] == "replaced" and len(result["replacement"]) == 8
-    moved = service.read(lambda session: show_pool(session, "p")).slices[0]
+    moved = database.read(lambda session: show_pool(session, "p")).slices[0]
     assert moved.nodes == (1,) and moved.hosts == ((1, 4, 2048.0),)
-    assert service.read(lambda session: show_pool(session, "p")).stats["free"] == 384 - 8 - 1
+    assert database.read(lambda session: show_pool(session, "p")).stats["free"] == 384 - 8 - 1
 
 
-def test_a_degraded_whole_node_slice_heals_when_a_node_is_freed(service):
-    service.write(lambda session: create_pool(session, "small", [SMALL]))
-    server = service.write(lambda session: alloc_slice(session, "small", "alice", _request(8), policy="server"))
-    other = service.write(lambda session: alloc_slice(session, "small", "bob", _request(8)))
-    assert service.write(lambda session: fail_device(session, "small", (0, server.devices[0])))["action"] == "degraded"
-    service.write(lambda session: free_slice(session, other.id, tenant="bob"))
-    healed = next(s for s in service.read(lambda session: show_pool(session, "small")).slices if s.id == server.id)
+def test_a_degraded_whole_node_slice_heals_when_a_node_is_freed(database):
+    database.write(lambda session: create_pool(session, "small", [SMALL]))
+    server = database.write(lambda session: alloc_slice(session, "small", "alice", _request(8), policy="server"))
+    other = database.write(lambda session: alloc_slice(session, "small", "bob", _request(8)))
+    assert database.write(lambda session: fail_device(session, "small", (0, server.devices[0])))["action"] == "degraded"
+    database.write(lambda session: free_slice(session, other.id, tenant="bob"))
+    healed = next(s for s in database.read(lambda session: show_pool(session, "small")).slices if s.id == server.id)
     assert healed.state == "active" and healed.nodes == other.nodes and len(healed.devices) == 8
-    assert [e["kind"] for e in service.read(lambda session: list_events(session, "small"))][-2:] == ["free", "heal"]
+    assert [e["kind"] for e in database.read(lambda session: list_events(session, "small"))][-2:] == ["free", "heal"]
 
 
-def test_resize_grows_near_the_slice_and_shrinks_to_whole_nodes(service):
-    service.write(lambda session: create_pool(session, "p", [CM384]))
-    s = service.write(lambda session: alloc_slice(session, "p", "alice", _request(6)))
-    grown = service.write(lambda session: resize_slice(session, s.id, 12, tenant="alice"))
+def test_resize_grows_near_the_slice_and_shrinks_to_whole_nodes(database):
+    database.write(lambda session: create_pool(session, "p", [CM384]))
+    s = database.write(lambda session: alloc_slice(session, "p", "alice", _request(6)))
+    grown = database.write(lambda session: resize_slice(session, s.id, 12, tenant="alice"))
     assert set(s.devices) < set(grown.devices) and len(grown.nodes) == 2
-    shrunk = service.write(lambda session: resize_slice(session, s.id, 8, tenant="alice"))
+    shrunk = database.write(lambda session: resize_slice(session, s.id, 8, tenant="alice"))
     assert len(shrunk.devices) == 8 and shrunk.nodes == (0,)
-    whole = service.write(lambda session: alloc_slice(session, "p", "bob", _request(20), policy="server"))
+    whole = database.write(lambda session: alloc_slice(session, "p", "bob", _request(20), policy="server"))
     assert len(whole.devices) == 24
-    assert len(service.write(lambda session: resize_slice(session, whole.id, 9)).devices) == 16
+    assert len(database.write(lambda session: resize_slice(session, whole.id, 9)).devices) == 16
     with pytest.raises(UserError, match="cannot grow slice"):
-        service.write(lambda session: resize_slice(session, whole.id, 8 * 60))
+        database.write(lambda session: resize_slice(session, whole.id, 8 * 60))
 
 
-def test_constraints_and_errors_are_user_errors(service):
-    service.write(lambda session: create_pool(session, "p", [CM384]))
+def test_constraints_and_errors_are_user_errors(database):
+    database.write(lambda session: create_pool(session, "p", [CM384]))
     with pytest.raises(UserError, match="exists already"):
-        service.write(lambda session: create_pool(session, "p", [CM384]))
+        database.write(lambda session: create_pool(session, "p", [CM384]))
     with pytest.raises(UserError, match="no pool named 'nope'.*matrix create --pool nope"):
-        service.write(lambda session: alloc_slice(session, "nope", "alice", _request(1)))
+        database.write(lambda session: alloc_slice(session, "nope", "alice", _request(1)))
     with pytest.raises(UserError, match="largest holds 8 devices"):
-        service.write(lambda session: alloc_slice(session, "p", "alice", _request(9, max_tier=1)))
+        database.write(lambda session: alloc_slice(session, "p", "alice", _request(9, max_tier=1)))
     with pytest.raises(UserError, match="unknown policy 'best'"):
-        service.write(lambda session: alloc_slice(session, "p", "alice", _request(1), policy="best"))
+        database.write(lambda session: alloc_slice(session, "p", "alice", _request(1), policy="best"))
     with pytest.raises(UserError, match="tenant name 'a b'"):
-        service.write(lambda session: alloc_slice(session, "p", "a b", _request(1)))
+        database.write(lambda session: alloc_slice(session, "p", "a b", _request(1)))
     with pytest.raises(UserError, match="devices 0..383; got device 384"):
-        service.write(lambda session: fail_device(session, "p", (0, 384)))
-    service.write(lambda session: alloc_slice(session, "p", "alice", _request(380)))
+        database.write(lambda session: fail_device(session, "p", (0, 384)))
+    database.write(lambda session: alloc_slice(session, "p", "alice", _request(380)))
     with pytest.raises(UserError, match="no room now for 5 devices"):
-        service.write(lambda session: alloc_slice(session, "p", "alice", _request(5)))
+        database.write(lambda session: alloc_slice(session, "p", "alice", _request(5)))
     assert parse_device("1:17") == (1, 17) and parse_device("5") == (0, 5)
     with pytest.raises(UserError, match="is not F:D or D"):
         parse_device("a:b")
-    with Session(service.engine) as session:
+    with Session(database.engine) as session:
         assert session.scalar(select(func.count()).select_from(SliceRow)) == 1  # the refusals wrote nothing
 
 
-def test_the_database_forbids_handing_out_a_device_twice(service):
-    service.write(lambda session: create_pool(session, "p", [CM384]))
-    s = service.write(lambda session: alloc_slice(session, "p", "alice", _request(2)))
-    with Session(service.engine) as session, pytest.raises(IntegrityError):
+def test_the_database_forbids_handing_out_a_device_twice(database):
+    database.write(lambda session: create_pool(session, "p", [CM384]))
+    s = database.write(lambda session: alloc_slice(session, "p", "alice", _request(2)))
+    with Session(database.engine) as session, pytest.raises(IntegrityError):
         with session.begin():
             session.add(SliceDeviceRow(slice_id=s.id, pool_id=1, fabric_index=0, device=s.devices[0]))
 
 
-def test_an_error_after_the_slice_rows_are_written_leaves_no_half_slice(service):
-    service.write(lambda session: create_pool(session, "p", [CM384]))
+def test_an_error_after_the_slice_rows_are_written_leaves_no_half_slice(database):
+    database.write(lambda session: create_pool(session, "p", [CM384]))
 
     def explode(conn, cursor, statement, parameters, context, executemany):
         if statement.startswith("INSERT INTO slice_devices"):
             raise RuntimeError("injected failure after the slice rows were inserted")
 
-    event.listen(service.engine, "after_cursor_execute", explode)
+    event.listen(database.engine, "after_cursor_execute", explode)
     with pytest.raises(RuntimeError, match="injected"):
-        service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
-    event.remove(service.engine, "after_cursor_execute", explode)
-    _assert_empty(service)
-    assert len(service.write(lambda session: alloc_slice(session, "p", "alice", _request(4))).devices) == 4
+        database.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
+    event.remove(database.engine, "after_cursor_execute", explode)
+    _assert_empty(database)
+    assert len(database.write(lambda session: alloc_slice(session, "p", "alice", _request(4))).devices) == 4
 
 
-def _assert_empty(service: Database) -> None:
-    with Session(service.engine) as session:
+def _assert_empty(database: Database) -> None:
+    with Session(database.engine) as session:
         assert session.scalar(select(func.count()).select_from(SliceRow)) == 0
         assert session.scalar(select(func.count()).select_from(SliceDeviceRow)) == 0
         assert [k for (k,) in session.execute(select(EventRow.kind))] == ["create"]
-    assert service.read(lambda session: show_pool(session, "p")).stats["allocated"] == 0
+    assert database.read(lambda session: show_pool(session, "p")).stats["allocated"] == 0
 
 
 # --- real processes -------------------------------------------------------------------------------------------
@@ -219,31 +219,31 @@ def _assert_empty(service: Database) -> None:
 
 def _allocate_many(url: str, worker: int, count: int, barrier, results) -> None:
     """Child process: allocate `count` slices of 1-6 devices from pool 'p' as tenant t<worker>."""
-    service = open_database(url)
+    database = open_database(url)
     barrier.wait(timeout=60)
     got = []
     for k in range(count):
         try:
             request = _request(1 + (worker + k) % 6)
-            info = service.write(partial(alloc_slice, pool="p", tenant=f"t{worker}", request=request))
+            info = database.write(partial(alloc_slice, pool="p", tenant=f"t{worker}", request=request))
         except UserError:
             continue
         got.append((info.id, info.devices))
-    service.close()
+    database.close()
     results.put((worker, got))
 
 
 def _allocate_then_hang(url: str, marker: str) -> None:
     """Child process: start an allocation, signal once the slice rows are written, and hang before commit."""
-    service = open_database(url)
+    database = open_database(url)
 
     def hang(conn, cursor, statement, parameters, context, executemany):
         if statement.startswith("INSERT INTO slice_devices"):
             Path(marker).write_text("inserted")
             time.sleep(120)
 
-    event.listen(service.engine, "after_cursor_execute", hang)
-    service.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
+    event.listen(database.engine, "after_cursor_execute", hang)
+    database.write(lambda session: alloc_slice(session, "p", "alice", _request(4)))
 
 
 @pytest.mark.slow
@@ -271,8 +271,8 @@ def test_processes_allocating_at_once_never_share_a_device(db_url):
 
 @pytest.mark.slow
 def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
-    service = open_database(db_url)
-    service.write(lambda session: create_pool(session, "p", [CM384]))
+    database = open_database(db_url)
+    database.write(lambda session: create_pool(session, "p", [CM384]))
     marker = tmp_path / "inserted"
     ctx = multiprocessing.get_context("spawn")
     child = ctx.Process(target=_allocate_then_hang, args=(db_url, str(marker)))
@@ -284,8 +284,8 @@ def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
     os.kill(child.pid, signal.SIGKILL)
     child.join(timeout=30)
     assert child.exitcode == -signal.SIGKILL
-    _assert_empty(service)
+    _assert_empty(database)
     assert (
-        len(service.write(lambda session: alloc_slice(session, "p", "bob", _request(4))).devices) == 4
+        len(database.write(lambda session: alloc_slice(session, "p", "bob", _request(4))).devices) == 4
     )  # the dead writer's lock is gone
-    service.close()
+    database.close()

@@ -46,8 +46,8 @@ SECRET = "sk-upstream-secret-0123456789"
 
 @pytest.fixture
 def svc(db_url):
-    with open_portal_database(db_url) as service:
-        yield service
+    with open_portal_database(db_url) as database:
+        yield database
 
 
 def _l0(name: str = "base", **extra) -> EntrySpec:
@@ -449,7 +449,7 @@ def test_usage_report_sums_by_each_grouping_and_since(svc):
         svc.read(lambda session: usage_report(session, ("tenant", "model")))
 
 
-def test_state_survives_a_new_service(db_url):
+def test_state_survives_reopening_the_database(db_url):
     with open_portal_database(db_url) as first:
         _family(first)
         info, plaintext = first.write(lambda session: create_key(session, "acme"))
