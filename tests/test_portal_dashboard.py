@@ -374,7 +374,7 @@ def test_page_and_static_files_need_no_outside_origin(portal_url):
     style = httpx.get(f"{portal_url}/dashboard/static/dashboard.css")
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
     assert httpx.get(f"{portal_url}/dashboard/static/dashboard.html").status_code == 404
-    assert httpx.get(f"{portal_url}/dashboard/static/..%2F..%2Fservice.py").status_code == 404
+    assert httpx.get(f"{portal_url}/dashboard/static/..%2Fapp.py").status_code == 404
 
 
 @needs_chromium
