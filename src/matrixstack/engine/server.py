@@ -80,16 +80,16 @@ class OpenAIServer:
             )
 
     def models(self) -> dict[str, Any]:
-        """GET /v1/models."""
+        """Return the answer of GET /v1/models: the list with this deployment's one model card."""
         return {"object": "list", "data": [model_card(self.model_id, self.created, self.max_model_len)]}
 
     def model(self, model: str) -> dict[str, Any]:
-        """GET /v1/models/{model}."""
+        """Return the answer of GET /v1/models/{model}: the model card; a 404 unless `model` is this deployment's."""
         self.check_model(model)
         return model_card(self.model_id, self.created, self.max_model_len)
 
     def health(self) -> Response:
-        """GET /health: 200 while the engine loop thread runs, 503 when it stopped."""
+        """Return the answer of GET /health: 200 while the engine loop thread runs, 503 when it stopped."""
         thread = getattr(self.engine, "_thread", None)
         if thread is not None and not thread.is_alive():
             return OpenAIError(503, "the engine loop has stopped", type_="server_error").response()

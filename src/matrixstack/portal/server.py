@@ -137,7 +137,7 @@ class PortalThread:
         return f"{self._server.url}/v1"
 
     def start(self, timeout_s: float = 30.0) -> PortalThread:
-        """Start serving; raise RuntimeError when uvicorn is not up within `timeout_s`."""
+        """Start serving and return self; raise RuntimeError when uvicorn is not up within `timeout_s`."""
         self._server.start(timeout_s)
         return self
 
