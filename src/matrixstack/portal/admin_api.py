@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
@@ -34,19 +34,18 @@ from matrixstack.portal import catalog_service, deployment_service, key_service,
 from matrixstack.portal.gateway import Gateway, openai_error
 from matrixstack.portal.key_service import KeyInfo
 from matrixstack.portal.spec import parse_entries
+from matrixstack.specio import Strict
 
 
-class TenantCreate(BaseModel):
+class TenantCreate(Strict):
     """`POST /admin/tenants`."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(description="1-64 letters, digits, '_', '.', '@' or '-'")
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(Strict):
     """`POST /admin/keys`."""
 
-    model_config = ConfigDict(extra="forbid")
     tenant: str = Field(description="the tenant the key acts for (created if new)")
     name: str = "default"
     admin: bool = False
@@ -55,19 +54,17 @@ class KeyCreate(BaseModel):
     token_quota: int | None = Field(None, description="tokens over the key's life (null: no limit)")
 
 
-class KeyLimitsChange(BaseModel):
+class KeyLimitsChange(Strict):
     """`PATCH /admin/keys/{prefix}`: only the fields given change; null removes that limit."""
 
-    model_config = ConfigDict(extra="forbid")
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     token_quota: int | None = None
 
 
-class DeploymentCreate(BaseModel):
+class DeploymentCreate(Strict):
     """`POST /admin/deployments`."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     kind: str = Field(description="engine or vllm")
     url: str = Field(description="its OpenAI base URL, e.g. http://127.0.0.1:8001/v1")
