@@ -3,7 +3,7 @@
 An entry is what a user calls (`model` in an OpenAI request). L0 is a foundation model with a backend; L1 an
 industry model derived from an L0 (system prompt, knowledge, adapter, parameters); L2 a scenario model derived
 from an L1 or an L0 (prompt, defaults, allowed ranges, stop strings). Each entry validates on its own here;
-the rules between entries (the parent exists and has the right level) are the service's, which sees them all.
+the rules between entries (the parent exists and has the right level) are `catalog_service`'s, which sees them all.
 """
 
 from __future__ import annotations
