@@ -19,18 +19,18 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-from rich.progress import Progress  # noqa: E402
+from rich.progress import Progress
 
-from matrixstack.arch.loader import load_arch  # noqa: E402
-from matrixstack.fabric.loader import load_fabric  # noqa: E402
-from matrixstack.perf.search import (  # noqa: E402
+from matrixstack.arch.loader import load_arch
+from matrixstack.fabric.loader import load_fabric
+from matrixstack.perf.search import (
     DEFAULT_EXPERT_SKEW,
     DEFAULT_SEQUENCE_EXPERT_CV,
     PhaseSearch,
     search_plan,
     skeletons,
 )
-from matrixstack.perf.spec import Slo, Workload  # noqa: E402
+from matrixstack.perf.spec import Slo, Workload
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -14,9 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the bench's modules import each other
 
-import portal_overhead  # noqa: E402
-from http_load import Sample  # noqa: E402
-from portal_overhead import Measured, PathRun  # noqa: E402
+import portal_overhead
+from http_load import Sample
+from portal_overhead import Measured, PathRun
 
 FIGURES = ("requests", "served", "errors", "latency_ms", "throughput_rps", "wall_s")
 PATHS = ("direct", "relay", "portal")
