@@ -268,9 +268,9 @@ def test_rate_and_token_limits_answer_429_with_retry_after(portal):
 
 def test_token_quota_counts_usage_already_in_the_database(portal):
     key_id, plaintext = new_key(portal, "veteran", token_quota=100)
-    service = portal.portal.db
-    tenant_id = next(k.tenant_id for k in service.read(lambda session: list_keys(session, "veteran")))
-    service.write(
+    database = portal.portal.db
+    tenant_id = next(k.tenant_id for k in database.read(lambda session: list_keys(session, "veteran")))
+    database.write(
         lambda session: record_usage(session, [UsageRecord(tenant_id, key_id, "tiny", 60, 40, 200, 10.0)])
     )  # spent before this portal
     with pytest.raises(openai.RateLimitError) as err:
@@ -330,13 +330,13 @@ def test_client_disconnect_is_metered_and_frees_the_request(portal):
     stream = chat(client(portal, plaintext), "tiny", max_tokens=200, stream=True)
     next(iter(stream))
     stream.close()  # hang up after the first chunk
-    service = portal.portal.db
+    database = portal.portal.db
     deadline = time.monotonic() + WAIT_S
     while True:
         portal.portal.writer.flush()
         rows = [
             r
-            for r in service.read(lambda session: usage_report(session, group_by=("tenant",)))
+            for r in database.read(lambda session: usage_report(session, group_by=("tenant",)))
             if r["tenant"] == "quitter"
         ]
         if rows:

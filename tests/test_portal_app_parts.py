@@ -159,45 +159,45 @@ def test_cache_clear_during_a_load_does_not_keep_the_stale_value():
 
 
 @pytest.fixture
-def service(tmp_path):
+def database(tmp_path):
     with open_portal_database(f"sqlite:///{tmp_path / 'usage.db'}") as svc:
         yield svc
 
 
-def _records(service: Database, n: int, entry: str = "tiny") -> list[UsageRecord]:
-    info, _ = service.write(lambda session: create_key(session, "acme"))
+def _records(database: Database, n: int, entry: str = "tiny") -> list[UsageRecord]:
+    info, _ = database.write(lambda session: create_key(session, "acme"))
     return [UsageRecord(info.tenant_id, info.id, entry, 10, i, 200, 5.0, 1.0) for i in range(n)]
 
 
-def _record_fn(service: Database):
+def _record_fn(database: Database):
     """Return what the app gives its usage writer: write one batch in one unit of work."""
-    return lambda batch: service.write(lambda session: record_usage(session, batch))
+    return lambda batch: database.write(lambda session: record_usage(session, batch))
 
 
-def test_writer_writes_batches_and_flush_waits_for_them(service):
-    writer = UsageWriter(_record_fn(service), interval_s=0.05).start()
-    records = _records(service, 50)
+def test_writer_writes_batches_and_flush_waits_for_them(database):
+    writer = UsageWriter(_record_fn(database), interval_s=0.05).start()
+    records = _records(database, 50)
     for record in records[:30]:
         writer.submit(record)
     assert writer.flush()
-    assert service.read(usage_report)[0]["requests"] == 30
+    assert database.read(usage_report)[0]["requests"] == 30
     for record in records[30:]:
         writer.submit(record)
     writer.stop()
-    total = service.read(usage_report)[0]
+    total = database.read(usage_report)[0]
     assert total["requests"] == 50 and total["completion_tokens"] == sum(range(50)) and writer.written == 50
 
 
-def test_writer_loses_nothing_on_a_clean_stop(service):
-    writer = UsageWriter(_record_fn(service), interval_s=60.0).start()  # no round would come before the stop
-    for record in _records(service, 20):
+def test_writer_loses_nothing_on_a_clean_stop(database):
+    writer = UsageWriter(_record_fn(database), interval_s=60.0).start()  # no round would come before the stop
+    for record in _records(database, 20):
         writer.submit(record)
     writer.stop()
     writer.stop()  # twice is fine
-    assert service.read(usage_report)[0]["requests"] == 20
+    assert database.read(usage_report)[0]["requests"] == 20
 
 
-def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
+def test_writer_keeps_a_failed_batch_and_writes_it_later(database):
     """A database that refuses one write (here: the first call fails as a dropped connection would)."""
     calls = []
 
@@ -205,20 +205,20 @@ def test_writer_keeps_a_failed_batch_and_writes_it_later(service):
         calls.append(len(batch))
         if len(calls) == 1:
             raise ConnectionError("database went away")
-        service.write(lambda session: record_usage(session, batch))
+        database.write(lambda session: record_usage(session, batch))
 
     writer = UsageWriter(flaky_write, interval_s=0.01).start()
-    for record in _records(service, 5):
+    for record in _records(database, 5):
         writer.submit(record)
     assert writer.flush()
     writer.stop()
     assert calls[0] == 5 and writer.failures == 1
-    assert service.read(usage_report)[0]["requests"] == 5
+    assert database.read(usage_report)[0]["requests"] == 5
 
 
-def test_writer_submit_from_many_threads(service):
-    writer = UsageWriter(_record_fn(service), interval_s=0.01).start()
-    records = _records(service, 200)
+def test_writer_submit_from_many_threads(database):
+    writer = UsageWriter(_record_fn(database), interval_s=0.01).start()
+    records = _records(database, 200)
     threads = [threading.Thread(target=lambda part: [writer.submit(r) for r in part], args=(records[i::4],))
                for i in range(4)]  # fmt: skip
     for t in threads:
@@ -226,7 +226,7 @@ def test_writer_submit_from_many_threads(service):
     for t in threads:
         t.join()
     writer.stop()
-    assert service.read(usage_report)[0]["requests"] == 200
+    assert database.read(usage_report)[0]["requests"] == 200
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------

@@ -51,11 +51,11 @@ def held(tmp_path):
     with ServerThread(backend) as upstream:
         db_url = f"sqlite:///{tmp_path / 'portal.db'}"
         with PortalThread(db_url) as portal:
-            service = portal.portal.db
-            service.write(lambda session: create_tenant(session, "acme"))
-            _, key = service.write(lambda session: create_key(session, "acme"))
+            database = portal.portal.db
+            database.write(lambda session: create_tenant(session, "acme"))
+            _, key = database.write(lambda session: create_key(session, "acme"))
             url = f"{upstream.url}/v1"
-            service.write(
+            database.write(
                 lambda session: add_entry(
                     session, EntrySpec(name="held", level="L0", backend=BackendSpec(kind="upstream", url=url))
                 )
