@@ -6,17 +6,16 @@ the allowed range (a `ValueError`, so the HTTP layer maps it to a 400).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from matrixstack.openai.types import MAX_SEED
+from matrixstack.specio import Strict
 
 TOP_K_OFF = -1
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(Strict, frozen=True):
     """Limits of one engine instance: KV cache size, batch size, chunked-prefill token budget, context length."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     block_size: int = Field(16, gt=0, description="tokens per KV cache block")
     num_kv_blocks: int = Field(
@@ -49,10 +48,8 @@ class EngineConfig(BaseModel):
         return self
 
 
-class SamplingParams(BaseModel):
+class SamplingParams(Strict, frozen=True):
     """How one request picks its tokens and when it stops (the OpenAI / vLLM fields of the same names)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 means greedy (argmax)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: keep the smallest top set with this mass")
