@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from matrixstack.arch.registry import model_names, registered_arch_file
 from matrixstack.arch.spec import Arch
+from matrixstack.errors import UnknownNameError
 from matrixstack.specio import catalog_names, load_spec
 
 CATALOG_PACKAGE = "matrixstack.arch.catalog"
@@ -20,4 +21,8 @@ def load_arch(name_or_path: str) -> Arch:
     registered = None if name_or_path in arch_names() else registered_arch_file(name_or_path)
     if registered is not None:
         return load_spec(Arch, str(registered), CATALOG_PACKAGE, "arch")
-    return load_spec(Arch, name_or_path, CATALOG_PACKAGE, "arch", other_names=tuple(model_names()))
+    try:
+        return load_spec(Arch, name_or_path, CATALOG_PACKAGE, "arch")
+    except UnknownNameError as exc:
+        names = ", ".join(model_names())
+        raise UnknownNameError(f"{exc}; registered models: {names}") if names else exc from None
