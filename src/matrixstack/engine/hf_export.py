@@ -170,13 +170,14 @@ def export_hf_folder(arch: Arch, weights_dir: Path, out: Path, force: bool = Fal
     arch or the weights do not fit."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"--out {out} exists and is not an empty folder; pick another or pass --force to overwrite")
+    config = glm4_moe_config(arch)  # an arch that does not fit is refused before its weights are read
     files, where, dtype = _weights(weights_dir)
     headers = {k: v for f in files for k, v in safetensors_header(f).items()}
     _check_shapes(arch, where, weights_dir, headers)
     tokenizer = Tokenizer.from_file(weights_dir / TOKENIZER_FILE)
     special_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     documents = {
-        "config.json": {**glm4_moe_config(arch, dtype), **special_ids},
+        "config.json": {**config, "torch_dtype": dtype, **special_ids},
         "generation_config.json": special_ids,
         "tokenizer_config.json": tokenizer_config(arch.max_position_embeddings),
     }
