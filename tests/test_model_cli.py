@@ -20,6 +20,9 @@ from matrixstack.engine.loading import load_model
 from matrixstack.engine.model import greedy_generate
 from matrixstack.engine.tokenizer import CHAT_TEMPLATE, Tokenizer
 from matrixstack.errors import UserError
+from matrixstack.stack.export import default_shape
+from matrixstack.stack.spec import parse_shape
+from matrixstack.stack.validate import check_shape
 
 PACKAGED = PACKAGED_WEIGHTS["tiny-moe"]
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -217,3 +220,15 @@ def test_transformers_loads_the_export_with_the_engines_greedy_tokens(exported):
     assert theirs == greedy_generate(ours, ids, 16)
     rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert rendered == tokenizer.apply_chat_template(CHAT)
+
+
+def test_a_shape_deployment_may_name_a_registered_model(cli, exported, tmp_path):
+    long = _folder_like(exported, tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert cli("model", "add", str(exported), "--name", "tiny-hf").exit_code == 0
+    assert cli("model", "add", str(long), "--name", "long").exit_code == 0
+    data = default_shape().dump()
+    data["deployments"][0].update(arch="tiny-hf", slice={"devices": 1}, pins={})
+    assert [d.name for d in check_shape(parse_shape(data, "test shape"))] == [data["deployments"][0]["name"]]
+    data["deployments"][0]["arch"] = "long"
+    with pytest.raises(UserError, match=r"model long .* is not one the builtin engine runs.*engine: vllm"):
+        check_shape(parse_shape(data, "test shape"))
