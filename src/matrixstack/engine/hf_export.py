@@ -5,7 +5,9 @@ The folder (`export_hf_folder`):
 
 - `config.json`: transformers' `Glm4MoeForCausalLM` (`glm4_moe_config`, the mapping below);
 - `model.safetensors` (or the shards and `model.safetensors.index.json`): the engine's checkpoint copied as is,
-  its tensor names are already Hugging Face's (`engine.weights`);
+  its tensor names are already Hugging Face's (`engine.weights`), plus `lm_head.weight` when the arch ties it to
+  the embedding: vLLM's Glm4Moe always reads its own LM head (it ignores `tie_word_embeddings` and would
+  otherwise answer from an unloaded one); transformers ties it anyway, the engine ignores the extra tensor;
 - `tokenizer.json`: the engine's, with a post-processor that puts `<|bos|>` first when a library encodes with
   special tokens (transformers by default, vLLM's completions), as the engine's server does for a text prompt;
   the engine itself encodes without special tokens, so it reads the exported file unchanged;
@@ -45,6 +47,8 @@ MODEL_TYPE = "glm4_moe"
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 HEADER_LENGTH_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian u64
 INDEX_FILE = "model.safetensors.index.json"
+EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+HEADER_ALIGN_BYTES = 8  # safetensors pads its header with spaces to this alignment
 
 
 def _misfits(arch: Arch) -> list[str]:
@@ -153,9 +157,24 @@ def _weights(weights_dir: Path) -> tuple[list[Path], dict[str, str], str]:
     return files, where, SAFETENSORS_DTYPES[dtypes.pop()]
 
 
+def _copy_with_lm_head(source: Path, target: Path) -> None:
+    """Copy the safetensors file `source` to `target` with `lm_head.weight` added, a copy of the embedding's bytes
+    (written by hand: no torch needed, and numpy has no bfloat16)."""
+    header = safetensors_header(source)
+    with source.open("rb") as file:
+        file.seek(HEADER_LENGTH_BYTES + struct.unpack("<Q", file.read(HEADER_LENGTH_BYTES))[0])
+        data = file.read()
+    embedding = header[EMBEDDING]
+    start, end = embedding["data_offsets"]
+    header[LM_HEAD] = {**embedding, "data_offsets": [len(data), len(data) + end - start]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % HEADER_ALIGN_BYTES)
+    target.write_bytes(struct.pack("<Q", len(text)) + text + data + data[start:end])
+
+
 def _check_shapes(arch: Arch, where: dict[str, str], weights_dir: Path, headers: dict[str, Any]) -> None:
     """Raise UserError when the checkpoint's embedding is not the arch's [vocab, hidden]."""
-    name, expected = "model.embed_tokens.weight", [arch.vocab_size, arch.hidden_size]
+    name, expected = EMBEDDING, [arch.vocab_size, arch.hidden_size]
     if name not in where or headers[name]["shape"] != expected:
         found = headers[name]["shape"] if name in where else "missing"
         raise UserError(
@@ -181,11 +200,20 @@ def export_hf_folder(arch: Arch, weights_dir: Path, out: Path, force: bool = Fal
         "generation_config.json": special_ids,
         "tokenizer_config.json": tokenizer_config(arch.max_position_embeddings),
     }
+    names = {file: "model.safetensors" if len(files) == 1 else file.name for file in files}
+    add_lm_head = arch.tie_embeddings and LM_HEAD not in where
+    if add_lm_head:
+        where[LM_HEAD] = where[EMBEDDING]
     if len(files) > 1:
         documents[INDEX_FILE] = {"metadata": {}, "weight_map": where}
     out.mkdir(parents=True, exist_ok=True)
-    names = ["model.safetensors"] if len(files) == 1 else [f.name for f in files]
-    written = [Path(shutil.copyfile(file, out / name)) for file, name in zip(files, names, strict=True)]
+    written = []
+    for file, name in names.items():
+        if add_lm_head and file.name == where[EMBEDDING]:
+            _copy_with_lm_head(file, out / name)
+        else:
+            shutil.copyfile(file, out / name)
+        written.append(out / name)
     for name, document in documents.items():
         (out / name).write_text(json.dumps(document, indent=2) + "\n")
         written.append(out / name)
