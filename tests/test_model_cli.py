@@ -13,19 +13,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, weights_or_packaged
-from matrixstack.engine.hf_export import safetensors_header
+from matrixstack.engine.hf_export import glm4_moe_config, safetensors_header
+from matrixstack.engine.hf_folder import lanes_for
 from matrixstack.engine.loading import load_model
-from matrixstack.engine.model import greedy_generate
+from matrixstack.engine.model import MoETransformer, greedy_generate
 from matrixstack.engine.tokenizer import CHAT_TEMPLATE, Tokenizer
+from matrixstack.engine.weights import save_weights
 from matrixstack.errors import UserError
 from matrixstack.stack.export import default_shape
 from matrixstack.stack.spec import parse_shape
 from matrixstack.stack.validate import check_shape
 
 PACKAGED = PACKAGED_WEIGHTS["tiny-moe"]
+HF_CONFIGS = Path(__file__).parent / "data" / "hf_configs"
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 PROMPT = "def fibonacci(n):"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
@@ -234,3 +238,51 @@ def test_a_shape_deployment_may_name_a_registered_model(cli, exported, tmp_path)
     data["deployments"][0]["arch"] = "long"
     with pytest.raises(UserError, match=r"model long .* is not one the builtin engine runs.*engine: vllm"):
         check_shape(parse_shape(data, "test shape"))
+
+
+@pytest.mark.parametrize(
+    ("config", "lanes", "reasons"),
+    [
+        ("qwen3-8b.json", ["engine", "vllm"], []),
+        ("mixtral-8x7b.json", ["engine", "vllm"], []),
+        ("qwen2.5-7b-instruct.json", ["engine", "vllm"], []),  # sliding_window given, use_sliding_window false
+        ("llama-3.1-70b.json", ["vllm"], ["RoPE scaling 'llama3'"]),
+        ("deepseek-v3.json", ["vllm"], ["RoPE scaling 'yarn'", "quantized weights (fp8)"]),
+    ],
+)
+def test_lanes_follow_what_the_builtin_engine_runs(exported, tmp_path, config, lanes, reasons):
+    folder = _folder_like(exported, tmp_path)  # the engine's tokenizer, so only config.json decides
+    shutil.copy(HF_CONFIGS / config, folder / "config.json")
+    found_lanes, blockers = lanes_for(json.loads((folder / "config.json").read_text()), folder)
+    assert found_lanes == lanes
+    assert [r for r in reasons if not any(r in b for b in blockers)] == [] and len(blockers) == len(reasons)
+
+
+def test_a_public_tokenizer_leaves_vllm_only(exported, tmp_path):
+    folder = _folder_like(exported, tmp_path)
+    HFTokenizer(models.WordLevel({"hello": 0, "<unk>": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+    lanes, blockers = lanes_for(json.loads((folder / "config.json").read_text()), folder)
+    assert lanes == ["vllm"] and "lacks the special tokens" in blockers[0]
+
+
+@pytest.mark.parametrize(("qkv_bias", "qk_norm"), [(True, False), (False, True)])
+def test_glm4_moe_attention_options_match_transformers(tmp_path, qkv_bias, qk_norm):
+    """The config.json options the import maps to qkv_bias / qk_norm are the engine's (skipped without
+    transformers), so a GLM-4.5 folder using them is one the builtin engine runs."""
+    transformers = pytest.importorskip("transformers")
+    tiny = load_arch("tiny-moe")
+    arch = tiny.model_copy(
+        update={"attention": tiny.attention.model_copy(update=dict(qkv_bias=qkv_bias, qk_norm=qk_norm))}
+    )
+    torch.manual_seed(0)
+    ours = MoETransformer(arch).eval()
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "norm" in name or "bias" in name:  # away from their initial ones and zeros
+                param.add_(torch.randn_like(param) * 0.1)
+    save_weights(ours, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(glm4_moe_config(arch, "float32")))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.arange(33) * 37 % arch.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids[None]).logits[0], ours.reference_forward(ids), atol=1e-4, rtol=0)
