@@ -11,6 +11,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
@@ -109,6 +110,12 @@ def test_export_refuses_a_folder_with_files_unless_forced_and_bad_input(cli, exp
     mla = cli("model", "export", "deepseek-v3", "--weights", str(PACKAGED), "--format", "hf", "--out", z)
     assert mla.exit_code == 2 and "cannot be exported as Glm4MoeForCausalLM: attention is MLA" in mla.output
     assert "Traceback" not in mla.output and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(yaml.safe_dump({**load_arch("tiny-moe").model_dump(), "vocab_size": 8192}))
+    other = cli("model", "export", str(wider), "--weights", str(PACKAGED), "--format", "hf", "--out", z)
+    assert other.exit_code == 2 and "model.embed_tokens.weight is [4096, 256], expected [8192, 256]" in other.output
+    afile = cli("model", "export", "tiny-moe", "--format", "hf", "--out", str(wider))
+    assert afile.exit_code == 2 and "is a file; give a folder" in afile.output
 
 
 def test_add_list_show_remove_round_trip(cli, exported):

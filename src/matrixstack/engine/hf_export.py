@@ -141,20 +141,21 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         return json.loads(file.read(length))
 
 
-def _weights(weights_dir: Path) -> tuple[list[Path], dict[str, str], str]:
-    """Return (safetensors files, tensor name -> file name, the weights' dtype name) of a checkpoint folder."""
+def _weights(weights_dir: Path) -> tuple[list[Path], dict[str, str], dict[str, list[int]], str]:
+    """Return (safetensors files, tensor name -> file name, tensor name -> shape, the weights' dtype name) of a
+    checkpoint folder."""
     files = sorted(weights_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"no *.safetensors weights in {weights_dir}; give --weights DIR, the engine's checkpoint")
-    where, dtypes = {}, set()
+    where, shapes, dtypes = {}, {}, set()
     for file in files:
         for name, entry in safetensors_header(file).items():
             if name != "__metadata__":
-                where[name] = file.name
+                where[name], shapes[name] = file.name, entry["shape"]
                 dtypes.add(entry["dtype"])
     if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
         raise UserError(f"weights in {weights_dir} hold dtypes {sorted(dtypes)}; expected one of F32, BF16, F16")
-    return files, where, SAFETENSORS_DTYPES[dtypes.pop()]
+    return files, where, shapes, SAFETENSORS_DTYPES[dtypes.pop()]
 
 
 def _copy_with_lm_head(source: Path, target: Path) -> None:
@@ -172,13 +173,13 @@ def _copy_with_lm_head(source: Path, target: Path) -> None:
     target.write_bytes(struct.pack("<Q", len(text)) + text + data + data[start:end])
 
 
-def _check_shapes(arch: Arch, where: dict[str, str], weights_dir: Path, headers: dict[str, Any]) -> None:
+def _check_shapes(arch: Arch, shapes: dict[str, list[int]], weights_dir: Path) -> None:
     """Raise UserError when the checkpoint's embedding is not the arch's [vocab, hidden]."""
-    name, expected = EMBEDDING, [arch.vocab_size, arch.hidden_size]
-    if name not in where or headers[name]["shape"] != expected:
-        found = headers[name]["shape"] if name in where else "missing"
+    expected = [arch.vocab_size, arch.hidden_size]
+    if shapes.get(EMBEDDING) != expected:
         raise UserError(
-            f"weights in {weights_dir} are not arch {arch.name}'s: {name} is {found}, expected {expected}; "
+            f"weights in {weights_dir} are not arch {arch.name}'s: {EMBEDDING} is {shapes.get(EMBEDDING, 'missing')}, "
+            f"expected {expected}; "
             "give --weights DIR of this arch"
         )
 
@@ -187,12 +188,13 @@ def export_hf_folder(arch: Arch, weights_dir: Path, out: Path, force: bool = Fal
     """Write `arch` with the checkpoint and tokenizer in `weights_dir` as a Hugging Face folder at `out` (see the
     module docstring); returns the files written. UserError when `out` holds files and not `force`, or when the
     arch or the weights do not fit."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} exists and is not an empty folder; pick another or pass --force to overwrite")
     config = glm4_moe_config(arch)  # an arch that does not fit is refused before its weights are read
-    files, where, dtype = _weights(weights_dir)
-    headers = {k: v for f in files for k, v in safetensors_header(f).items()}
-    _check_shapes(arch, where, weights_dir, headers)
+    files, where, shapes, dtype = _weights(weights_dir)
+    _check_shapes(arch, shapes, weights_dir)
     tokenizer = Tokenizer.from_file(weights_dir / TOKENIZER_FILE)
     special_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     documents = {
