@@ -6,18 +6,11 @@ Needs transformers, which is not a test dependency: `pip install -e '.[bench]'` 
 pyproject.toml: transformers>=4.46; written against 5.24). Results go to bench/results/engine_vs_hf.json; with
 --json the last line printed is the same JSON object (`engine_tokens_per_s`, `hf_tokens_per_s`, `ratio`, ...).
 
-The model. tiny-moe (arch `tiny-moe`: 4 layers, the first dense, GQA 4 query / 2 KV heads, routed experts top-2
-of 8 with sigmoid gating, DeepSeek-V3's score-correction bias and normalised top-k weights, one shared expert,
-tied embeddings, RoPE theta 1e4) is exactly transformers' `Glm4MoeForCausalLM` (GLM-4.5) with
-`first_k_dense_replace=1`, `partial_rotary_factor=1.0` (GLM's default rotates half of each head; ours rotates all
-of it, half-split pairs as Llama), `attention_bias=False`, `use_qk_norm=False`, `n_group=topk_group=1`,
-`num_nextn_predict_layers=0` and `tie_word_embeddings=True`. Glm4Moe is DeepSeek-V3's MoE block behind GQA
-attention, so nothing is approximated: the engine's checkpoint (`engine.weights.save_weights`, Hugging Face
-tensor names) loads into it as is, and the script checks that both give the same logits (within 1e-4) before
-timing anything. The other candidates fit worse: `DeepseekV3ForCausalLM` is MLA-only; `Qwen2MoeForCausalLM` has
-GQA, `mlp_only_layers` for the dense first layer and a shared expert, but softmax routing without the correction
-bias and a sigmoid gate on the shared expert's output (`shared_expert_gate`) that tiny-moe lacks;
-`Qwen3MoeForCausalLM` has no shared expert and always applies q/k norms.
+The model. tiny-moe is exactly transformers' `Glm4MoeForCausalLM` (GLM-4.5): the config.json is the one
+`matrixstack model export` writes (`engine.hf_export.glm4_moe_config`, whose docstring gives the mapping and why
+the other candidates fit worse), so nothing is approximated: the engine's checkpoint (`engine.weights.save_weights`,
+Hugging Face tensor names) loads into it as is, and the script checks that both give the same logits (within 1e-4)
+before timing anything.
 
 The weights are tiny-moe's packaged trained weights by default (greedy tokens of a trained model are decisive, so
 the two implementations can be compared token by token); `--random-weights` uses the engine's seeded random
@@ -64,6 +57,7 @@ import torch
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import PACKAGED_WEIGHTS, TOKENIZER_FILE
+from matrixstack.engine.hf_export import glm4_moe_config
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
@@ -81,41 +75,6 @@ AUTO_EXPERT_IMPLEMENTATIONS = ("eager", "grouped_mm")
 MIN_RATIO = 2.0
 
 
-def hf_config(arch):
-    """Return the `Glm4MoeConfig` that is tiny-moe (mapping in the module docstring)."""
-    import transformers
-
-    a, moe = arch.attention, arch.ffn.moe
-    if a.kind != "gqa" or a.qkv_bias or a.qk_norm or moe.gating != "sigmoid" or arch.ffn.moe.dense_layers != [0]:
-        raise SystemExit(f"{arch.name} no longer matches Glm4Moe's layout; update hf_config")
-    return transformers.Glm4MoeConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.ffn.dense_intermediate,
-        moe_intermediate_size=moe.expert_intermediate,
-        num_hidden_layers=arch.layers,
-        num_attention_heads=a.heads,
-        num_key_value_heads=a.kv_heads,
-        head_dim=a.head_dim,
-        n_shared_experts=moe.shared_experts,
-        n_routed_experts=moe.routed_experts,
-        num_experts_per_tok=moe.experts_per_token,
-        routed_scaling_factor=moe.routed_scaling_factor,
-        n_group=moe.groups,
-        topk_group=moe.topk_groups,
-        norm_topk_prob=moe.norm_topk_prob,
-        first_k_dense_replace=1,
-        attention_bias=False,
-        use_qk_norm=False,
-        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta, "partial_rotary_factor": 1.0},
-        rms_norm_eps=arch.rms_norm_eps,
-        max_position_embeddings=arch.max_position_embeddings,
-        tie_word_embeddings=arch.tie_embeddings,
-        num_nextn_predict_layers=0,
-        hidden_act="silu",
-    )
-
-
 def build_models(random_weights: bool, seed: int, folder: Path, dtype: str = "float32"):
     """Return (engine model, HF model, tokenizer) holding the same weights, both in `dtype`."""
     import transformers
@@ -127,7 +86,7 @@ def build_models(random_weights: bool, seed: int, folder: Path, dtype: str = "fl
         load_weights(model, PACKAGED_WEIGHTS[ARCH])
     model.eval()
     save_weights(model, folder / "model.safetensors")
-    hf_config(arch).save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(glm4_moe_config(arch, "float32")))
     torch_dtype = getattr(torch, dtype)
     hf = transformers.Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_dtype)

@@ -47,6 +47,11 @@ EXPECTED = {
         "lineage: tiny-moe → tiny-moe-python → tiny-moe-python-grammar",
     ],
     "app": ["for tenant acme:", "sk-"],
+    "hf-model": [
+        "registered model my-tiny (Glm4MoeForCausalLM): lanes engine, vllm",
+        "my-tiny on local",
+        "removed model my-tiny",
+    ],
     "operator": ["usage by tenant, entry", "globex", "revoked", "tiny-moe", "pool main: 2 devices"],
     "move": [
         "wrote site.yaml",

@@ -1,8 +1,10 @@
 """Turn a Hugging Face `config.json` (a local file; nothing is downloaded) into an arch YAML.
 
-Supported `model_type`s: deepseek_v2, deepseek_v3 (MLA + DeepSeek MoE), qwen3_moe, mixtral (MoE), qwen2,
-qwen3, llama (dense GQA/MHA). The YAML names, in a comment on every line, the config.json field each figure
-comes from, so it reads like a built-in catalog file and loads back with `load_arch(PATH)`.
+Supported `model_type`s: deepseek_v2, deepseek_v3 (MLA + DeepSeek MoE), glm4_moe (GQA + DeepSeek MoE), qwen3_moe,
+mixtral (MoE), qwen2, qwen3, llama (dense GQA/MHA). Configs written by transformers 5 (`rope_parameters`,
+`dtype`) read as well as older ones (`rope_theta`, `torch_dtype`). The YAML names, in a comment on every line,
+the config.json field each figure comes from, so it reads like a built-in catalog file and loads back with
+`load_arch(PATH)`.
 """
 
 from __future__ import annotations
@@ -73,13 +75,20 @@ class ConfigReader:
         quant = self.config.get("quantization_config") or {}
         if quant.get("quant_method") == "fp8":
             return Sourced("fp8", 'config.json "quantization_config" "quant_method": "fp8"')
-        torch_dtype = self.config.get("torch_dtype", "bfloat16")
+        field = "torch_dtype" if "torch_dtype" in self.config else "dtype"
+        torch_dtype = self.config.get(field, "bfloat16")
         if torch_dtype not in _TORCH_DTYPES:
             raise SpecError(
-                f"config {self.path}: field 'torch_dtype' is {torch_dtype!r}; "
-                f"expected one of {', '.join(_TORCH_DTYPES)}"
+                f"config {self.path}: field {field!r} is {torch_dtype!r}; expected one of {', '.join(_TORCH_DTYPES)}"
             )
-        return Sourced(_TORCH_DTYPES[torch_dtype], f'config.json "torch_dtype": "{torch_dtype}"')
+        return Sourced(_TORCH_DTYPES[torch_dtype], f'config.json "{field}": "{torch_dtype}"')
+
+    def rope_theta(self) -> Sourced:
+        """Return the RoPE base: "rope_theta", else "rope_parameters" "rope_theta" (transformers 5), else 1e4."""
+        rope = self.config.get("rope_parameters") or {}
+        if "rope_theta" not in self.config and "rope_theta" in rope:
+            return Sourced(rope["rope_theta"], 'config.json "rope_parameters" "rope_theta"')
+        return self.take("rope_theta", 10000.0)
 
     def common(self) -> dict[str, Any]:
         """Return the top-level fields every family shares (name and attention/ffn are added by the caller)."""
@@ -90,7 +99,7 @@ class ConfigReader:
             "tie_embeddings": self.take("tie_word_embeddings", False),
             "mtp_layers": self.take("num_nextn_predict_layers", 0),
             "native_dtype": self.native_dtype(),
-            "rope_theta": self.take("rope_theta", 10000.0),
+            "rope_theta": self.rope_theta(),
             "max_position_embeddings": self.take("max_position_embeddings"),
             "rms_norm_eps": self.take("rms_norm_eps"),
         }
@@ -151,6 +160,24 @@ def _deepseek(cfg: ConfigReader) -> dict[str, Any]:
     return {"attention": attention, "ffn": {"dense_intermediate": cfg.take("intermediate_size"), "moe": moe}}
 
 
+def _glm4_moe(cfg: ConfigReader) -> dict[str, Any]:
+    attention = cfg.gqa_attention(cfg.take("attention_bias", False), cfg.take("use_qk_norm", False))
+    first_dense = cfg.count("first_k_dense_replace", 1, minimum=0)
+    moe = {
+        "routed_experts": cfg.take("n_routed_experts", 128),
+        "experts_per_token": cfg.take("num_experts_per_tok", 8),
+        "shared_experts": cfg.take("n_shared_experts", 1),
+        "expert_intermediate": cfg.take("moe_intermediate_size"),
+        "gating": Sourced("sigmoid", "GLM-4.5 router: sigmoid with a score-correction bias"),
+        "groups": cfg.take("n_group", 1),
+        "topk_groups": cfg.take("topk_group", 1),
+        "norm_topk_prob": cfg.take("norm_topk_prob", True),
+        "routed_scaling_factor": cfg.take("routed_scaling_factor", 1.0),
+        "dense_layers": Sourced(list(range(first_dense)), f'config.json "first_k_dense_replace": {first_dense}'),
+    }
+    return {"attention": attention, "ffn": {"dense_intermediate": cfg.take("intermediate_size"), "moe": moe}}
+
+
 def _qwen3_moe(cfg: ConfigReader) -> dict[str, Any]:
     attention = cfg.gqa_attention(cfg.take("attention_bias", False), Sourced(True, "Qwen3 q_norm / k_norm"))
     layers, step = cfg.count("num_hidden_layers"), cfg.count("decoder_sparse_step", 1)
@@ -205,6 +232,7 @@ def _dense(qkv_bias: Callable[[ConfigReader], Sourced], qk_norm: bool) -> Callab
 FAMILIES: dict[str, Callable[[ConfigReader], dict[str, Any]]] = {
     "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek,
+    "glm4_moe": _glm4_moe,
     "qwen3_moe": _qwen3_moe,
     "mixtral": _mixtral,
     "qwen2": _dense(lambda cfg: Sourced(True, "Qwen2 always has q/k/v biases"), qk_norm=False),

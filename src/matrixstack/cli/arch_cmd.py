@@ -186,7 +186,8 @@ def import_arch(
     name: str | None = typer.Option(None, "--name", help="Arch name (default: the file's or its folder's name)."),
     out: Path | None = typer.Option(None, "--out", help="Write the YAML here instead of to stdout."),
 ) -> None:
-    """Turn a Hugging Face config.json (deepseek_v2/v3, qwen3_moe, mixtral, qwen2, qwen3, llama) into an arch YAML."""
+    """Turn a Hugging Face config.json (deepseek_v2/v3, glm4_moe, qwen3_moe, mixtral, qwen2, qwen3, llama) into an
+    arch YAML."""
     arch, text = import_hf_config(config_json, name)
     if write_out(text, out):
         err_console.print(f"wrote arch {arch.name} to {out} ({_count(arch.total_params())} params)", highlight=False)

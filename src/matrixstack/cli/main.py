@@ -9,6 +9,7 @@ from matrixstack.cli.calibrate_cmd import register as register_calibrate
 from matrixstack.cli.engine_cmd import engine_app
 from matrixstack.cli.fabric_cmd import fabric_app
 from matrixstack.cli.matrix_cmd import matrix_app
+from matrixstack.cli.model_cmd import model_app
 from matrixstack.cli.perf_cmd import register as register_perf
 from matrixstack.cli.portal_cmd import catalog_app, deployment_app, key_app, tenant_app, usage
 from matrixstack.cli.portal_serve_cmd import portal_app
@@ -26,6 +27,7 @@ app.add_typer(fabric_app, name="fabric")
 app.add_typer(arch_app, name="arch")
 app.add_typer(matrix_app, name="matrix")
 app.add_typer(engine_app, name="engine")
+app.add_typer(model_app, name="model")
 app.add_typer(portal_app, name="portal")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(tenant_app, name="tenant")

@@ -8,7 +8,8 @@ assistant become
 
     <|bos|><|system|>\\n{content}<|eos|>\\n<|user|>\\n{content}<|eos|>\\n...<|assistant|>\\n
 
-the last `<|assistant|>\\n` only when `add_generation_prompt`; a reply ends at `<|eos|>`.
+the last `<|assistant|>\\n` only when `add_generation_prompt`; a reply ends at `<|eos|>`. `CHAT_TEMPLATE` is the
+same template in Jinja, as Hugging Face's tokenizer_config.json carries it (transformers and vLLM render it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from matrixstack.errors import UserError
 BOS, EOS = "<|bos|>", "<|eos|>"
 ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = [BOS, EOS, *(f"<|{role}|>" for role in ROLES)]
+CHAT_TEMPLATE = (
+    "{{ '<|bos|>' }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('message role ' + message['role'] + ' is not one of system, user, assistant') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|eos|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 class Tokenizer:

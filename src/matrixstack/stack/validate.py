@@ -3,10 +3,11 @@
 `Shape` (stack.spec) checks the file on its own; `check_shape` checks what needs the built-in catalogs and the
 perf model, without a database: the fabric loads (a name, `local` = this machine, a path, or inline), each
 deployment's arch loads, its slice fits the fabric (and the pool's fabrics hold every slice asked of them),
-packaged weights exist for its arch when it asks for them, and it has a plan: the one given, or one perf finds
-on the slice's devices. The builtin engine runs prefill and decode in one instance, so its auto plan is perf's
-best decode instance (`best_instance`) within the slice; a vllm deployment gets a disaggregated plan
-(`search_plan`) on the slice's devices. A weights folder is not looked for here: it lives at the site.
+packaged weights exist for its arch when it asks for them (or it is a registered model, `matrixstack model
+add`, whose folder the builtin engine can run when the deployment asks for it), and it has a plan: the one given,
+or one perf finds on the slice's devices. The builtin engine runs prefill and decode in one instance, so its auto
+plan is perf's best decode instance (`best_instance`) within the slice; a vllm deployment gets a disaggregated
+plan (`search_plan`) on the slice's devices. A weights folder is not looked for here: it lives at the site.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matrixstack.arch.loader import load_arch
+from matrixstack.arch.registry import registered_model
 from matrixstack.arch.spec import Arch
-from matrixstack.engine import PACKAGED_WEIGHTS
+from matrixstack.engine import PACKAGED_WEIGHTS, weights_or_packaged
 from matrixstack.errors import UserError
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.fabric.spec import FabricSpec
@@ -120,12 +122,8 @@ def _plan_deployment(d: DeploymentShape, fabric: FabricSpec) -> PlannedDeploymen
             f"{fabric.name} ({fabric.scale_up_domain_size} devices); ask for fewer devices or set "
             "slice.constraints.within_domain: false"
         )
-    if d.weights == WEIGHTS_PACKAGED and arch.name not in PACKAGED_WEIGHTS:
-        shipped = ", ".join(sorted(PACKAGED_WEIGHTS))
-        raise UserError(
-            f"deployment {d.name}: weights: packaged weights exist only for {shipped}, not {arch.name}; give "
-            "weights: FOLDER (its safetensors and tokenizer) or weights: random for a smoke test"
-        )
+    if d.weights == WEIGHTS_PACKAGED:
+        _check_own_weights(d, arch)
     pins = _pins(d)
     try:
         if d.plan == "auto":
@@ -139,6 +137,23 @@ def _plan_deployment(d: DeploymentShape, fabric: FabricSpec) -> PlannedDeploymen
         ) from None
     workers = plan.ep if isinstance(plan, InstancePlan) else plan.decode.ep
     return PlannedDeployment(d.name, plan, workers, predicted, devices, d.plan == "auto")
+
+
+def _check_own_weights(d: DeploymentShape, arch: Arch) -> None:
+    """Raise UserError when a deployment asking for its arch's own weights has none: neither packaged nor a
+    registered model's folder, or a registered model the builtin engine cannot run on a builtin-engine deployment."""
+    model = registered_model(arch.name)
+    if model is None and arch.name not in PACKAGED_WEIGHTS:
+        shipped = ", ".join(sorted(PACKAGED_WEIGHTS))
+        raise UserError(
+            f"deployment {d.name}: weights: packaged weights exist only for {shipped}, not {arch.name}; give "
+            "weights: FOLDER (its safetensors and tokenizer) or weights: random for a smoke test"
+        )
+    if model is not None and d.engine == "matrixstack":
+        try:
+            weights_or_packaged(arch.name, None, "")
+        except UserError as exc:
+            raise UserError(f"deployment {d.name}: {exc}") from None
 
 
 def _pins(d: DeploymentShape) -> dict[str, dict[str, float]]:
