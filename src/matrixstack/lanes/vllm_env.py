@@ -66,7 +66,7 @@ def installed_vllm(venv: Path) -> dict[str, str] | None:
 def missing_vllm_message(venv: Path) -> str:
     """Return the message for a machine without vLLM: how to install it and the setting that points elsewhere."""
     return (
-        f"vLLM is not installed in {venv}; install it with {INSTALL_COMMANDS} (a venv of its own, ~2 GB), "
+        f"vLLM is not installed in {venv}; install it with {INSTALL_COMMANDS} (a venv of its own, ~3.5 GB), "
         f"or set {VENV_SETTING} to the venv where it is installed"
     )
 
