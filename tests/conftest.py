@@ -1,7 +1,8 @@
 """Shared test fixtures: the CLI runner, a way to invoke `matrixstack` as a user would, engine server processes to
 stand behind clients, and the stores' databases (SQLite, or PostgreSQL on one throwaway server for the session when
-`initdb` and `pg_ctl` are found, on PATH or in Debian's /usr/lib/postgresql/*/bin). And the `slow` tier: every test
-that starts a process or a server is marked `slow` here or at its definition, so `make test-fast`
+`initdb` and `pg_ctl` are found, on PATH or in Debian's /usr/lib/postgresql/*/bin), and transformers' side of the
+tests that compare the engine with it (`hf_reference`: tests/hf_reference.py in vLLM's venv). And the `slow` tier:
+every test that starts a process or a server is marked `slow` here or at its definition, so `make test-fast`
 (`pytest -m "not slow"`) runs the in-process tests only."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import itertools
+import json
 import os
 import pwd
 import re
@@ -24,9 +26,12 @@ import pytest
 from typer.testing import CliRunner
 
 from matrixstack.cli.main import app
+from matrixstack.lanes.vllm_env import installed_vllm, missing_vllm_message, vllm_python, vllm_venv
 from matrixstack.openai.httpx_client import HttpxClient
 
 ENGINE_START_TIMEOUT_S = 120.0
+HF_REFERENCE_SCRIPT = Path(__file__).parent / "hf_reference.py"
+HF_REFERENCE_TIMEOUT_S = 600.0
 
 # Marked `slow` here: the tests of these files (each runs subprocesses), the tests using a fixture that starts a
 # process or a server (engine_process for any file; the others for their own file's tests), and the tests on the
@@ -112,6 +117,27 @@ def engine_process():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """Return a function that runs tests/hf_reference.py with a request (a dict; see that script) in vLLM's venv,
+    which has transformers, and returns the JSON it prints last (None when it prints none). Skips the test when
+    vLLM's venv is not installed, except in CI (`CI=true`), where the test fails saying how to install it. Session
+    scoped, so the venv is found before a test's fixtures point MATRIXSTACK_HOME (the data dir) elsewhere."""
+    venv = vllm_venv()
+    if installed_vllm(venv) is None:
+        reason = f"transformers' side of this test runs in vLLM's venv: {missing_vllm_message(venv)}"
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)
+
+    def run(request: dict):
+        cmd = [str(vllm_python(venv)), str(HF_REFERENCE_SCRIPT), json.dumps(request)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=HF_REFERENCE_TIMEOUT_S)
+        assert done.returncode == 0, f"{HF_REFERENCE_SCRIPT.name} failed:\n{done.stdout}{done.stderr}"
+        lines = done.stdout.strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+
+    return run
 
 
 # ---- a throwaway PostgreSQL server -----------------------------------------------------------------------------
