@@ -1,6 +1,6 @@
 """`matrixstack model export|add|list|show|remove`: tiny-moe as a Hugging Face folder, and local Hugging Face
 folders registered under a name that then works wherever an arch is named (plan, the engine's loading, shapes).
-The transformers check runs only where transformers is installed (it is not a project dependency)."""
+The transformers checks run transformers in vLLM's venv (tests/hf_reference.py; it is not a project dependency)."""
 
 from __future__ import annotations
 
@@ -220,19 +220,15 @@ def test_arch_import_reads_transformers_5_rope_parameters(tmp_path, exported):
     assert 'config.json "rope_parameters" "rope_theta"' in text
 
 
-def test_transformers_loads_the_export_with_the_engines_greedy_tokens(exported):
-    """The exported folder in transformers' Auto classes (skipped without transformers)."""
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+@pytest.mark.slow
+def test_transformers_loads_the_export_with_the_engines_greedy_tokens(exported, hf_reference):
+    """The exported folder in transformers' Auto classes (run in vLLM's venv)."""
+    theirs = hf_reference({"folder": str(exported), "generate": {"prompt": PROMPT, "max_new_tokens": 16, "chat": CHAT}})
     ours, tokenizer = load_model("tiny-moe")
-    ids = hf_tokenizer(PROMPT)["input_ids"]
+    ids = theirs["prompt_ids"]
     assert ids == tokenizer.encode(PROMPT, add_bos=True)
-    with torch.no_grad():
-        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
-    assert theirs == greedy_generate(ours, ids, 16)
-    rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    assert rendered == tokenizer.apply_chat_template(CHAT)
+    assert theirs["generated_ids"] == greedy_generate(ours, ids, 16)
+    assert theirs["chat_rendered"] == tokenizer.apply_chat_template(CHAT)
 
 
 def test_a_shape_deployment_may_name_a_registered_model(cli, exported, tmp_path):
@@ -272,11 +268,11 @@ def test_a_public_tokenizer_leaves_vllm_only(exported, tmp_path):
     assert lanes == ["vllm"] and "lacks the special tokens" in blockers[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("qkv_bias", "qk_norm"), [(True, False), (False, True)])
-def test_glm4_moe_attention_options_match_transformers(tmp_path, qkv_bias, qk_norm):
-    """The config.json options the import maps to qkv_bias / qk_norm are the engine's (skipped without
-    transformers), so a GLM-4.5 folder using them is one the builtin engine runs."""
-    transformers = pytest.importorskip("transformers")
+def test_glm4_moe_attention_options_match_transformers(tmp_path, hf_reference, qkv_bias, qk_norm):
+    """The config.json options the import maps to qkv_bias / qk_norm are the engine's (transformers run in vLLM's
+    venv), so a GLM-4.5 folder using them is one the builtin engine runs."""
     tiny = load_arch("tiny-moe")
     arch = tiny.model_copy(
         update={"attention": tiny.attention.model_copy(update=dict(qkv_bias=qkv_bias, qk_norm=qk_norm))}
@@ -289,7 +285,8 @@ def test_glm4_moe_attention_options_match_transformers(tmp_path, qkv_bias, qk_no
                 param.add_(torch.randn_like(param) * 0.1)
     save_weights(ours, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(glm4_moe_config(arch, "float32")))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.arange(33) * 37 % arch.vocab_size
+    hf_reference({"folder": str(tmp_path), "logits": {"ids": ids.tolist(), "out": str(tmp_path / "hf.safetensors")}})
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids[None]).logits[0], ours.reference_forward(ids), atol=1e-4, rtol=0)
+        expected = ours.reference_forward(ids)
+    torch.testing.assert_close(load_file(tmp_path / "hf.safetensors")["logits"], expected, atol=1e-4, rtol=0)
