@@ -26,7 +26,6 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
 from matrixstack.matrix import tenants
@@ -87,14 +86,8 @@ def parse_since(since: str | None) -> datetime | None:
 
 def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInfo]]) -> APIRouter:
     """Return the router of the admin API over `gateway.db`; `require_admin` is the app's admin dependency."""
-    database = gateway.db
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
-
-    async def read(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await run_in_threadpool(database.read, lambda session: fn(session, *args, **kwargs))
-
-    async def write(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await run_in_threadpool(database.write, lambda session: fn(session, *args, **kwargs))
+    read, write = gateway.read, gateway.write  # each call one unit of work on a worker thread
 
     # ---- catalog ----
 

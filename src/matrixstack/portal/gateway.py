@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -56,6 +57,7 @@ from matrixstack.portal.usage_service import UsageRecord, tokens_used
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
+T = TypeVar("T")
 DEFAULT_CACHE_TTL_S = 5.0
 UNKNOWN_ENTRY = "(unknown)"
 
@@ -138,9 +140,7 @@ class Gateway:
                 "invalid_api_key",
             )
         digest = hash_key(token)
-        key = await self.keys.get_or_load(
-            digest, lambda: run_in_threadpool(self.db.read, lambda session: authenticate(session, token))
-        )
+        key = await self.keys.get_or_load(digest, lambda: self.read(authenticate, token))
         if key is None or key.revoked:
             shown = token[:12] + "..." if len(token) > 12 else "..."
             raise openai_error(401, f"Incorrect API key provided: {shown}", "invalid_api_key")
@@ -154,9 +154,7 @@ class Gateway:
 
         async def load() -> Resolved | str | DeploymentNotRunning:
             try:
-                return await run_in_threadpool(
-                    self.db.read, lambda session: resolve_entry(session, entry, key.tenant, key.is_admin)
-                )
+                return await self.read(resolve_entry, entry, key.tenant, key.is_admin)
             except UnknownEntry as exc:
                 return str(exc)  # cached like a hit, so unknown names do not reach the database each time
             except DeploymentNotRunning as exc:
@@ -174,17 +172,23 @@ class Gateway:
         """Return the catalog entries `key`'s tenant may call."""
         return await self.catalog.get_or_load(
             ("models", key.tenant, key.is_admin),
-            lambda: run_in_threadpool(self.db.read, lambda session: list_entries(session, key.tenant, key.is_admin)),
+            lambda: self.read(list_entries, key.tenant, key.is_admin),
         )
 
     async def _seed_usage(self, key: KeyInfo) -> None:
         """Read the key's lifetime tokens from the database once per process, before its first request here (also
         for keys without a quota: an admin may set one later, and the count must be right then)."""
         if self.limiter.needs_seed(key.id):
-            self.limiter.seed(key.id, await self._seeds.get_or_load(key.id, lambda: self._tokens_used(key.id)))
+            self.limiter.seed(key.id, await self._seeds.get_or_load(key.id, lambda: self.read(tokens_used, key.id)))
 
-    async def _tokens_used(self, key_id: int) -> int:
-        return await run_in_threadpool(self.db.read, lambda session: tokens_used(session, key_id))
+    async def read(self, service: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Return `service(session, *args, **kwargs)` run in one read unit of work of the database, on a worker
+        thread (the event loop never waits on the database); the admin API's reads go through it too."""
+        return await run_in_threadpool(self.db.read, lambda session: service(session, *args, **kwargs))
+
+    async def write(self, service: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Return `service(session, *args, **kwargs)` run in one write unit of work (committed), on a worker thread."""
+        return await run_in_threadpool(self.db.write, lambda session: service(session, *args, **kwargs))
 
     # ---- backends -----------------------------------------------------------------------------------------
 
