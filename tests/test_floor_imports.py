@@ -97,6 +97,15 @@ def test_the_portal_and_the_protocol_do_not_pull_torch():
     assert not {m for m in reached if m == "torch" or m.startswith("torch.")}
 
 
+def test_the_engine_entry_point_imports_no_torch_before_binding_its_cores():
+    """`python -m matrixstack.engine.launch` sets its CPU affinity before importing the runtime: torch sizes its
+    thread pool from the affinity it finds at import, so nothing the entry point imports at module level may pull
+    torch in."""
+    reached = _reachable(["matrixstack.engine", "matrixstack.engine.launch"])  # the package runs first
+    assert "matrixstack.specio" in reached and "matrixstack.arch.registry" in reached  # the walk went somewhere
+    assert not {m for m in reached if m == "torch" or m.startswith("torch.")}
+
+
 def test_the_walk_sees_torch_where_it_is():
     assert "torch" in _reachable(["matrixstack.engine.server"])
 
