@@ -120,18 +120,23 @@ def engine_process():
 
 
 @pytest.fixture(scope="session")
-def hf_reference():
-    """Return a function that runs tests/hf_reference.py with a request (a dict; see that script) in vLLM's venv,
-    which has transformers, and returns the JSON it prints last (None when it prints none). Skips the test when
-    vLLM's venv is not installed, except in CI (`CI=true`), where the test fails saying how to install it. Session
-    scoped, so the venv is found before a test's fixtures point MATRIXSTACK_HOME (the data dir) elsewhere."""
+def installed_vllm_venv() -> Path:
+    """Return the folder of vLLM's installed venv. Skips the test when it is not installed, except in CI
+    (`CI=true`, where `.ci/run` installs it), where the test fails saying how to install it. Session scoped, so the
+    venv is found before a test's fixtures point MATRIXSTACK_HOME (the data dir) elsewhere."""
     venv = vllm_venv()
     if installed_vllm(venv) is None:
-        reason = f"transformers' side of this test runs in vLLM's venv: {missing_vllm_message(venv)}"
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(missing_vllm_message(venv))
+    return venv
+
+
+@pytest.fixture(scope="session")
+def hf_reference(installed_vllm_venv):
+    """Return a function that runs tests/hf_reference.py with a request (a dict; see that script) in vLLM's venv,
+    which has transformers, and returns the JSON it prints last (None when it prints none)."""
 
     def run(request: dict):
-        cmd = [str(vllm_python(venv)), str(HF_REFERENCE_SCRIPT), json.dumps(request)]
+        cmd = [str(vllm_python(installed_vllm_venv)), str(HF_REFERENCE_SCRIPT), json.dumps(request)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=HF_REFERENCE_TIMEOUT_S)
         assert done.returncode == 0, f"{HF_REFERENCE_SCRIPT.name} failed:\n{done.stdout}{done.stderr}"
         lines = done.stdout.strip().splitlines()

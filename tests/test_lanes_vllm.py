@@ -139,7 +139,6 @@ def test_engine_install_vllm_reports_a_failing_pip_with_exit_2(tmp_path):
 
 # ---- vLLM serving tiny-moe for real -------------------------------------------------------------------------------
 
-IN_CI = os.environ.get("CI") == "true"
 # the CPU backend reserves this fraction of the memory for the model and its KV cache (0.92 by default, more than
 # a shared machine has free); tiny-moe needs far less
 VLLM_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.1"]
@@ -155,7 +154,7 @@ def tiny_moe_hf_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not vllm_available() and not IN_CI, reason=missing_vllm_message(vllm_venv()))
+@pytest.mark.usefixtures("installed_vllm_venv")
 def test_vllm_serves_tiny_moe_from_a_hugging_face_folder_and_stops(tiny_moe_hf_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
