@@ -69,8 +69,9 @@ class DeploymentShape(Strict):
 
     `plan: auto` asks perf for one when the shape is applied (pins fix fields, as `matrixstack plan --pin`): the
     builtin engine runs prefill and decode in one instance, so its plan is one `InstancePlan` over the slice; a
-    vllm deployment gets a disaggregated `Plan`. Engine workers (expert-parallel ranks) = the plan's EP degree
-    (the decode instance's for a `Plan`).
+    vllm deployment gets a disaggregated `Plan`, or takes a given `InstancePlan`: one vLLM server running both
+    phases, as on a slice too small for a prefill and a decode instance (one CPU core). Engine workers
+    (expert-parallel ranks) = the plan's EP degree (the decode instance's for a `Plan`).
     """
 
     name: DeploymentName = Field(description="deployment name; also the model id its engine serves")
@@ -101,8 +102,6 @@ class DeploymentShape(Strict):
                 raise ValueError(f"pins: {pin!r} is not PHASE.FIELD with PHASE prefill or decode (e.g. decode.ep)")
         if self.engine == "matrixstack" and isinstance(self.plan, Plan):
             raise ValueError("plan: the builtin engine runs one colocated instance; give an instance plan or auto")
-        if self.engine == "vllm" and isinstance(self.plan, InstancePlan):
-            raise ValueError("plan: a vllm deployment takes a prefill/decode plan or auto")
         return self
 
 
