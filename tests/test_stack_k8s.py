@@ -415,3 +415,140 @@ def test_cli_bad_shape_exits_2(cli, tmp_path):
     result = cli("stack", "render", "k8s", str(unknown), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "no-such-fabric" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# ---- engine settings and model files ----------------------------------------------------------------------------
+
+MIXED_LANES = REPO / "examples" / "shapes" / "mixed-lanes.yaml"
+ON_CPU = {"precision": "fp32"}  # the local fabric's cores have no int8 peak for perf to plan with
+
+
+def pod_spec(files: dict[str, list[dict[str, Any]]], deployment: str) -> dict[str, Any]:
+    """Return the pod template spec of a deployment's StatefulSet."""
+    (sts,) = [s for s in of_kind(files, "StatefulSet") if s["metadata"]["name"] == deployment]
+    return sts["spec"]["template"]["spec"]
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_vllm_pods_take_the_engine_args_and_the_cpu_settings(tmp_path):
+    shape = load_shape(MIXED_LANES)
+    render_k8s(shape, tmp_path)
+    files = load_dir(tmp_path)
+    vllm = pod_spec(files, "tiny-moe-vllm")
+    (container,) = vllm["containers"]
+    command = container["command"]
+    assert command[:2] == ["vllm", "serve"]
+    args = shape.deployment("tiny-moe-vllm").engine_args
+    assert (args.dtype, args.max_model_len, args.max_num_seqs) == ("float32", 2048, 16)  # the shape's, not defaults
+    assert flag(command, "--dtype") == "float32" and flag(command, "--max-model-len") == "2048"
+    assert flag(command, "--max-num-seqs") == "16" and flag(command, "--tensor-parallel-size") == "1"
+    assert "--data-parallel-size" not in command and "--enable-expert-parallel" not in command  # the plan's EP1
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # tiny-moe's KV of 1024 blocks x 16 tokens in float32 is far below a GiB: vLLM's smallest setting, 1 GiB
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    # the packaged weights, exported by an init container into the pod's emptyDir, are where vLLM looks
+    (setup,) = vllm["initContainers"]
+    model = command[2]
+    assert setup["command"] == ["matrixstack", "model", "export", "tiny-moe", "--format", "hf", "--out", model]
+    (volume,) = vllm["volumes"]
+    assert volume == {"name": "data", "emptyDir": {}}
+    (mount,) = container["volumeMounts"]
+    assert mount["readOnly"] is True and model.startswith(mount["mountPath"] + "/")
+    assert [m["mountPath"] for m in setup["volumeMounts"]] == [mount["mountPath"]]
+    assert "readOnly" not in setup["volumeMounts"][0]
+    # the builtin engine's pod: the same engine_args as its own options, the image's packaged weights, no setup
+    engine = pod_spec(files, "tiny-moe-engine")
+    (container,) = engine["containers"]
+    command = container["command"]
+    assert command[:4] == ["matrixstack", "engine", "serve", "tiny-moe"] and "--weights" not in command
+    assert flag(command, "--dtype") == "float32" and flag(command, "--max-num-seqs") == "16"
+    assert "initContainers" not in engine and "volumes" not in engine and "env" not in container
+
+
+def test_vllm_on_npus_mounts_its_weights_folder_and_gets_no_cpu_settings(cm384_render):
+    pod = pod_spec(cm384_render, "tiny-moe-vllm")
+    (container,) = pod["containers"]
+    assert pod["volumes"] == [{"name": "model-0", "hostPath": {"path": "/models/tiny-moe", "type": "Directory"}}]
+    assert container["volumeMounts"] == [{"name": "model-0", "mountPath": "/models/tiny-moe", "readOnly": True}]
+    script = container["command"][2]
+    assert "vllm serve /models/tiny-moe " in script
+    assert "--dtype float32 --max-model-len 2048 --max-num-seqs 64" in script  # EngineArgs' defaults
+    assert "env" not in container and "initContainers" not in pod
+
+
+@pytest.fixture
+def registered_tiny_moe(tmp_path, monkeypatch, cli) -> Path:
+    """Return a Hugging Face folder of tiny-moe registered as the model `tm-hf` in a data dir of this test."""
+    monkeypatch.setenv("MATRIXSTACK_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "hf" / "tiny-moe"
+    assert cli("model", "export", "tiny-moe", "--format", "hf", "--out", str(folder)).exit_code == 0
+    added = cli("model", "add", str(folder), "--name", "tm-hf")
+    assert added.exit_code == 0, added.output
+    return folder
+
+
+def test_a_registered_model_is_mounted_from_its_folder_on_both_lanes(registered_tiny_moe, tmp_path):
+    folder = str(registered_tiny_moe.resolve())
+    deployments = [
+        {
+            "name": "on-engine",
+            "arch": "tm-hf",
+            "slice": {"devices": 1},
+            "workload": ON_CPU,
+            "engine_args": {"dtype": "bfloat16"},
+        },
+        {
+            "name": "on-vllm",
+            "arch": "tm-hf",
+            "engine": "vllm",
+            "slice": {"devices": 1},
+            "plan": {"devices": 1, "ep": 1, "batch_per_device": 8},
+            "workload": ON_CPU,
+        },
+    ]
+    shape = parse_shape({"name": "registered", "fabric": "local", "deployments": deployments}, "test")
+    render_k8s(shape, tmp_path / "out")
+    files = load_dir(tmp_path / "out")
+    for obj in [o for objects in files.values() for o in objects if (o["apiVersion"], o["kind"]) in CORE_MODELS]:
+        assert core_errors(obj) == [], obj["metadata"]["name"]
+    host = {"name": "model-0", "hostPath": {"path": folder, "type": "Directory"}}
+    read_only = {"name": "model-0", "mountPath": folder, "readOnly": True}
+    vllm = pod_spec(files, "on-vllm")
+    (container,) = vllm["containers"]
+    assert container["command"][2] == folder and flag(container["command"], "--dtype") == "float32"
+    assert vllm["volumes"] == [host] and container["volumeMounts"] == [read_only]
+    assert "initContainers" not in vllm
+    # the builtin engine finds the arch in the registry: an init container registers the folder again in the pod
+    engine = pod_spec(files, "on-engine")
+    (container,) = engine["containers"]
+    assert container["command"][:4] == ["matrixstack", "engine", "serve", "tm-hf"]
+    assert "--weights" not in container["command"] and flag(container["command"], "--dtype") == "bfloat16"
+    (setup,) = engine["initContainers"]
+    assert setup["command"] == ["matrixstack", "model", "add", folder, "--name", "tm-hf"]
+    data = {e["value"] for e in setup["env"] if e["name"] == "MATRIXSTACK_HOME"}
+    assert data == {e["value"] for e in container["env"] if e["name"] == "MATRIXSTACK_HOME"} and len(data) == 1
+    assert engine["volumes"] == [host, {"name": "data", "emptyDir": {}}]
+    assert read_only in setup["volumeMounts"] and read_only in container["volumeMounts"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {folder, *data}
+
+
+def test_a_weights_folder_is_mounted_where_the_builtin_engine_reads_it(tmp_path):
+    deployment = {"name": "tm", "arch": "tiny-moe", "weights": "/srv/models/tm", "slice": {"devices": 1}}
+    deployment["workload"] = ON_CPU
+    render_k8s(parse_shape({"name": "w", "fabric": "local", "deployments": [deployment]}, "test"), tmp_path)
+    pod = pod_spec(load_dir(tmp_path), "tm")
+    (container,) = pod["containers"]
+    assert flag(container["command"], "--weights") == "/srv/models/tm"
+    assert pod["volumes"] == [{"name": "model-0", "hostPath": {"path": "/srv/models/tm", "type": "Directory"}}]
+    assert container["volumeMounts"] == [{"name": "model-0", "mountPath": "/srv/models/tm", "readOnly": True}]
+
+
+def test_vllm_with_random_weights_is_refused(tmp_path):
+    deployment = {"name": "tm", "arch": "tiny-moe", "weights": "random", "engine": "vllm", "slice": {"devices": 1}}
+    deployment |= {"workload": ON_CPU, "plan": {"devices": 1, "ep": 1, "batch_per_device": 8}}
+    shape = parse_shape({"name": "r", "fabric": "local", "deployments": [deployment]}, "test")
+    with pytest.raises(UserError, match="deployment tm: vLLM loads a checkpoint, not random weights"):
+        render_k8s(shape, tmp_path / "out")

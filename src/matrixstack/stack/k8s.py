@@ -18,8 +18,24 @@ plan's decode instance (its tp, dp, ep and devices), one pod per node that insta
 parallelism: pod 0 serves the API, the others run `--headless` from their start rank); the plan's prefill/decode
 disaggregation and further instances are not rendered (the one server runs both phases). Each pod requests its
 share of those devices as the device plugin's resource (`device_resource`), plus its share of the slice's host
-CPUs (in cores) and pooled DRAM. The images must hold the `matrixstack` (and, for vLLM, `vllm`) command and
-the weights at the path the shape names.
+CPUs (in cores) and pooled DRAM. The images must hold the `matrixstack` (and, for vLLM, `vllm`) command.
+
+Engine settings. Both lanes take the deployment's `engine_args`: the builtin engine as its own options, vLLM as
+`--dtype`, `--max-model-len` and `--max-num-seqs` (`vllm_flags`), beside the plan's parallel degrees
+(`lanes.vllm.VllmLauncher.from_plan`). A vLLM pod on CPU cores also gets vLLM's CPU settings (`vllm_cpu_env`):
+`VLLM_CPU_KVCACHE_SPACE`, the GiB that hold as many KV tokens as the builtin engine's cache (num_kv_blocks x
+block_size), and `VLLM_CPU_OMP_THREADS_BIND=auto`: the cores are the kubelet's to pick (its static CPU manager
+gives a pod with whole-core requests equal to its limits cores of its own), and `auto` binds vLLM's threads to the
+container's cpuset.
+
+Model files (`model_files`). A weights folder (`weights: /path`) and a registered model's folder (`matrixstack
+model add DIR --name N`, named as the deployment's arch) are hostPath volumes mounted read-only at the same path,
+so the folder must exist at that path on every node that may run the pod (a shared file system mounted there,
+or copied beforehand). A builtin-engine pod of a registered model registers the folder again in the pod (an init
+container runs `matrixstack model add`, the data directory an emptyDir), since the arch lives in the registry.
+A vLLM deployment of packaged weights (tiny-moe) gets them as a Hugging Face folder written by an init container
+(`matrixstack model export ARCH --format hf`) into the pod's emptyDir, as the local site does on its machine.
+Random weights are refused for vLLM (it loads a checkpoint).
 
 PodGroup network topology (Volcano `networkTopology`): a slice kept inside its scale-up domain (`within_domain`,
 the default) is `mode: hard` with `highestTierAllowed` = the scale-up domain's top tier; `max_tier` lowers that
@@ -38,26 +54,33 @@ from typing import Any
 
 import yaml
 
+from matrixstack.arch.loader import arch_names, load_arch
+from matrixstack.arch.registry import registered_model
 from matrixstack.errors import UserError
 from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.topology import topology_of
 from matrixstack.perf.spec import InstancePlan, Plan
 from matrixstack.stack.k8s_topology import dns_label, hypernodes
 from matrixstack.stack.k8s_workloads import (
+    DATA_DIR,
     ENGINE_PORT,
     VLLM_RPC_PORT,
     EngineLayout,
+    ModelFiles,
     engine_objects,
     labels_of,
     portal_objects,
 )
-from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, DeploymentShape, Shape
+from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, DeploymentShape, EngineArgs, Shape
 from matrixstack.stack.validate import PlannedDeployment, check_shape, shape_fabric
 
 NAMESPACE_FILE = "00-namespace.yaml"
 HYPERNODES_FILE = "01-hypernodes.yaml"
 PORTAL_FILE = "02-portal.yaml"
 DEPLOYMENT_PREFIX = "10-deployment-"
+HF_EXPORT_DIR = f"{DATA_DIR}/hf"  # where a vLLM pod's init container writes packaged weights as a Hugging Face folder
+GIB = 2**30
+KV_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # engine_args.dtype -> arch's dtype names
 
 
 class _Dumper(yaml.SafeDumper):
@@ -158,6 +181,8 @@ def _layout(shape: Shape, d: DeploymentShape, planned: PlannedDeployment, fabric
     per_node = fabric.device.devices_per_node
     instance = planned.plan.decode if isinstance(planned.plan, Plan) else planned.plan
     name = dns_label(d.name)
+    files = model_files(d)
+    env: dict[str, str] = {}
     if d.engine == "matrixstack":
         devices = d.slice.device_count(fabric.device.dies_per_device)
         if d.slice.constraints.whole_nodes:
@@ -169,39 +194,86 @@ def _layout(shape: Shape, d: DeploymentShape, planned: PlannedDeployment, fabric
                 f"devices spans {pods} nodes of {fabric.name} ({per_node} devices each); ask for at most "
                 f"{per_node} devices or use engine vllm"
             )
-        command = _builtin_command(d, planned.workers, fabric)
+        command = _builtin_command(d, planned.workers, fabric, files)
     else:
         devices = instance.devices
         pods = math.ceil(devices / per_node)
-        command = _vllm_command(d, instance, fabric, pods, f"{name}-0.{name}.{shape.site.namespace}.svc")
+        head = f"{name}-0.{name}.{shape.site.namespace}.svc"
+        command = _vllm_command(d, instance, fabric, pods, head, files)
+        if device_resource(fabric) == "cpu":
+            env = vllm_cpu_env(d)
     c = d.slice.constraints
     ceiling = topo.ceiling(c.max_tier, c.within_domain) + 1
     mode = "soft" if not c.within_domain and c.max_tier is None else "hard"
-    return EngineLayout(name, pods, math.ceil(devices / pods), planned.workers, mode, ceiling, command)
+    return EngineLayout(name, pods, math.ceil(devices / pods), planned.workers, mode, ceiling, command, env, files)
 
 
-def _builtin_command(d: DeploymentShape, workers: int, fabric: FabricSpec) -> list[str]:
+def model_files(d: DeploymentShape) -> ModelFiles:
+    """Return where deployment `d`'s pods find its model (see the module docstring); UserError for random weights
+    on vLLM."""
+    registered = None if d.arch in arch_names() else registered_model(d.arch)
+    folders = [] if d.weights in (WEIGHTS_PACKAGED, WEIGHTS_RANDOM) else [d.weights]
+    if d.engine == "matrixstack":
+        if registered is None:
+            return ModelFiles(folders[0] if folders else None, tuple(folders))
+        setup = ["matrixstack", "model", "add", registered.folder, "--name", registered.name]
+        return ModelFiles(folders[0] if folders else None, (registered.folder, *folders), tuple(setup))
+    if d.weights == WEIGHTS_RANDOM:
+        raise UserError(
+            f"deployment {d.name}: vLLM loads a checkpoint, not random weights; give weights: FOLDER (a Hugging Face "
+            "folder), packaged (tiny-moe) or a registered model as the arch, or use engine matrixstack"
+        )
+    if folders:
+        return ModelFiles(folders[0], tuple(folders))
+    if registered is not None:
+        return ModelFiles(registered.folder, (registered.folder,))
+    out = f"{HF_EXPORT_DIR}/{d.arch}"
+    return ModelFiles(out, (), ("matrixstack", "model", "export", d.arch, "--format", "hf", "--out", out))
+
+
+def vllm_flags(args: EngineArgs) -> list[str]:
+    """Return vLLM's options for a deployment's `engine_args`: --dtype, --max-model-len and --max-num-seqs."""
+    return ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
+
+
+def vllm_cpu_env(d: DeploymentShape) -> dict[str, str]:
+    """Return vLLM's CPU settings for deployment `d` (see the module docstring): KV cache GiB and thread binding."""
+    args = d.engine_args
+    kv_bytes = load_arch(d.arch).kv_bytes_per_token(KV_DTYPES[args.dtype]) * args.num_kv_blocks * args.block_size
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(kv_bytes / GIB))), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+
+
+def _builtin_command(d: DeploymentShape, workers: int, fabric: FabricSpec, files: ModelFiles) -> list[str]:
     """Return `matrixstack engine serve ...` for deployment `d` listening on all addresses at ENGINE_PORT."""
     args = d.engine_args
     command = ["matrixstack", "engine", "serve", d.arch, "--workers", str(workers)]
     command += ["--host", "0.0.0.0", "--port", str(ENGINE_PORT), "--model-id", d.name]
     if d.weights == WEIGHTS_RANDOM:
         command.append("--random-weights")
-    elif d.weights != WEIGHTS_PACKAGED:
-        command += ["--weights", d.weights]
+    elif files.path is not None:
+        command += ["--weights", files.path]
     device = "cpu" if device_resource(fabric) == "cpu" else "cuda" if fabric.device.vendor == "NVIDIA" else "auto"
     command += ["--device", device, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     command += ["--num-kv-blocks", str(args.num_kv_blocks), "--block-size", str(args.block_size)]
     return command + ["--max-num-seqs", str(args.max_num_seqs)]
 
 
-def _vllm_command(d: DeploymentShape, instance: InstancePlan, fabric: FabricSpec, pods: int, head: str) -> list[str]:
+def _vllm_command(
+    d: DeploymentShape, instance: InstancePlan, fabric: FabricSpec, pods: int, head: str, files: ModelFiles
+) -> list[str]:
     """Return the container command of a vLLM deployment's pods (a shell line choosing by ordinal when pods > 1)."""
     from matrixstack.lanes.vllm import VllmLauncher
 
     dies = fabric.device.dies_per_device
+    assert files.path is not None  # model_files gives every vLLM deployment a folder
     launcher = VllmLauncher.from_plan(
-        d.weights, instance, port=ENGINE_PORT, dies_per_device=dies, host="0.0.0.0", served_model_name=d.name
+        files.path,
+        instance,
+        port=ENGINE_PORT,
+        extra_args=vllm_flags(d.engine_args),
+        dies_per_device=dies,
+        host="0.0.0.0",
+        served_model_name=d.name,
     )
     command = launcher.serve_command()
     if pods == 1:

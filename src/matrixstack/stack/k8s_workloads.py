@@ -26,8 +26,20 @@ DATA_DIR = "/var/lib/matrixstack"
 
 
 @dataclass(frozen=True)
+class ModelFiles:
+    """Where an engine pod finds its model: the folder its command names, the node folders mounted read-only at
+    their own paths (hostPath), and the command of an init container that writes the rest into the pod's data
+    directory (an emptyDir at DATA_DIR, MATRIXSTACK_HOME of both containers)."""
+
+    path: str | None  # the model folder the command names; None: the weights the image packages
+    host_folders: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()  # the init container's command; empty: none
+
+
+@dataclass(frozen=True)
 class EngineLayout:
-    """How one deployment runs on Kubernetes: its pods, each pod's devices, the ceiling tier and the command."""
+    """How one deployment runs on Kubernetes: its pods, each pod's devices, the ceiling tier, the command, its
+    environment and its model files."""
 
     name: str  # DNS label of the deployment: StatefulSet, Service and PodGroup name
     pods: int
@@ -36,6 +48,8 @@ class EngineLayout:
     mode: str  # Volcano networkTopology mode: hard or soft
     highest_tier: int  # 1-based tier number
     command: list[str]
+    env: dict[str, str]
+    files: ModelFiles
 
 
 def labels_of(shape: Shape, component: str | None = None) -> dict[str, str]:
@@ -96,6 +110,8 @@ def engine_objects(
     if d.engine == "vllm" and layout.pods > 1:
         container["ports"].append({"name": "dp-rpc", "containerPort": VLLM_RPC_PORT})
         container.pop("readinessProbe")  # headless pods serve no HTTP; pod 0's readiness is the Service's
+    pod: dict[str, Any] = {"schedulerName": "volcano", "containers": [container]}
+    _add_model_files(pod, layout, shape.site.image)
     stateful_set = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -113,11 +129,41 @@ def engine_objects(
                         LABEL_PREFIX + "workers": str(layout.workers),
                     },
                 },
-                "spec": {"schedulerName": "volcano", "containers": [container]},
+                "spec": pod,
             },
         },
     }
     return [pod_group, service, stateful_set]
+
+
+def _add_model_files(pod: dict[str, Any], layout: EngineLayout, image: str) -> None:
+    """Add an engine pod's environment, model volumes and mounts and its setup init container to `pod`."""
+    (container,) = pod["containers"]
+    env = dict(layout.env)
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for i, folder in enumerate(layout.files.host_folders):
+        volumes.append({"name": f"model-{i}", "hostPath": {"path": folder, "type": "Directory"}})
+        mounts.append({"name": f"model-{i}", "mountPath": folder, "readOnly": True})
+    if layout.files.setup:
+        env["MATRIXSTACK_HOME"] = DATA_DIR
+        volumes.append({"name": "data", "emptyDir": {}})
+        data = {"name": "data", "mountPath": DATA_DIR}
+        pod["initContainers"] = [
+            {
+                "name": "setup",
+                "image": image,
+                "command": list(layout.files.setup),
+                "env": [{"name": "MATRIXSTACK_HOME", "value": DATA_DIR}],
+                "volumeMounts": [*mounts, data],
+            }
+        ]
+        mounts.append(data | {"readOnly": True})
+    if env:
+        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    if volumes:
+        container["volumeMounts"] = mounts
+        pod["volumes"] = volumes
 
 
 def _endpoints(shape: Shape, layouts: list[EngineLayout]) -> dict[str, dict[str, str]]:
