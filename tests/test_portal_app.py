@@ -305,10 +305,12 @@ def test_metrics_carry_the_names_and_the_entry_label(portal):
     text = httpx.get(f"{portal.url}/metrics").text
     for name in METRIC_NAMES:
         assert f"# TYPE {name}" in text, name
-    assert 'matrixstack_requests_total{entry="tiny-finance",status="200"}' in text
-    assert 'matrixstack_tokens_total{entry="tiny-finance",kind="completion"}' in text
-    assert 'matrixstack_ttft_seconds_count{entry="tiny-finance"}' in text
-    assert 'matrixstack_tpot_seconds_count{entry="tiny-finance"}' in text
+    # the L1 entry, served by its L0's engine backend given by URL (no deployment); labels sorted by name
+    route = 'deployment="",entry="tiny-finance"'
+    assert f'matrixstack_requests_total{{{route},lane="engine",status="200"}}' in text
+    assert f'matrixstack_tokens_total{{{route},kind="completion",lane="engine"}}' in text
+    assert f'matrixstack_ttft_seconds_count{{{route},lane="engine"}}' in text
+    assert f'matrixstack_tpot_seconds_count{{{route},lane="engine"}}' in text
     assert 'matrixstack_matrix_utilisation{pool="metered"} 0.25' in text
     assert re.search(r"^matrixstack_queue_depth \d", text, re.M)
 

@@ -264,18 +264,23 @@ def test_pool_utilisation_is_allocated_over_healthy_devices_and_refreshes_at_mos
         assert f'matrixstack_matrix_utilisation{{pool="p"}} {4 / 14}' in text
 
 
-def test_metrics_count_requests_tokens_and_latencies_per_entry():
+def test_metrics_count_requests_tokens_and_latencies_per_entry_and_lane():
     metrics = PortalMetrics()
-    metrics.observe("tiny", 200, 10, 5, ttft_s=0.02, tpot_s=0.004)
-    metrics.observe("tiny", 429, 0, 0)
+    tiny = ("tiny", "engine", "tiny-moe")
+    metrics.observe(tiny, 200, 10, 5, ttft_s=0.02, tpot_s=0.004)
+    metrics.observe(tiny, 429, 0, 0)
+    metrics.observe(("tiny-on-vllm", "vllm", "tiny-moe-vllm"), 200, 7, 3)
     metrics.queue_depth.inc()
     text, content_type = metrics.render()
     text = text.decode()
     assert content_type.startswith("text/plain")
-    assert 'matrixstack_requests_total{entry="tiny",status="200"} 1.0' in text
-    assert 'matrixstack_requests_total{entry="tiny",status="429"} 1.0' in text
-    assert 'matrixstack_tokens_total{entry="tiny",kind="prompt"} 10.0' in text
-    assert 'matrixstack_ttft_seconds_count{entry="tiny"} 1.0' in text
-    assert 'matrixstack_tpot_seconds_bucket{entry="tiny",le="0.005"} 1.0' in text
+    # Prometheus' text writes labels sorted by name
+    assert 'matrixstack_requests_total{deployment="tiny-moe",entry="tiny",lane="engine",status="200"} 1.0' in text
+    assert 'matrixstack_requests_total{deployment="tiny-moe",entry="tiny",lane="engine",status="429"} 1.0' in text
+    assert 'matrixstack_tokens_total{deployment="tiny-moe",entry="tiny",kind="prompt",lane="engine"} 10.0' in text
+    assert 'matrixstack_ttft_seconds_count{deployment="tiny-moe",entry="tiny",lane="engine"} 1.0' in text
+    assert 'matrixstack_tpot_seconds_bucket{deployment="tiny-moe",entry="tiny",lane="engine",le="0.005"} 1.0' in text
+    vllm = 'deployment="tiny-moe-vllm",entry="tiny-on-vllm",kind="completion",lane="vllm"'
+    assert f"matrixstack_tokens_total{{{vllm}}} 3.0" in text
     assert "matrixstack_queue_depth 1.0" in text
     assert "matrixstack_requests_total{" not in PortalMetrics().render()[0].decode()  # a registry of its own

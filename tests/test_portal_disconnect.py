@@ -81,4 +81,5 @@ def test_hanging_up_aborts_the_backend_request_and_meters_499(held, stream):
         time.sleep(0.05)
     assert rows[0]["requests"] == 1 and rows[0]["errors"] == 1
     metrics = httpx.get(f"{portal.url}/metrics").text
-    assert f'matrixstack_requests_total{{entry="held",status="{CLIENT_CLOSED}"}} 1.0' in metrics
+    route = 'deployment="",entry="held",lane="upstream"'
+    assert f'matrixstack_requests_total{{{route},status="{CLIENT_CLOSED}"}} 1.0' in metrics

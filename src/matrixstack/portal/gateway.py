@@ -254,6 +254,7 @@ class Gateway:
         try:
             resolved = await self.resolve(m.entry, m.key)
             m.resolved = True
+            m.lane, m.deployment = resolved.backend.kind, resolved.backend.deployment or ""
             await self._seed_usage(m.key)
             refusal = self.limiter.admit(m.key)
             if refusal is not None:
@@ -327,7 +328,8 @@ class Gateway:
                 )
         if m.key is not None:
             label = m.entry if m.resolved and m.entry else UNKNOWN_ENTRY  # random names must not make new series
-            self.metrics.observe(label, m.status, m.prompt_tokens, m.completion_tokens, m.ttft_s, m.tpot_s)
+            route = (label, m.lane, m.deployment)
+            self.metrics.observe(route, m.status, m.prompt_tokens, m.completion_tokens, m.ttft_s, m.tpot_s)
         if LOG.isEnabledFor(logging.INFO):
             self._log(m, latency_s)
 

@@ -1,13 +1,20 @@
 """Prometheus metrics of the portal, in a registry of its own (`GET /metrics`).
 
-- `matrixstack_requests_total{entry,status}`: /v1 completion requests by catalog entry and HTTP status;
-- `matrixstack_tokens_total{entry,kind}`: tokens by entry, `kind` = `prompt` or `completion`;
-- `matrixstack_ttft_seconds{entry}`: time to the first streamed token; `matrixstack_tpot_seconds{entry}`: time per
-  output token after the first (streamed requests: the spread of the stream over its tokens);
+- `matrixstack_requests_total{entry,lane,deployment,status}`: /v1 completion requests by catalog entry and HTTP
+  status;
+- `matrixstack_tokens_total{entry,lane,deployment,kind}`: tokens by entry, `kind` = `prompt` or `completion`;
+- `matrixstack_ttft_seconds{entry,lane,deployment}`: time to the first streamed token;
+  `matrixstack_tpot_seconds{entry,lane,deployment}`: time per output token after the first (streamed requests: the
+  spread of the stream over its tokens);
 - `matrixstack_queue_depth`: requests in flight in this portal process;
 - `matrixstack_matrix_utilisation{pool}`: allocated / healthy devices of each matrix pool, read from
   the matrix pool views (`matrix.pools`) at most every `UTILISATION_REFRESH_S` (the read runs in a worker thread when
   `/metrics` is scraped, never on the request path).
+
+The request metrics carry where the entry's requests go: `lane` is its L0's backend kind (`engine` for the builtin
+engine, `vllm`, `upstream`) and `deployment` the deployment that serves it ("" for a backend given by URL only, and
+both "" for a request whose entry did not resolve), so `sum by (lane)` compares the lanes of one portal. Both follow
+from the entry, so they add no series.
 
 A registry per `PortalMetrics` keeps several portals in one process (tests) from sharing counters.
 """
@@ -28,6 +35,7 @@ UTILISATION_REFRESH_S = 5.0
 # Latency buckets in seconds: a CPU engine's TTFT spans milliseconds to seconds, TPOT milliseconds to 100s of ms.
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ROUTE = ("entry", "lane", "deployment")  # the labels of every request metric: the entry and where it is served
 METRIC_NAMES = (
     "matrixstack_requests_total",
     "matrixstack_tokens_total",
@@ -60,19 +68,19 @@ class PortalMetrics:
         """`utilisation_fn()` returns allocated / healthy devices per pool (None: no pool gauge is filled)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "matrixstack_requests", "Completion requests by catalog entry and HTTP status", ["entry", "status"],
+            "matrixstack_requests", "Completion requests by catalog entry and HTTP status", [*ROUTE, "status"],
             registry=self.registry,
         )  # fmt: skip
         self.tokens = Counter(
-            "matrixstack_tokens", "Tokens by catalog entry and kind (prompt, completion)", ["entry", "kind"],
+            "matrixstack_tokens", "Tokens by catalog entry and kind (prompt, completion)", [*ROUTE, "kind"],
             registry=self.registry,
         )  # fmt: skip
         self.ttft = Histogram(
-            "matrixstack_ttft_seconds", "Time to the first streamed token", ["entry"], buckets=TTFT_BUCKETS_S,
+            "matrixstack_ttft_seconds", "Time to the first streamed token", ROUTE, buckets=TTFT_BUCKETS_S,
             registry=self.registry,
         )  # fmt: skip
         self.tpot = Histogram(
-            "matrixstack_tpot_seconds", "Time per output token after the first", ["entry"], buckets=TPOT_BUCKETS_S,
+            "matrixstack_tpot_seconds", "Time per output token after the first", ROUTE, buckets=TPOT_BUCKETS_S,
             registry=self.registry,
         )  # fmt: skip
         self.queue_depth = Gauge("matrixstack_queue_depth", "Requests in flight in this portal", registry=self.registry)
@@ -89,23 +97,24 @@ class PortalMetrics:
 
     def observe(
         self,
-        entry: str,
+        route: tuple[str, str, str],
         status: int,
         prompt_tokens: int,
         completion_tokens: int,
         ttft_s: float | None = None,
         tpot_s: float | None = None,
     ) -> None:
-        """Count one finished request of `entry` with its tokens and, when known, its TTFT and TPOT."""
-        self._child(self.requests, entry, str(status)).inc()
+        """Count one finished request of `route` = (entry, lane, deployment) with its tokens and, when known, its TTFT
+        and TPOT."""
+        self._child(self.requests, *route, str(status)).inc()
         if prompt_tokens:
-            self._child(self.tokens, entry, "prompt").inc(prompt_tokens)
+            self._child(self.tokens, *route, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            self._child(self.tokens, entry, "completion").inc(completion_tokens)
+            self._child(self.tokens, *route, "completion").inc(completion_tokens)
         if ttft_s is not None:
-            self._child(self.ttft, entry).observe(ttft_s)
+            self._child(self.ttft, *route).observe(ttft_s)
         if tpot_s is not None:
-            self._child(self.tpot, entry).observe(tpot_s)
+            self._child(self.tpot, *route).observe(tpot_s)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """Return `metric.labels(*labels)`, kept after the first call (the lookup checks and hashes the labels

@@ -54,6 +54,8 @@ class Metered:
     stream: bool = False
     error: str | None = None
     resolved: bool = False  # the entry exists for this tenant (else metrics do not label it with its name)
+    lane: str = ""  # the resolved entry's backend kind: engine, vllm or upstream
+    deployment: str = ""  # the deployment serving it ("" for a backend given by URL only)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
