@@ -48,16 +48,18 @@ def processes() -> dict[int, tuple[int, int, str]]:
 
 
 class UpRun:
-    """One `matrixstack up --port 0` subprocess: its output up to the ready line, parsed, and a way to stop it."""
+    """One `matrixstack up [SHAPE] --port 0` subprocess (SHAPE None: the embedded default): its output up to the ready
+    line, parsed, and a way to stop it."""
 
-    def __init__(self, home: Path, run: int):
+    def __init__(self, home: Path, run: int, shape: Path | None = None, start_timeout_s: float = START_TIMEOUT_S):
         self.stderr_path = home / f"up-{run}.stderr"
         cmd = [sys.executable, "-c", "from matrixstack.cli.main import app; app()", "up", "--port", "0"]
+        cmd += [str(shape)] if shape is not None else []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         self.lines: list[str] = []
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout_s
         while READY_LINE not in self.lines:
             line = self.process.stdout.readline()
             if not line and self.process.poll() is not None:
