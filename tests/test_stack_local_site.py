@@ -1,10 +1,14 @@
 """The local site: a real engine child process (`python -m matrixstack.engine.launch`) bound to CPU core 0, served
 through the `openai` client, then stopped with nothing of its process group left; launches it cannot run are refused
-before any process starts, and an engine that dies while starting is reported with the end of its log."""
+before any process starts, and an engine that dies while starting is reported with the end of its log. An engine
+killed while running comes back on its own (restarting -> running told to the site's callback), and stop() after
+that leaves nothing of either process group. (vLLM on the local site: tests/test_stack_local_vllm.py.)"""
 
 from __future__ import annotations
 
 import os
+import queue
+import signal
 from pathlib import Path
 
 import openai
@@ -12,9 +16,12 @@ import pytest
 
 from matrixstack.engine.launch import parse_launch
 from matrixstack.errors import UserError
-from matrixstack.stack.local_site import LocalSite, engine_command, group_alive
-from matrixstack.stack.site import Launch
+from matrixstack.stack.local_site import LocalSite, engine_command
+from matrixstack.stack.site import STATUS_RESTARTING, STATUS_RUNNING, Launch
 from matrixstack.stack.spec import EngineArgs, SiteShape
+from matrixstack.stack.supervise import Backoff, group_alive
+
+RESTART_TIMEOUT_S = 120.0  # the killed engine's restart: a fresh process loading tiny-moe on a loaded machine
 
 SMALL = EngineArgs(max_model_len=256, num_kv_blocks=64, max_num_seqs=8)
 
@@ -80,7 +87,7 @@ def test_stop_leaves_no_process_of_its_group(running):
     ("fields", "message"),
     [
         ({"device_kind": "npu"}, "deployment tiny asks for npu devices; a local site runs cpu or cuda slices"),
-        ({"engine": "vllm"}, "deployment tiny runs engine vllm"),
+        ({"engine": "vllm"}, "deployment tiny: weights: random is for the builtin engine's smoke tests"),
         ({"devices": (0, 4096)}, r"CPU cores \[4096\]"),
     ],
 )
@@ -100,14 +107,47 @@ def test_engine_that_exits_while_starting_is_reported_with_its_log(home):
 
 
 def test_engine_command_is_the_launch_entry_point_with_the_spec_as_data():
-    argv = engine_command(launch(devices=(3, 1), weights="/w", engine_args=EngineArgs(dtype="bfloat16")))
+    argv = engine_command(launch(devices=(3, 1), weights="/w", engine_args=EngineArgs(dtype="bfloat16")), 8123)
     assert argv[1:3] == ["-m", "matrixstack.engine.launch"] and len(argv) == 4
     spec = parse_launch(argv[3])
     assert (spec.arch, spec.weights, spec.random_weights, spec.model_id) == ("tiny-moe", "/w", False, "tiny")
-    assert (spec.port, spec.device, spec.dtype, spec.log_level) == (0, "cpu", "bfloat16", "warning")
+    assert (spec.host, spec.port, spec.device, spec.dtype, spec.log_level) == (
+        "127.0.0.1",
+        8123,
+        "cpu",
+        "bfloat16",
+        "warning",
+    )
     assert spec.cpus == ([1, 3] if hasattr(os, "sched_setaffinity") else None)
-    random = parse_launch(engine_command(launch(device_kind="cuda"))[3])
+    random = parse_launch(engine_command(launch(device_kind="cuda"), 8124)[3])
     assert (random.weights, random.random_weights, random.cpus, random.max_model_len) == (None, True, None, 256)
+
+
+@pytest.mark.slow
+def test_a_killed_engine_comes_back_on_its_own_and_stop_leaves_nothing(home):
+    told: queue.Queue[tuple[str, str, str]] = queue.Queue()
+    site = LocalSite(SiteShape(), backoff=Backoff(first_s=0.2, max_s=1.0))
+    try:
+        (started,) = site.start([launch(name="crashy")], on_status=lambda *change: told.put(change))
+        first = site.pids["crashy"]
+        os.killpg(first, signal.SIGKILL)  # the engine and every process of its group, as the OOM killer might
+        assert told.get(timeout=RESTART_TIMEOUT_S) == ("crashy", STATUS_RESTARTING, started.url)
+        name, status, url = told.get(timeout=RESTART_TIMEOUT_S)
+        assert (name, status) == ("crashy", STATUS_RUNNING)
+        second = site.pids["crashy"]
+        assert second != first and not group_alive(first)
+        assert os.getpgid(second) == second and os.sched_getaffinity(second) == {0}
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="crashy", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+        )
+        assert reply.usage.completion_tokens > 0
+        log = (Path(home) / "logs" / "crashy.log").read_text()
+        assert f"the engine of deployment crashy exited with code {-signal.SIGKILL}; starting it again in 0.2 s" in log
+    finally:
+        site.stop()
+    assert not group_alive(second) and site.pids == {}
+    assert told.empty()  # stopping is not a crash: nothing restarts it
 
 
 def test_a_bad_launch_spec_names_the_field():

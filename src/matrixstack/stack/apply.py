@@ -28,11 +28,12 @@ from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.pools import create_pool, list_pools, show_pool
 from matrixstack.matrix.slices import SliceInfo, alloc_slice, free_slice
 from matrixstack.matrix.tenants import create_tenant
+from matrixstack.perf.spec import Plan
 from matrixstack.portal.catalog_service import add_entries, list_entries, update_entry
 from matrixstack.portal.deployment_service import list_deployments, register_deployment
 from matrixstack.portal.key_service import create_key, list_keys
 from matrixstack.portal.spec import EntrySpec
-from matrixstack.stack.site import Launch, Started
+from matrixstack.stack.site import STATUS_RUNNING, Launch, Started
 from matrixstack.stack.spec import DeploymentShape, Shape, ShapeEntry
 from matrixstack.stack.store import (
     SHAPE_ROW_ID,
@@ -101,21 +102,33 @@ def record_started(shape: Shape, started: list[Started], db_url: str | None = No
     """Register each started deployment of `shape` at its URL with status `running`, and write that URL into the
     L0 entries of the shape that name it (what `catalog show` prints; the portal routes by the deployment either
     way); UserError for a deployment that is not in the shape or was never applied."""
+    _record_states(shape, {run.name: (STATUS_RUNNING, run.url) for run in started}, db_url)
+
+
+def record_status(shape: Shape, name: str, status: str, url: str, db_url: str | None = None) -> None:
+    """Register deployment `name` of `shape` with `status` at `url` (a site's `on_status`: `restarting` while its
+    engine is down, `running` at its URL once it answers again), and write that URL into the shape's L0 entries
+    that name it, as `record_started` does; UserError for a deployment that is not in the shape or was never
+    applied."""
+    _record_states(shape, {name: (status, url)}, db_url)
+
+
+def _record_states(shape: Shape, states: dict[str, tuple[str, str]], db_url: str | None) -> None:
+    """Register each deployment named in `states` (name -> (status, url)) and point the shape's L0 entries that
+    name it at its URL, in one unit of work."""
 
     def write(session: Session) -> None:
         current = _registered(session, shape)
-        urls = {}
-        for run in started:
-            row = current.get(run.name)
+        for name, (status, url) in states.items():
+            row = current.get(name)
             if row is None:
-                raise UserError(f"deployment {run.name} is not a deployment of shape {shape.name}; apply it first")
+                raise UserError(f"deployment {name} is not a deployment of shape {shape.name}; apply it first")
             register_deployment(
-                session, run.name, row["kind"], run.url, row["arch"], row["pool"], row["slice_id"], status="running"
+                session, name, row["kind"], url, row["arch"], row["pool"], row["slice_id"], status=status
             )
-            urls[run.name] = run.url
         for entry in shape.catalog:
-            if entry.backend is not None and entry.backend.deployment in urls:
-                update_entry(session, entry.name, {"backend": {"url": urls[entry.backend.deployment]}})
+            if entry.backend is not None and entry.backend.deployment in states:
+                update_entry(session, entry.name, {"backend": {"url": states[entry.backend.deployment][1]}})
 
     with open_stack_database(db_url) as database:
         database.write(write)
@@ -331,4 +344,6 @@ def _launch(d: DeploymentShape, p: PlannedDeployment, s: SliceInfo, fabric: Fabr
         devices=tuple(device % per_node for device in s.devices),
         strategy=strategy,
         engine_args=d.engine_args,
+        plan=p.plan.decode if isinstance(p.plan, Plan) else p.plan,
+        dies_per_device=fabric.device.dies_per_device,
     )

@@ -1,58 +1,51 @@
-"""The `local` site: each deployment's engine is a child process on this machine (`python -m matrixstack.engine.launch`
-with the deployment's `EngineLaunch` spec, the code path of `matrixstack engine serve`).
+"""The `local` site: each deployment's engine is a child process on this machine: the builtin engine
+(`python -m matrixstack.engine.launch` with the deployment's `EngineLaunch` spec, the code path of `matrixstack
+engine serve`) or vLLM (its OpenAI server in vLLM's own venv, `stack.vllm_launch`: the model's Hugging Face folder,
+the plan's parallel degrees, the deployment's engine_args).
 
-Each engine runs in a session (and so a process group) of its own, bound to its slice's devices: CPU cores
-(device kind "cpu") become the process's CPU affinity, which the expert-parallel workers it forks inherit; GPUs
-(device kind "cuda") become its CUDA_VISIBLE_DEVICES. The affinity is set by the child itself (the spec's `cpus`)
-before it imports the runtime or forks (no `preexec_fn`, which is unsafe while the parent runs threads, as it does
-under a progress display). Its output goes to `data_dir()/logs/NAME.log` (replaced at each start); the engine
-prints its URL there (port 0: it picks a free port), and the site waits for `/health` to answer.
-`stop()` sends SIGTERM to each process group, SIGKILL to what is left after `STOP_TIMEOUT_S`, and returns once no
-process of the group is alive, EP workers included.
+Each engine runs in a session (and so a process group) of its own, on a port of its own on loopback, bound to its
+slice's devices: CPU cores (device kind "cpu") become the process's CPU affinity, which every process it starts
+inherits (the builtin engine's expert-parallel workers, vLLM's engine core and workers; vLLM also binds its OpenMP
+threads to them, one group of cores per rank); GPUs (device kind "cuda") become its CUDA_VISIBLE_DEVICES. The
+affinity is set by the child itself before it imports the runtime or forks (the spec's `cpus`; for vLLM a tiny
+`-c` program that binds, then execs the server) — no `preexec_fn`, which is unsafe while the parent runs threads,
+as it does under a progress display. Its output goes to `data_dir()/logs/NAME.log` (replaced at each start of the
+site, appended to at a restart; `matrixstack logs NAME` shows it), and the site waits for `/health` to answer.
+
+Once all answer, each is supervised (`stack.supervise`): an engine that exits unexpectedly is started again with
+backoff, and `on_status` is told `restarting`, then `running` with its URL. `stop()` ends the supervision, sends
+SIGTERM to each process group, SIGKILL to what is left after `STOP_TIMEOUT_S`, and returns once no process of the
+groups is alive, workers included.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from matrixstack.engine.launch import ENTRY_MODULE, EngineLaunch
 from matrixstack.errors import UserError
+from matrixstack.lanes.vllm import vllm_available
+from matrixstack.lanes.vllm_env import missing_vllm_message, vllm_venv
 from matrixstack.paths import data_dir
-from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started, StatusCallback
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, SiteShape
+from matrixstack.stack.supervise import STOP_TIMEOUT_S, Backoff, SupervisedProcess, log_tail, stop_all
+from matrixstack.stack.vllm_launch import check_vllm_model, vllm_command, vllm_env, vllm_launcher, vllm_model_folder
 
-ENGINE_START_TIMEOUT_S = 600.0  # tiny-moe comes up in seconds; a big arch on a loaded machine takes minutes
-STOP_TIMEOUT_S = 15.0  # SIGTERM lets the engine close its workers; SIGKILL after this
+ENGINE_START_TIMEOUT_S = 600.0  # tiny-moe comes up in seconds, vLLM-CPU in minutes on a loaded machine
+ENGINE_HOST = "127.0.0.1"
 POLL_S = 0.2
-HEALTH_TIMEOUT_S = 2.0
-LOG_TAIL_LINES = 20
-URL_PATTERN = re.compile(r"(http://\S+:\d+/v1)")
 
 
-@dataclass
-class _Engine:
-    """One started engine: its launch, process, log file and (once printed) URL."""
-
-    launch: Launch
-    process: subprocess.Popen
-    log_path: Path
-    url: str | None = None
-
-
-def engine_command(launch: Launch) -> list[str]:
-    """Return the argv that runs `launch`'s engine: `python -m matrixstack.engine.launch SPEC`, SPEC its
-    `EngineLaunch` as JSON (port 0: a free one), bound to its devices.
+def engine_command(launch: Launch, port: int) -> list[str]:
+    """Return the argv that runs `launch`'s builtin engine on loopback port `port`: `python -m
+    matrixstack.engine.launch SPEC`, SPEC its `EngineLaunch` as JSON, bound to its devices.
 
     For CPU cores the spec names them (`cpus`, where the platform has `os.sched_setaffinity`): the entry point
     binds itself to them before it imports the runtime, so the engine and every worker it forks run on those
@@ -63,8 +56,8 @@ def engine_command(launch: Launch) -> list[str]:
         weights=None if launch.weights in (WEIGHTS_PACKAGED, WEIGHTS_RANDOM) else launch.weights,
         random_weights=launch.weights == WEIGHTS_RANDOM,
         workers=launch.workers,
-        host="127.0.0.1",
-        port=0,
+        host=ENGINE_HOST,
+        port=port,
         model_id=launch.name,
         device=launch.device_kind,
         log_level="warning",
@@ -75,7 +68,8 @@ def engine_command(launch: Launch) -> list[str]:
 
 
 def engine_env(launch: Launch) -> dict[str, str]:
-    """Return the environment of `launch`'s engine: unbuffered output, and CUDA_VISIBLE_DEVICES for GPU slices."""
+    """Return the environment of `launch`'s builtin engine: unbuffered output, and CUDA_VISIBLE_DEVICES for GPU
+    slices."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if launch.device_kind == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in launch.devices)
@@ -84,11 +78,6 @@ def engine_env(launch: Launch) -> dict[str, str]:
 
 def check_launch(launch: Launch) -> None:
     """Return None when this machine can run `launch`; UserError naming the deployment and the fix otherwise."""
-    if launch.engine != "matrixstack":
-        raise UserError(
-            f"deployment {launch.name} runs engine {launch.engine}; a local site runs the builtin engine "
-            "(engine: matrixstack), as the ray site does; a vllm deployment runs on k8s: `matrixstack stack render k8s`"
-        )
     if launch.device_kind not in ENGINE_DEVICE_KINDS:
         raise UserError(
             f"deployment {launch.name} asks for {launch.device_kind} devices; a local site runs cpu or cuda slices; "
@@ -104,39 +93,11 @@ def check_launch(launch: Launch) -> None:
                 f"deployment {launch.name}: its slice holds CPU cores {missing} that this process may not run on "
                 f"(allowed: {sorted(allowed)}); use the local fabric, which describes this machine"
             )
-
-
-def group_alive(pgid: int) -> bool:
-    """Return whether any process of process group `pgid` is alive (zombies, which only wait to be reaped, not)."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            return True
-    return False
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """Return the last `lines` lines of the log at `path` ('' when there is none)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    if launch.engine == "vllm":
+        check_vllm_model(launch.name, launch.arch, launch.weights)
+        if not vllm_available():
+            raise UserError(f"deployment {launch.name} runs engine vllm: {missing_vllm_message(vllm_venv())}")
+        vllm_env(launch)  # a slice with fewer cores than vLLM ranks is refused here, before any process starts
 
 
 class LocalSite:
@@ -150,124 +111,104 @@ class LocalSite:
         log_dir: Path | None = None,
         start_timeout_s: float = ENGINE_START_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
+        backoff: Backoff = Backoff(),
     ):
         self.site = site
         self.log_dir = log_dir or data_dir() / "logs"
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self._engines: list[_Engine] = []
+        self.backoff = backoff
+        self._engines: dict[str, SupervisedProcess] = {}
         self._console = Console(stderr=True)
 
     @property
     def pids(self) -> dict[str, int]:
-        """Return the process id (and process group id) of each started engine, by deployment name."""
-        return {e.launch.name: e.process.pid for e in self._engines}
+        """Return the process id (and process group id) of each running engine, by deployment name."""
+        return {name: e.pid for name, e in self._engines.items() if e.pid is not None}
 
-    def start(self, launches: list[Launch]) -> list[Started]:
+    def start(self, launches: list[Launch], on_status: StatusCallback | None = None) -> list[Started]:
         """Start every launch's engine and return them running, in order; UserError (with the end of the engine's
-        log) when one exits or does not answer within the start timeout, after stopping all it started."""
+        log) when one exits or does not answer within the start timeout, after stopping all it started. From then
+        on each is restarted when it exits, and `on_status` told (see the module docstring)."""
         for launch in launches:
             check_launch(launch)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        engines = [self._spawn(launch) for launch in launches]
+        engines = {launch.name: self._supervised(launch, on_status) for launch in launches}
         try:
-            self._wait_ready(engines)
+            for engine in engines.values():
+                self._engines[engine.name] = engine
+                engine.spawn()
+            self._wait_ready(launches, engines)
         except BaseException:
             self.stop()
             raise
-        return [Started(e.launch.name, e.url) for e in engines if e.url is not None]
+        for engine in engines.values():
+            engine.watch()
+        return [Started(name, engine.url) for name, engine in engines.items()]
 
-    def _spawn(self, launch: Launch) -> _Engine:
+    def _supervised(self, launch: Launch, on_status: StatusCallback | None) -> SupervisedProcess:
+        """Return the supervised process of `launch`'s engine (not started yet)."""
         log_path = self.log_dir / f"{launch.name}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                engine_command(launch),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=engine_env(launch),
-                start_new_session=True,
-            )
-        engine = _Engine(launch, process, log_path)
-        self._engines.append(engine)
-        return engine
+        if launch.engine == "vllm":
+            vllm_model_folder(launch)  # export packaged weights (once) before any engine starts
 
-    def _wait_ready(self, engines: list[_Engine]) -> None:
+            def command(port: int) -> list[str]:
+                return vllm_command(launch, vllm_launcher(launch, port, ENGINE_HOST, log_path))
+
+            env = {**os.environ, **vllm_env(launch)}
+        else:
+
+            def command(port: int) -> list[str]:
+                return engine_command(launch, port)
+
+            env = engine_env(launch)
+        return SupervisedProcess(
+            launch.name,
+            command,
+            env,
+            log_path,
+            host=ENGINE_HOST,
+            on_status=on_status,
+            backoff=self.backoff,
+            start_timeout_s=self.start_timeout_s,
+            stop_timeout_s=self.stop_timeout_s,
+        )
+
+    def _wait_ready(self, launches: list[Launch], engines: dict[str, SupervisedProcess]) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self._console
         ) as progress:
             tasks = {
-                e.launch.name: progress.add_task(f"starting {e.launch.name} ({_placement(e.launch)})", total=1)
-                for e in engines
+                launch.name: progress.add_task(f"starting {launch.name} ({_placement(launch)})", total=1)
+                for launch in launches
             }
-            pending = list(engines)
+            pending = list(engines.values())
             while pending:
                 for engine in list(pending):
-                    if self._ready(engine):
+                    if engine.ready():
                         pending.remove(engine)
-                        progress.update(
-                            tasks[engine.launch.name], completed=1, description=f"{engine.launch.name} on {engine.url}"
-                        )
+                        progress.update(tasks[engine.name], completed=1, description=f"{engine.name} on {engine.url}")
                 if pending and time.monotonic() > deadline:
-                    names = ", ".join(e.launch.name for e in pending)
+                    names = ", ".join(e.name for e in pending)
                     raise UserError(
-                        f"deployment {pending[0].launch.name} did not answer within {self.start_timeout_s:.0f} s "
+                        f"deployment {pending[0].name} did not answer within {self.start_timeout_s:.0f} s "
                         f"(still starting: {names}); its log {pending[0].log_path} ends with:\n"
                         f"{log_tail(pending[0].log_path)}"
                     )
                 if pending:
                     time.sleep(POLL_S)
 
-    def _ready(self, engine: _Engine) -> bool:
-        """Return whether `engine` answers /health; UserError when its process has exited."""
-        code = engine.process.poll()
-        if code is not None:
-            raise UserError(
-                f"the engine of deployment {engine.launch.name} exited with code {code} while starting; "
-                f"its log {engine.log_path} ends with:\n{log_tail(engine.log_path)}"
-            )
-        if engine.url is None:
-            match = URL_PATTERN.search(engine.log_path.read_text(errors="replace"))
-            if match is None:
-                return False
-            engine.url = match.group(1)
-        try:
-            return httpx.get(engine.url.removesuffix("/v1") + "/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
-        except httpx.TransportError:
-            return False
-
     def stop(self) -> None:
-        """Stop every engine this site started: SIGTERM to each process group, SIGKILL to what is left after the
-        stop timeout; return once none of their processes is alive (or, for one stuck in the kernel, after another
-        stop timeout). Safe to call more than once."""
-        engines, self._engines = self._engines, []
-        for engine in engines:
-            _signal_group(engine.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
-        for engine in engines:
-            try:
-                engine.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        while any(group_alive(e.process.pid) for e in engines) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        for engine in engines:
-            _signal_group(engine.process.pid, signal.SIGKILL)
-            engine.process.wait()
-        deadline = time.monotonic() + self.stop_timeout_s  # SIGKILL is final; only a process stuck in the kernel waits
-        while any(group_alive(e.process.pid) for e in engines) and time.monotonic() < deadline:
-            time.sleep(POLL_S / 4)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        """Stop every engine this site started and its supervision: SIGTERM to each process group, SIGKILL to what
+        is left after the stop timeout; return once none of their processes is alive (or, for one stuck in the
+        kernel, after another stop timeout). Safe to call more than once."""
+        engines, self._engines = list(self._engines.values()), {}
+        stop_all(engines)
 
 
 def _placement(launch: Launch) -> str:
     workers = f"{launch.workers} worker{'s' if launch.workers > 1 else ''}"
     devices = ",".join(str(d) for d in launch.devices)
-    return f"{workers}, {launch.device_kind} {'cores' if launch.device_kind == 'cpu' else 'GPUs'} {devices}"
+    kind = f"{launch.device_kind} {'cores' if launch.device_kind == 'cpu' else 'GPUs'} {devices}"
+    return f"vLLM, {kind}" if launch.engine == "vllm" else f"{workers}, {kind}"

@@ -1,21 +1,34 @@
 """What a site is given and what it gives back: one `Launch` per deployment in, one OpenAI base URL per deployment out.
 
-A site (local processes, a Ray cluster) starts the engines of a shape's deployments on their slices. The shape
-has been applied before (pools made, slices allocated, plans found: `stack.apply`), so a site needs no database:
-each `Launch` says what to run and on which devices. `Site.start` returns when every engine answers its health
-check, or raises UserError naming the deployment that did not come up (after stopping what it started);
-`Site.stop` stops everything it started and may be called more than once. `stack.sites.open_site` picks the
-site a shape names.
+A site (local processes, a Ray cluster) starts the engines of a shape's deployments on their slices: the builtin
+engine (`engine: matrixstack`) or vLLM (`engine: vllm`, its command line and environment from
+`stack.vllm_launch`). The shape has been applied before (pools made, slices allocated, plans found:
+`stack.apply`), so a site needs no database: each `Launch` says what to run, on which devices and with which plan.
+`Site.start` returns when every engine answers its health check, or raises UserError naming the deployment that
+did not come up (after stopping what it started); `Site.stop` stops everything it started and may be called more
+than once. `stack.sites.open_site` picks the site a shape names.
+
+After `start` returns, a site keeps its engines up: one that exits unexpectedly is started again (with backoff,
+`stack.supervise`), and each change is told to the `on_status` callback given to `start` as
+`(deployment name, status, url)`: `STATUS_RESTARTING` while it is down, `STATUS_RUNNING` (with its URL, which may
+have changed) once it answers again. `matrixstack up` records these in the portal's database
+(`stack.apply.record_status`), which routes only to running deployments. The first start is not told: it is what
+`start` returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from matrixstack.perf.spec import InstancePlan
 from matrixstack.stack.spec import EngineArgs
 
-ENGINE_DEVICE_KINDS = ("cpu", "cuda")  # what the builtin engine runs on: CPU cores or CUDA GPUs
+ENGINE_DEVICE_KINDS = ("cpu", "cuda")  # what the builtin engine and vLLM run on here: CPU cores or CUDA GPUs
+STATUS_RUNNING = "running"  # answering its health check (the portal routes to it)
+STATUS_RESTARTING = "restarting"  # exited unexpectedly; being started again (the portal answers 503)
+StatusCallback = Callable[[str, str, str], None]  # (deployment name, status, its OpenAI base URL)
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,10 @@ class Launch:
     devices: tuple[int, ...]  # the slice's devices, as indices on their node (CPU core ids or GPU ids)
     strategy: str  # placement of the devices: "STRICT_PACK" (one node), "PACK" or "SPREAD" (Ray's words)
     engine_args: EngineArgs = field(default_factory=EngineArgs)
+    # the instance the engine runs: the builtin engine's InstancePlan; for vllm its Plan's decode instance (vLLM
+    # serves both phases in one server). None only for a Launch made by hand (tests): then tp = pp = 1, ep = workers
+    plan: InstancePlan | None = None
+    dies_per_device: int = 1  # ranks per device (fabric.device.dies_per_device), as InstancePlan.dp takes it
 
 
 @dataclass(frozen=True)
@@ -46,8 +63,9 @@ class Site(Protocol):
 
     kind: str
 
-    def start(self, launches: list[Launch]) -> list[Started]:
-        """Start every launch's engine and return them running, in the same order; UserError when one fails."""
+    def start(self, launches: list[Launch], on_status: StatusCallback | None = None) -> list[Started]:
+        """Start every launch's engine and return them running, in the same order; UserError when one fails.
+        From then on, restarts of a crashed engine are told to `on_status` (see the module docstring)."""
         ...
 
     def stop(self) -> None:

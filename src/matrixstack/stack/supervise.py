@@ -1,0 +1,319 @@
+"""One supervised engine process: started in a session of its own, waited for by its /health, restarted with
+backoff when it exits unexpectedly, and stopped with every process it started.
+
+`SupervisedProcess(name, command, env, log_path, host=..., on_status=..., backoff=...)`:
+
+- `spawn()` starts `command(port)` (argv for a port) on a free port of `host` in a new session (so its process
+  group is its own, and it takes every process it starts with it), its stdout and stderr in `log_path` (replaced
+  at the first start, appended to at each restart after a line saying why), stdin closed, `env` its whole
+  environment. `url` is its OpenAI base URL (http://HOST:PORT/v1); `ready()` says whether HOST:PORT/health
+  answers 200, raising UserError (with the end of its log) when the process has exited. `wait_ready(timeout_s)`
+  polls it. A site spawns all its engines first and waits for them together.
+- `watch()` starts a thread that waits for the process to exit. When it does (and `stop` was not called), the
+  rest of its group is killed, `on_status(name, STATUS_RESTARTING, url)` is told, and after a delay it is started
+  again: the delay doubles from `Backoff.first_s` up to `Backoff.max_s` after each start that did not become
+  healthy (exited, or no /health within `start_timeout_s`), and starts from `first_s` again once it has run
+  healthy `Backoff.healthy_reset_s`. A restart keeps the port of the last healthy start (its URL stays the same)
+  unless a start on it failed, then it takes a new free port. Once /health answers, `on_status(name,
+  STATUS_RUNNING, url)`. A callback that raises is logged, never stops the watch.
+- `stop()` (and `stop_all(processes)`, the same for many at once, in parallel) ends the watch, sends SIGTERM to
+  the process group, SIGKILL to what is left of it after `stop_timeout_s`, and returns once no process of the
+  group is alive (or, for one stuck in the kernel, after another `stop_timeout_s`). It may be called again.
+
+`group_alive(pgid)` and `log_tail(path)` are the helpers it uses, for sites that report on processes too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from matrixstack.errors import UserError
+from matrixstack.stack.site import STATUS_RESTARTING, STATUS_RUNNING, StatusCallback
+
+START_TIMEOUT_S = 900.0  # a restart that does not answer /health within this counts as a failed start
+STOP_TIMEOUT_S = 15.0  # SIGTERM lets the engine close its workers; SIGKILL after this
+POLL_S = 0.2
+HEALTH_TIMEOUT_S = 2.0
+LOG_TAIL_LINES = 20
+LOG = logging.getLogger("matrixstack.stack")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between restarts: `first_s`, doubled after each failed start up to `max_s`; back to `first_s` once
+    the process has run healthy `healthy_reset_s`."""
+
+    first_s: float = 1.0
+    max_s: float = 60.0
+    healthy_reset_s: float = 60.0
+
+    def delay_s(self, failures: int) -> float:
+        """Return the delay before the next start after `failures` starts in a row that did not stay up."""
+        return min(self.max_s, self.first_s * 2**failures)
+
+
+def free_port(host: str) -> int:
+    """Return a TCP port of `host` that was free a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    """Return whether any process of process group `pgid` is alive (zombies, which only wait to be reaped, not)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """Return the last `lines` lines of the log at `path` ('' when there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send `sig` to process group `pgid` (nothing when it is gone)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class SupervisedProcess:
+    """One engine process, restarted when it exits unexpectedly (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Callable[[int], list[str]],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        host: str = "127.0.0.1",
+        on_status: StatusCallback | None = None,
+        backoff: Backoff = Backoff(),
+        start_timeout_s: float = START_TIMEOUT_S,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ):
+        self.name = name
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.host = host
+        self.on_status = on_status
+        self.backoff = backoff
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.port = 0  # 0 until the first spawn; kept across restarts while they come up
+        self.restarts = 0  # starts after the first
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._stopped = False  # stop_all has seen its group gone
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Return the OpenAI base URL of the process (http://HOST:PORT/v1)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        """Return the process id (and process group id) of the current process, None before the first spawn."""
+        return self.process.pid if self.process is not None else None
+
+    def spawn(self) -> None:
+        """Start the process (see the module docstring)."""
+        if self.port == 0:
+            self.port = free_port(self.host)
+        mode = "ab" if self.process is not None else "wb"
+        with open(self.log_path, mode) as log:
+            self.process = subprocess.Popen(
+                self.command(self.port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def ready(self) -> bool:
+        """Return whether the process answers /health; UserError (with the end of its log) when it has exited."""
+        assert self.process is not None, "spawn() first"
+        code = self.process.poll()
+        if code is not None:
+            raise UserError(
+                f"the engine of deployment {self.name} exited with code {code} while starting; its log "
+                f"{self.log_path} ends with:\n{log_tail(self.log_path)}"
+            )
+        try:
+            return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once the process answers /health; UserError when it exits or does not answer within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"deployment {self.name} did not answer within {timeout_s:.0f} s; its log {self.log_path} ends "
+                    f"with:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(POLL_S)
+
+    def watch(self) -> None:
+        """Start restarting the process whenever it exits unexpectedly, until `stop()`."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name=f"supervise-{self.name}", daemon=True)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop the watch and the process with its whole group (see the module docstring)."""
+        stop_all([self])
+
+    # ---- the watch ------------------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        failures = 0
+        while True:
+            healthy_since = time.monotonic()
+            code = self._wait_exit()
+            if code is None:
+                return
+            if time.monotonic() - healthy_since >= self.backoff.healthy_reset_s:
+                failures = 0
+            self._kill_rest()
+            self._tell(STATUS_RESTARTING)
+            why = f"exited with code {code}"
+            while True:
+                delay_s = self.backoff.delay_s(failures)
+                self._note(f"{why}; starting it again in {delay_s:g} s")
+                if self._stopping.wait(delay_s):
+                    return
+                self.restarts += 1
+                self.spawn()
+                healthy = self._await_health()
+                if healthy is None:
+                    return
+                if healthy:
+                    break
+                failures += 1
+                code = self.process.poll() if self.process is not None else None
+                why = f"exited with code {code}" if code is not None else "gave no /health within its start timeout"
+                self._kill_rest()
+                self.port = 0  # the port may be what failed: take a new one
+            self._tell(STATUS_RUNNING)
+
+    def _wait_exit(self) -> int | None:
+        """Return the exit code of the process once it exits, None when `stop()` ends the watch first."""
+        assert self.process is not None
+        while not self._stopping.wait(POLL_S):
+            code = self.process.poll()
+            if code is not None:
+                return code
+        return None
+
+    def _await_health(self) -> bool | None:
+        """Return True once a restarted process answers /health, False when it exits or does not answer within
+        `start_timeout_s`, None when `stop()` ends the watch first."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._stopping.is_set():
+            try:
+                if self.ready():
+                    return True
+            except UserError:
+                return False
+            if time.monotonic() > deadline:
+                return False
+            self._stopping.wait(POLL_S)
+        return None
+
+    def _kill_rest(self) -> None:
+        """SIGKILL what is left of the current process's group and wait until none of it is alive."""
+        assert self.process is not None
+        signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        deadline = time.monotonic() + self.stop_timeout_s
+        while group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(POLL_S / 4)
+
+    def _note(self, what: str) -> None:
+        """Append a line about the supervision to the process's log."""
+        with open(self.log_path, "a") as log:
+            log.write(f"\n--- matrixstack: the engine of deployment {self.name} {what} ---\n")
+
+    def _tell(self, status: str) -> None:
+        """Tell `on_status` the new status; log (never raise) what it raises."""
+        if self.on_status is None:
+            return
+        try:
+            self.on_status(self.name, status, self.url)
+        except Exception:
+            LOG.exception("recording deployment %s as %s failed", self.name, status)
+
+
+def stop_all(processes: list[SupervisedProcess]) -> None:
+    """Stop `processes` together: end their watches, SIGTERM each group, SIGKILL what is left after the longest
+    stop timeout, and return once none of their processes is alive (see the module docstring)."""
+    for p in processes:
+        p._stopping.set()
+    for p in processes:
+        if p._watcher is not None:
+            p._watcher.join()
+            p._watcher = None
+    running = [p.process for p in processes if p.process is not None and not p._stopped]
+    for p in processes:
+        p._stopped = True
+    if not running:
+        return
+    timeout_s = max(p.stop_timeout_s for p in processes)
+    for process in running:
+        signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    while any(group_alive(p.pid) for p in running) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    for process in running:
+        signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + timeout_s  # SIGKILL is final; only a process stuck in the kernel waits
+    while any(group_alive(p.pid) for p in running) and time.monotonic() < deadline:
+        time.sleep(POLL_S / 4)
