@@ -475,7 +475,7 @@ def test_vllm_on_npus_mounts_its_weights_folder_and_gets_no_cpu_settings(cm384_r
     assert container["volumeMounts"] == [{"name": "model-0", "mountPath": "/models/tiny-moe", "readOnly": True}]
     script = container["command"][2]
     assert "vllm serve /models/tiny-moe " in script
-    assert "--dtype float32 --max-model-len 2048 --max-num-seqs 64" in script  # EngineArgs' defaults
+    assert "--max-num-seqs 64 --max-model-len 2048 --dtype float32" in script  # EngineArgs' defaults
     assert "env" not in container and "initContainers" not in pod
 
 
@@ -550,5 +550,5 @@ def test_vllm_with_random_weights_is_refused(tmp_path):
     deployment = {"name": "tm", "arch": "tiny-moe", "weights": "random", "engine": "vllm", "slice": {"devices": 1}}
     deployment |= {"workload": ON_CPU, "plan": {"devices": 1, "ep": 1, "batch_per_device": 8}}
     shape = parse_shape({"name": "r", "fabric": "local", "deployments": [deployment]}, "test")
-    with pytest.raises(UserError, match="deployment tm: vLLM loads a checkpoint, not random weights"):
+    with pytest.raises(UserError, match="deployment tm: weights: random is for the builtin engine"):
         render_k8s(shape, tmp_path / "out")

@@ -99,7 +99,13 @@ def _isolated(monkeypatch, tmp_path):
 
 def test_the_examples_are_the_ones_we_mean():
     names = {str(p.relative_to(EXAMPLES)) for p in EXAMPLE_FILES}
-    assert names == {"embedded-default.yaml", "cloudmatrix384.yaml", "hybrid/cloud-region.yaml", "hybrid/on-prem.yaml"}
+    assert names == {
+        "embedded-default.yaml",
+        "cloudmatrix384.yaml",
+        "mixed-lanes.yaml",
+        "hybrid/cloud-region.yaml",
+        "hybrid/on-prem.yaml",
+    }
     assert (EXAMPLES / "embedded-default.yaml").read_bytes() == PACKAGED_DEFAULT.read_bytes()
     assert default_shape() == load_shape(PACKAGED_DEFAULT)
 
@@ -115,7 +121,7 @@ def test_every_example_validates(cli, path):
     assert report["valid"] and report["shape"] == shape.name
     assert [d["name"] for d in report["deployments"]] == [d.name for d in shape.deployments]
     for planned in report["deployments"]:
-        assert planned["auto"] and planned["workers"] >= 1
+        assert planned["auto"] == (shape.deployment(planned["name"]).plan == "auto") and planned["workers"] >= 1
         assert planned["predicted"]["tokens_per_s_per_device"] > 0 and planned["predicted"]["tpot_ms"] > 0
         assert planned["predicted"]["devices"] <= planned["slice_devices"]
     text = cli("shape", "validate", str(path))
@@ -132,6 +138,11 @@ def test_the_examples_plan_what_their_comments_say(cli):
     assert (plan["prefill"]["devices"], plan["prefill"]["instances"], plan["prefill"]["ep"]) == (16, 6, 32)
     assert (plan["decode"]["devices"], plan["decode"]["ep"], plan["decode"]["redundant_experts"]) == (160, 320, 32)
     assert cm["deployments"][0]["workers"] == 320 and cm["deployments"][0]["predicted"]["tpot_ms"] <= 50
+    mixed = json.loads(cli("shape", "validate", str(EXAMPLES / "mixed-lanes.yaml"), "--json").output)
+    assert [(d["name"], d["plan_summary"]) for d in mixed["deployments"]] == [
+        ("tiny-moe-engine", "EP1 on 1 device"),  # one CPU core each
+        ("tiny-moe-vllm", "EP1 on 1 device"),
+    ]
 
 
 def test_the_hybrid_pair_differs_only_in_site():

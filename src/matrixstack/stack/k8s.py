@@ -21,12 +21,13 @@ share of those devices as the device plugin's resource (`device_resource`), plus
 CPUs (in cores) and pooled DRAM. The images must hold the `matrixstack` (and, for vLLM, `vllm`) command.
 
 Engine settings. Both lanes take the deployment's `engine_args`: the builtin engine as its own options, vLLM as
-`--dtype`, `--max-model-len` and `--max-num-seqs` (`vllm_flags`), beside the plan's parallel degrees
-(`lanes.vllm.VllmLauncher.from_plan`). A vLLM pod on CPU cores also gets vLLM's CPU settings (`vllm_cpu_env`):
-`VLLM_CPU_KVCACHE_SPACE`, the GiB that hold as many KV tokens as the builtin engine's cache (num_kv_blocks x
-block_size), and `VLLM_CPU_OMP_THREADS_BIND=auto`: the cores are the kubelet's to pick (its static CPU manager
-gives a pod with whole-core requests equal to its limits cores of its own), and `auto` binds vLLM's threads to the
-container's cpuset.
+`--max-num-seqs`, `--max-model-len` and `--dtype` (`vllm_flags`), beside the plan's parallel degrees
+(`lanes.vllm.VllmLauncher.from_plan`), as the local site starts it (`stack.vllm_launch`). A vLLM pod on CPU cores
+also gets vLLM's CPU settings (`vllm_cpu_env`): `VLLM_CPU_KVCACHE_SPACE`, each rank's share of the KV cache the
+engine_args hold (`stack.vllm_launch.kv_cache_gib`, as on the local site), and `VLLM_CPU_OMP_THREADS_BIND=auto`
+where the local site names the slice's cores: on Kubernetes the cores are the kubelet's to pick (its static CPU
+manager gives a pod whose whole-core requests equal its limits cores of its own), and `auto` binds vLLM's threads
+to the container's cpuset.
 
 Model files (`model_files`). A weights folder (`weights: /path`) and a registered model's folder (`matrixstack
 model add DIR --name N`, named as the deployment's arch) are hostPath volumes mounted read-only at the same path,
@@ -35,7 +36,7 @@ or copied beforehand). A builtin-engine pod of a registered model registers the 
 container runs `matrixstack model add`, the data directory an emptyDir), since the arch lives in the registry.
 A vLLM deployment of packaged weights (tiny-moe) gets them as a Hugging Face folder written by an init container
 (`matrixstack model export ARCH --format hf`) into the pod's emptyDir, as the local site does on its machine.
-Random weights are refused for vLLM (it loads a checkpoint).
+Random weights are refused for vLLM (`stack.vllm_launch.check_vllm_model`).
 
 PodGroup network topology (Volcano `networkTopology`): a slice kept inside its scale-up domain (`within_domain`,
 the default) is `mode: hard` with `highestTierAllowed` = the scale-up domain's top tier; `max_tier` lowers that
@@ -54,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from matrixstack.arch.loader import arch_names, load_arch
+from matrixstack.arch.loader import arch_names
 from matrixstack.arch.registry import registered_model
 from matrixstack.errors import UserError
 from matrixstack.fabric.spec import FabricSpec
@@ -71,16 +72,16 @@ from matrixstack.stack.k8s_workloads import (
     labels_of,
     portal_objects,
 )
+from matrixstack.stack.site import Launch
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, DeploymentShape, EngineArgs, Shape
 from matrixstack.stack.validate import PlannedDeployment, check_shape, shape_fabric
+from matrixstack.stack.vllm_launch import check_vllm_model, kv_cache_gib
 
 NAMESPACE_FILE = "00-namespace.yaml"
 HYPERNODES_FILE = "01-hypernodes.yaml"
 PORTAL_FILE = "02-portal.yaml"
 DEPLOYMENT_PREFIX = "10-deployment-"
 HF_EXPORT_DIR = f"{DATA_DIR}/hf"  # where a vLLM pod's init container writes packaged weights as a Hugging Face folder
-GIB = 2**30
-KV_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # engine_args.dtype -> arch's dtype names
 
 
 class _Dumper(yaml.SafeDumper):
@@ -201,7 +202,7 @@ def _layout(shape: Shape, d: DeploymentShape, planned: PlannedDeployment, fabric
         head = f"{name}-0.{name}.{shape.site.namespace}.svc"
         command = _vllm_command(d, instance, fabric, pods, head, files)
         if device_resource(fabric) == "cpu":
-            env = vllm_cpu_env(d)
+            env = vllm_cpu_env(d, instance, fabric.device.dies_per_device)
     c = d.slice.constraints
     ceiling = topo.ceiling(c.max_tier, c.within_domain) + 1
     mode = "soft" if not c.within_domain and c.max_tier is None else "hard"
@@ -209,8 +210,8 @@ def _layout(shape: Shape, d: DeploymentShape, planned: PlannedDeployment, fabric
 
 
 def model_files(d: DeploymentShape) -> ModelFiles:
-    """Return where deployment `d`'s pods find its model (see the module docstring); UserError for random weights
-    on vLLM."""
+    """Return where deployment `d`'s pods find its model (see the module docstring); UserError when vLLM has none
+    (random weights)."""
     registered = None if d.arch in arch_names() else registered_model(d.arch)
     folders = [] if d.weights in (WEIGHTS_PACKAGED, WEIGHTS_RANDOM) else [d.weights]
     if d.engine == "matrixstack":
@@ -218,11 +219,7 @@ def model_files(d: DeploymentShape) -> ModelFiles:
             return ModelFiles(folders[0] if folders else None, tuple(folders))
         setup = ["matrixstack", "model", "add", registered.folder, "--name", registered.name]
         return ModelFiles(folders[0] if folders else None, (registered.folder, *folders), tuple(setup))
-    if d.weights == WEIGHTS_RANDOM:
-        raise UserError(
-            f"deployment {d.name}: vLLM loads a checkpoint, not random weights; give weights: FOLDER (a Hugging Face "
-            "folder), packaged (tiny-moe) or a registered model as the arch, or use engine matrixstack"
-        )
+    check_vllm_model(d.name, d.arch, d.weights)
     if folders:
         return ModelFiles(folders[0], tuple(folders))
     if registered is not None:
@@ -232,15 +229,28 @@ def model_files(d: DeploymentShape) -> ModelFiles:
 
 
 def vllm_flags(args: EngineArgs) -> list[str]:
-    """Return vLLM's options for a deployment's `engine_args`: --dtype, --max-model-len and --max-num-seqs."""
-    return ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
+    """Return vLLM's options for a deployment's `engine_args`: --max-num-seqs, --max-model-len and --dtype (the
+    options `stack.vllm_launch.vllm_launcher` gives the local site's vLLM)."""
+    return ["--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len), "--dtype", args.dtype]
 
 
-def vllm_cpu_env(d: DeploymentShape) -> dict[str, str]:
-    """Return vLLM's CPU settings for deployment `d` (see the module docstring): KV cache GiB and thread binding."""
-    args = d.engine_args
-    kv_bytes = load_arch(d.arch).kv_bytes_per_token(KV_DTYPES[args.dtype]) * args.num_kv_blocks * args.block_size
-    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(kv_bytes / GIB))), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+def vllm_cpu_env(d: DeploymentShape, instance: InstancePlan, dies_per_device: int) -> dict[str, str]:
+    """Return vLLM's CPU settings for the pods of deployment `d` running `instance` (see the module docstring):
+    each rank's KV cache GiB and thread binding `auto`."""
+    launch = Launch(
+        name=d.name,
+        arch=d.arch,
+        weights=d.weights,
+        engine=d.engine,
+        workers=instance.ep,
+        device_kind="cpu",
+        devices=(),  # the kubelet's to pick
+        strategy="",
+        engine_args=d.engine_args,
+        plan=instance,
+        dies_per_device=dies_per_device,
+    )
+    return {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib(launch)), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
 
 
 def _builtin_command(d: DeploymentShape, workers: int, fabric: FabricSpec, files: ModelFiles) -> list[str]:
