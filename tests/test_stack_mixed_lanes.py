@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_portal_dashboard import CHROMIUM, chromium
 from test_stack_up import KEY_LINE, UpRun, processes
 
-from matrixstack.stack.local_site import group_alive
+from matrixstack.stack.supervise import group_alive
 
 pytestmark = pytest.mark.slow
 
