@@ -160,6 +160,10 @@ def _write(tmp_path: Path, data: dict | str, name: str = "shape.yaml") -> Path:
     return path
 
 
+def _vllm_entry(data: dict) -> None:
+    data["catalog"][0]["backend"]["kind"] = "vllm"
+
+
 def _broken(change) -> dict:
     data = tiny_data()
     change(data)
@@ -185,6 +189,14 @@ def _broken(change) -> dict:
             _broken(lambda d: d["deployments"][0].update(arch="deepseek-v3")),
             "packaged weights exist only for tiny-moe, not deepseek-v3",
         ),
+        (
+            _broken(lambda d: (d["deployments"][0].update(engine="vllm", weights="random"), _vllm_entry(d))),
+            "deployment tiny-moe: weights: random is for the builtin engine's smoke tests; vLLM loads a Hugging Face",
+        ),
+        (
+            _broken(lambda d: (d["deployments"][0].update(engine="vllm", arch="deepseek-v3"), _vllm_entry(d))),
+            "arch deepseek-v3 has no model folder for vLLM",
+        ),
         (_broken(lambda d: d["deployments"][0].update(pins={"decode.color": 2})), "'color' is not one of"),
         (_broken(lambda d: d.update(fabric="no-such-fabric")), "fabric: unknown fabric 'no-such-fabric'"),
     ],
@@ -196,6 +208,8 @@ def _broken(change) -> dict:
         "missing-deployment",
         "missing-pool",
         "no-packaged-weights",
+        "vllm-random-weights",
+        "vllm-no-model",
         "unknown-pin",
         "unknown-fabric",
     ],

@@ -197,7 +197,7 @@ def test_a_shape_the_sites_cannot_run_is_refused_before_anything_is_applied(cli,
     db = tmp_path / "state.db"
     examples = Path(__file__).resolve().parents[1] / "examples" / "shapes"
     result = cli("up", str(examples / "hybrid" / "on-prem.yaml"), "--db", f"sqlite:///{db}", "--port", "0")
-    assert result.exit_code == 2 and "runs engine vllm" in result.output and "stack render k8s" in result.output
+    assert result.exit_code == 2 and "asks for ascend" in result.output and "stack render k8s" in result.output
     assert "new key" not in result.output
     export = cli("shape", "export", "--db", f"sqlite:///{db}")
     assert export.exit_code == 2, export.output  # nothing was applied: there is no shape to export
