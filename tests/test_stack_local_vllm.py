@@ -88,7 +88,7 @@ def test_local_site_serves_tiny_moe_on_vllm_bound_to_its_core(installed_vllm_ven
         assert "Application startup complete" in log
         assert f"VLLM_CPU_OMP_THREADS_BIND='{core}'" in log and f"local_rank=0, core ids=[{core}]" in log
         kv_tokens = int(re.search(r"CPU KV cache size: ([\d,]+) tokens", log).group(1).replace(",", ""))
-        kv_bytes_per_token = 4 * 2 * 64 * 2  # tiny-moe: 4 layers x 2 KV heads x 64 dims, bfloat16
+        kv_bytes_per_token = 4 * 2 * 2 * 64 * 2  # tiny-moe: 4 layers x (K, V) x 2 KV heads x 64 dims, bfloat16
         assert 0.9 * GIB <= kv_tokens * kv_bytes_per_token <= GIB  # VLLM_CPU_KVCACHE_SPACE=1 (GiB) took effect
         (exported,) = (home / "hf-export").iterdir()
         assert f"--model {exported}" in " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"))
