@@ -170,7 +170,8 @@ def test_metrics_label_each_entry_with_its_lane_and_deployment(up, keys):
 
 def test_dashboard_lists_both_deployments_with_their_kind(up, keys):
     state = admin_get(up, keys, "/dashboard/state")
-    assert {d["name"]: d["kind"] for d in state["deployments"]} == DEPLOYMENTS
+    shown = {d["name"]: (d["kind"], d["status"]) for d in state["deployments"]}
+    assert shown == {name: (kind, "running") for name, kind in DEPLOYMENTS.items()}
     held = [dev["deployment"] for pool in state["pools"] for f in pool["fabrics"] for n in f["nodes"]
             for dev in n["devices"] if dev.get("deployment")]  # fmt: skip
     assert sorted(held) == sorted(DEPLOYMENTS)  # one CPU core each
@@ -189,7 +190,8 @@ def test_the_dashboard_page_shows_both_lanes(up, keys, tmp_path):
     root = up.base_url.removesuffix("/v1")
     dom = chromium(f"{root}/dashboard#key={keys['admin']}", tmp_path / "profile", "--dump-dom")
     for name, kind in DEPLOYMENTS.items():
-        legend = rf'<span class="legend-name">{name}</span><span class="muted">{kind} · main/slice \d+ · 1 device<'
+        shown = rf"{kind} · running · main/slice \d+ · 1 device"
+        legend = rf'<span class="legend-name">{name}</span><span class="muted">{shown}<'
         assert re.search(legend, dom), (name, dom[-3000:])
 
 
@@ -205,6 +207,7 @@ def test_greedy_float32_tokens_are_the_same_on_both_lanes(up, keys):
             )
             assert reply.usage.completion_tokens == GREEDY_TOKENS, (entry, reply)
             outputs[entry] = (reply.usage.prompt_tokens, reply.choices[0].text)
+        assert outputs[ENGINE][1], outputs  # text to compare
         assert outputs[ENGINE] == outputs[VLLM], prompt
 
 
