@@ -552,3 +552,27 @@ def test_vllm_with_random_weights_is_refused(tmp_path):
     shape = parse_shape({"name": "r", "fabric": "local", "deployments": [deployment]}, "test")
     with pytest.raises(UserError, match="deployment tm: weights: random is for the builtin engine"):
         render_k8s(shape, tmp_path / "out")
+
+
+def test_a_models_claim_mounts_the_model_store_instead_of_node_folders(tmp_path):
+    data = copy.deepcopy(CM384_SHAPE)
+    data["site"]["models_claim"] = "model-store"
+    render_k8s(parse_shape(data, "test"), tmp_path)
+    files = load_dir(tmp_path)
+    for obj in [o for objects in files.values() for o in objects if (o["apiVersion"], o["kind"]) in CORE_MODELS]:
+        assert core_errors(obj) == [], obj["metadata"]["name"]
+    pod = pod_spec(files, "tiny-moe-vllm")
+    (container,) = pod["containers"]
+    assert pod["volumes"] == [
+        {"name": "models", "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True}}
+    ]
+    assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+    assert "vllm serve /models/tiny-moe " in container["command"][2]  # the folder's path inside the claim
+    assert "volumes" not in pod_spec(files, "tiny-moe")  # the packaged weights need no model store
+
+    data["deployments"][2]["weights"] = "/srv/tiny-moe"
+    with pytest.raises(UserError, match=r"deployment tiny-moe-vllm: its model folder /srv/tiny-moe is not under"):
+        render_k8s(parse_shape(data, "test"), tmp_path / "outside")
+    data["site"]["models_claim"] = "Model_Store"
+    with pytest.raises(UserError, match="models_claim"):
+        parse_shape(data, "test")

@@ -32,8 +32,11 @@ to the container's cpuset.
 Model files (`model_files`). A weights folder (`weights: /path`) and a registered model's folder (`matrixstack
 model add DIR --name N`, named as the deployment's arch) are hostPath volumes mounted read-only at the same path,
 so the folder must exist at that path on every node that may run the pod (a shared file system mounted there,
-or copied beforehand). A builtin-engine pod of a registered model registers the folder again in the pod (an init
-container runs `matrixstack model add`, the data directory an emptyDir), since the arch lives in the registry.
+or copied beforehand). With `site.models_claim` the folders come from that PersistentVolumeClaim instead (a
+ReadOnlyMany volume of the model store, e.g. NFS or CephFS), mounted read-only at `/models` (`MODELS_DIR`): every
+folder a pod needs must then lie under `/models`, as the claim holds it. A builtin-engine pod of a registered
+model registers the folder again in the pod (an init container runs `matrixstack model add`, the data directory
+an emptyDir), since the arch lives in the registry.
 A vLLM deployment of packaged weights (tiny-moe) gets them as a Hugging Face folder written by an init container
 (`matrixstack model export ARCH --format hf`) into the pod's emptyDir, as the local site does on its machine.
 Random weights are refused for vLLM (`stack.vllm_launch.check_vllm_model`).
@@ -50,7 +53,7 @@ Secret `k8s_workloads.UPSTREAM_SECRET` (key = the variable's name); the manifest
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -65,6 +68,7 @@ from matrixstack.stack.k8s_topology import dns_label, hypernodes
 from matrixstack.stack.k8s_workloads import (
     DATA_DIR,
     ENGINE_PORT,
+    MODELS_DIR,
     VLLM_RPC_PORT,
     EngineLayout,
     ModelFiles,
@@ -183,6 +187,8 @@ def _layout(shape: Shape, d: DeploymentShape, planned: PlannedDeployment, fabric
     instance = planned.plan.decode if isinstance(planned.plan, Plan) else planned.plan
     name = dns_label(d.name)
     files = model_files(d)
+    if shape.site.models_claim:
+        _check_under_models_dir(d, files, shape.site.models_claim)
     env: dict[str, str] = {}
     if d.engine == "matrixstack":
         devices = d.slice.device_count(fabric.device.dies_per_device)
@@ -226,6 +232,17 @@ def model_files(d: DeploymentShape) -> ModelFiles:
         return ModelFiles(registered.folder, (registered.folder,))
     out = f"{HF_EXPORT_DIR}/{d.arch}"
     return ModelFiles(out, (), ("matrixstack", "model", "export", d.arch, "--format", "hf", "--out", out))
+
+
+def _check_under_models_dir(d: DeploymentShape, files: ModelFiles, claim: str) -> None:
+    """Raise UserError when a folder deployment `d` needs lies outside MODELS_DIR, where the claim is mounted."""
+    for folder in files.host_folders:
+        if not PurePosixPath(folder).is_relative_to(MODELS_DIR):
+            raise UserError(
+                f"deployment {d.name}: its model folder {folder} is not under {MODELS_DIR}, where site.models_claim "
+                f"{claim!r} is mounted; give the folder's path inside the claim (e.g. {MODELS_DIR}/NAME), or drop "
+                "models_claim to mount node folders"
+            )
 
 
 def vllm_flags(args: EngineArgs) -> list[str]:

@@ -23,6 +23,7 @@ PORTAL_NAME = "matrixstack-portal"
 UPSTREAM_SECRET = "matrixstack-upstream"
 CONFIG_DIR = "/etc/matrixstack"
 DATA_DIR = "/var/lib/matrixstack"
+MODELS_DIR = "/models"  # where site.models_claim is mounted
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def engine_objects(
         container["ports"].append({"name": "dp-rpc", "containerPort": VLLM_RPC_PORT})
         container.pop("readinessProbe")  # headless pods serve no HTTP; pod 0's readiness is the Service's
     pod: dict[str, Any] = {"schedulerName": "volcano", "containers": [container]}
-    _add_model_files(pod, layout, shape.site.image)
+    _add_model_files(pod, layout, shape.site.image, shape.site.models_claim)
     stateful_set = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -136,15 +137,21 @@ def engine_objects(
     return [pod_group, service, stateful_set]
 
 
-def _add_model_files(pod: dict[str, Any], layout: EngineLayout, image: str) -> None:
-    """Add an engine pod's environment, model volumes and mounts and its setup init container to `pod`."""
+def _add_model_files(pod: dict[str, Any], layout: EngineLayout, image: str, claim: str | None) -> None:
+    """Add an engine pod's environment, model volumes and mounts and its setup init container to `pod`: the node
+    folders as hostPath volumes, or the claim `claim` at MODELS_DIR when given (`stack.k8s` checks that they lie
+    under it)."""
     (container,) = pod["containers"]
     env = dict(layout.env)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
-    for i, folder in enumerate(layout.files.host_folders):
-        volumes.append({"name": f"model-{i}", "hostPath": {"path": folder, "type": "Directory"}})
-        mounts.append({"name": f"model-{i}", "mountPath": folder, "readOnly": True})
+    if claim and layout.files.host_folders:
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    elif not claim:
+        for i, folder in enumerate(layout.files.host_folders):
+            volumes.append({"name": f"model-{i}", "hostPath": {"path": folder, "type": "Directory"}})
+            mounts.append({"name": f"model-{i}", "mountPath": folder, "readOnly": True})
     if layout.files.setup:
         env["MATRIXSTACK_HOME"] = DATA_DIR
         volumes.append({"name": "data", "emptyDir": {}})

@@ -163,6 +163,13 @@ class SiteShape(Strict):
     ray_address: str | None = Field(None, description="ray: the cluster address (default: $RAY_ADDRESS or auto)")
     namespace: str = Field("matrixstack", description="k8s: the namespace the manifests go to")
     image: str = Field("matrixstack:latest", description="k8s: the container image of engines and portal")
+    models_claim: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="k8s: a PersistentVolumeClaim holding the model folders, mounted read-only at /models in engine "
+        "pods (weights folders then lie under /models); default: each folder a hostPath of the nodes",
+    )
 
 
 class Shape(Strict):
