@@ -442,8 +442,9 @@ def test_vllm_pods_take_the_engine_args_and_the_cpu_settings(tmp_path):
     command = container["command"]
     assert command[:2] == ["vllm", "serve"]
     args = shape.deployment("tiny-moe-vllm").engine_args
-    assert (args.dtype, args.max_model_len, args.max_num_seqs) == ("float32", 2048, 16)  # the shape's, not defaults
+    assert (args.dtype, args.max_model_len, args.max_num_seqs) == ("float32", 2048, None)  # the shape's, not defaults
     assert flag(command, "--dtype") == "float32" and flag(command, "--max-model-len") == "2048"
+    # no max_num_seqs in engine_args: the plan's decode batch, 16 per device on one device and one dp rank
     assert flag(command, "--max-num-seqs") == "16" and flag(command, "--tensor-parallel-size") == "1"
     assert "--data-parallel-size" not in command and "--enable-expert-parallel" not in command  # the plan's EP1
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -475,7 +476,8 @@ def test_vllm_on_npus_mounts_its_weights_folder_and_gets_no_cpu_settings(cm384_r
     assert container["volumeMounts"] == [{"name": "model-0", "mountPath": "/models/tiny-moe", "readOnly": True}]
     script = container["command"][2]
     assert "vllm serve /models/tiny-moe " in script
-    assert "--max-num-seqs 64 --max-model-len 2048 --dtype float32" in script  # EngineArgs' defaults
+    # the decode plan's 64 sequences per device x 16 devices over its 32 dp ranks (2 dies each); defaults otherwise
+    assert "--max-num-seqs 32 --max-model-len 2048 --dtype float32" in script
     assert "env" not in container and "initContainers" not in pod
 
 

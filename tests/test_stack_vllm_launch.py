@@ -86,6 +86,20 @@ def test_flags_come_from_the_plan_and_engine_args(hf_folder, tmp_path):
     )
 
 
+def test_max_num_seqs_is_the_plans_decode_batch_per_dp_rank_unless_engine_args_give_one(hf_folder, tmp_path):
+    # 8 sequences per device x 4 devices, over dp = 4 ranks / tp 2 = 2 engine cores: 16 each
+    plan = InstancePlan(devices=4, tp=2, ep=4, batch_per_device=8)
+    open_args = EngineArgs(max_model_len=1024, dtype="bfloat16")
+    assert open_args.max_num_seqs is None
+    given = launch(weights=str(hf_folder), devices=tuple(range(8)), plan=plan, engine_args=open_args)
+    assert flag(vllm_launcher(given, 8200, "127.0.0.1", tmp_path / "l.log").command(), "--max-num-seqs") == "16"
+    # a fractional batch rounds up, and never below one sequence
+    thin = launch(
+        weights=str(hf_folder), plan=InstancePlan(devices=1, ep=1, batch_per_device=0.3), engine_args=open_args
+    )
+    assert flag(vllm_launcher(thin, 8200, "127.0.0.1", tmp_path / "l.log").command(), "--max-num-seqs") == "1"
+
+
 def test_dies_per_device_count_as_ranks_and_an_ep_vllm_cannot_run_is_refused(hf_folder, tmp_path):
     two_dies = launch(weights=str(hf_folder), plan=InstancePlan(devices=2, ep=4, batch_per_device=8), dies_per_device=2)
     argv = vllm_launcher(two_dies, 8200, "127.0.0.1", tmp_path / "lane.log").command()

@@ -21,7 +21,8 @@ share of those devices as the device plugin's resource (`device_resource`), plus
 CPUs (in cores) and pooled DRAM. The images must hold the `matrixstack` (and, for vLLM, `vllm`) command.
 
 Engine settings. Both lanes take the deployment's `engine_args`: the builtin engine as its own options, vLLM as
-`--max-num-seqs`, `--max-model-len` and `--dtype` (`vllm_flags`), beside the plan's parallel degrees
+`--max-model-len`, `--dtype` and `--max-num-seqs` (the plan's decode batch unless engine_args give one:
+`stack.vllm_launch.vllm_flags`), beside the plan's parallel degrees
 (`lanes.vllm.VllmLauncher.from_plan`), as the local site starts it (`stack.vllm_launch`). A vLLM pod on CPU cores
 also gets vLLM's CPU settings (`vllm_cpu_env`): `VLLM_CPU_KVCACHE_SPACE`, each rank's share of the KV cache the
 engine_args hold (`stack.vllm_launch.kv_cache_gib`, as on the local site), and `VLLM_CPU_OMP_THREADS_BIND=auto`
@@ -77,9 +78,9 @@ from matrixstack.stack.k8s_workloads import (
     portal_objects,
 )
 from matrixstack.stack.site import Launch
-from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, DeploymentShape, EngineArgs, Shape
+from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, DeploymentShape, Shape
 from matrixstack.stack.validate import PlannedDeployment, check_shape, shape_fabric
-from matrixstack.stack.vllm_launch import check_vllm_model, kv_cache_gib
+from matrixstack.stack.vllm_launch import check_vllm_model, kv_cache_gib, vllm_flags
 
 NAMESPACE_FILE = "00-namespace.yaml"
 HYPERNODES_FILE = "01-hypernodes.yaml"
@@ -245,12 +246,6 @@ def _check_under_models_dir(d: DeploymentShape, files: ModelFiles, claim: str) -
             )
 
 
-def vllm_flags(args: EngineArgs) -> list[str]:
-    """Return vLLM's options for a deployment's `engine_args`: --max-num-seqs, --max-model-len and --dtype (the
-    options `stack.vllm_launch.vllm_launcher` gives the local site's vLLM)."""
-    return ["--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len), "--dtype", args.dtype]
-
-
 def vllm_cpu_env(d: DeploymentShape, instance: InstancePlan, dies_per_device: int) -> dict[str, str]:
     """Return vLLM's CPU settings for the pods of deployment `d` running `instance` (see the module docstring):
     each rank's KV cache GiB and thread binding `auto`."""
@@ -282,7 +277,7 @@ def _builtin_command(d: DeploymentShape, workers: int, fabric: FabricSpec, files
     device = "cpu" if device_resource(fabric) == "cpu" else "cuda" if fabric.device.vendor == "NVIDIA" else "auto"
     command += ["--device", device, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     command += ["--num-kv-blocks", str(args.num_kv_blocks), "--block-size", str(args.block_size)]
-    return command + ["--max-num-seqs", str(args.max_num_seqs)]
+    return command + ([] if args.max_num_seqs is None else ["--max-num-seqs", str(args.max_num_seqs)])
 
 
 def _vllm_command(
@@ -297,7 +292,7 @@ def _vllm_command(
         files.path,
         instance,
         port=ENGINE_PORT,
-        extra_args=vllm_flags(d.engine_args),
+        extra_args=vllm_flags(d.engine_args, instance, dies),
         dies_per_device=dies,
         host="0.0.0.0",
         served_model_name=d.name,

@@ -72,7 +72,7 @@ def engine_command(launch: Launch, port: int) -> list[str]:
         device=launch.device_kind,
         log_level="warning",
         cpus=sorted(launch.devices) if pinned else None,
-        **launch.engine_args.model_dump(),
+        **launch.engine_args.model_dump(exclude_none=True),  # unset: the engine's defaults
     )
     return [sys.executable, "-m", ENTRY_MODULE, spec.model_dump_json()]
 

@@ -60,7 +60,12 @@ class EngineArgs(Strict):
     max_model_len: int = Field(2048, gt=0, description="integer tokens per sequence")
     num_kv_blocks: int = Field(1024, gt=0, description="integer KV cache blocks")
     block_size: int = Field(16, gt=0, description="integer tokens per KV cache block")
-    max_num_seqs: int = Field(64, gt=0, description="integer sequences per step")
+    max_num_seqs: int | None = Field(
+        None,
+        gt=0,
+        description="integer sequences per step; default: 64 on the builtin engine, the plan's decode sequences per "
+        "data-parallel rank on vLLM",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="float32, bfloat16 or float16")
 
 

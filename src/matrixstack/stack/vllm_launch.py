@@ -12,7 +12,8 @@ Used by every site that runs vLLM itself (the local site; the Ray site's vLLM ac
 - `vllm_launcher(launch, port, host, log_path)`: a `lanes.vllm.VllmLauncher` with the parallel degrees of the
   launch's plan (`VllmLauncher.from_plan`: tp, pp, dp, expert parallelism; a launch made without a plan runs
   `workers` data-parallel ranks with expert parallelism over them when workers > 1), the deployment's name as
-  the served model id, and `--max-num-seqs`, `--max-model-len`, `--dtype` from its engine_args.
+  the served model id, and `vllm_flags`: `--max-model-len`, `--dtype` from its engine_args, `--max-num-seqs` from
+  them when given, else from the plan (its decode sequences per data-parallel rank, `plan_max_num_seqs`).
 - `vllm_command(launch, launcher)`: the argv to run. On a CPU slice (where the platform has
   `os.sched_setaffinity`) vLLM's Python first binds itself to the slice's cores (a tiny `-c` program), then
   `execv`s the server, so the server and every process it starts run on those cores only; elsewhere it is
@@ -44,7 +45,7 @@ from matrixstack.lanes.vllm import VllmLauncher
 from matrixstack.paths import data_dir
 from matrixstack.perf.spec import InstancePlan
 from matrixstack.stack.site import Launch
-from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM
+from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, EngineArgs
 
 EXPORT_DIR = "hf-export"  # under the data dir: HF folders exported from packaged weights for vLLM
 MIN_KV_CACHE_GIB = 1
@@ -135,17 +136,28 @@ def ranks(launch: Launch) -> int:
     return plan.dp(launch.dies_per_device) * plan.pp * plan.tp
 
 
+def plan_max_num_seqs(plan: InstancePlan, dies_per_device: int) -> int:
+    """Return the sequences each data-parallel rank of `plan` decodes at once: its batch per device x devices
+    spread over its dp ranks, rounded up (vLLM's --max-num-seqs is per engine core, one per dp rank)."""
+    return max(1, math.ceil(plan.batch_per_device * plan.devices / plan.dp(dies_per_device)))
+
+
+def vllm_flags(args: EngineArgs, plan: InstancePlan, dies_per_device: int) -> list[str]:
+    """Return vLLM's options for a deployment's `engine_args` running `plan`: --max-num-seqs (engine_args' when
+    given, else the plan's, `plan_max_num_seqs`), --max-model-len and --dtype."""
+    seqs = args.max_num_seqs or plan_max_num_seqs(plan, dies_per_device)
+    return ["--max-num-seqs", str(seqs), "--max-model-len", str(args.max_model_len), "--dtype", args.dtype]
+
+
 def vllm_launcher(launch: Launch, port: int, host: str, log_path: Path) -> VllmLauncher:
     """Return the VllmLauncher of `launch` serving on host:port with its output in `log_path` (see the module
     docstring); UserError when its model or plan cannot run on vLLM."""
-    args = launch.engine_args
-    flags = ["--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len)]
-    flags += ["--dtype", args.dtype]
+    plan = instance_plan(launch)
     return VllmLauncher.from_plan(
         vllm_model_folder(launch),
-        instance_plan(launch),
+        plan,
         port=port,
-        extra_args=flags,
+        extra_args=vllm_flags(launch.engine_args, plan, launch.dies_per_device),
         dies_per_device=launch.dies_per_device,
         host=host,
         served_model_name=launch.name,
