@@ -165,13 +165,10 @@ class EngineActor:
             import torch
 
             torch.set_num_threads(len(launch.devices))
-        args = launch.engine_args
+        limits = {"max_model_len", "num_kv_blocks", "block_size", "max_num_seqs"}
         config = EngineConfig(
-            max_model_len=args.max_model_len,
-            num_kv_blocks=args.num_kv_blocks,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-        )  # the other limits as `matrixstack engine serve` has them by default, as on a local site
+            **launch.engine_args.model_dump(include=limits, exclude_none=True)
+        )  # the other limits (and an unset max_num_seqs) as `matrixstack engine serve` has them, as on a local site
         self.deployment = build_deployment(
             launch.arch,
             config,
@@ -179,7 +176,7 @@ class EngineActor:
             workers=launch.workers,
             model_id=launch.name,
             device={"cpu": "cpu", "cuda": "cuda"}.get(launch.device_kind, "auto"),
-            dtype=args.dtype,
+            dtype=launch.engine_args.dtype,
             random_weights=launch.weights == WEIGHTS_RANDOM,
             ep_options=ep_options,
         )
