@@ -383,6 +383,22 @@ def test_vllm_runs_in_bundle_0_of_its_placement_group_restarts_and_stops(ray_hea
         ray.shutdown()
 
 
+@pytest.mark.usefixtures("installed_vllm_venv")
+def test_a_vllm_model_folder_the_node_lacks_is_a_user_error_and_frees_the_group(ray_head, tmp_path):
+    lane = launch("tiny-nofolder", engine="vllm", weights=str(tmp_path / "nowhere"), engine_args=VLLM_ENGINE)
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    with pytest.raises(UserError, match=r"^deployment tiny-nofolder: weights: \S*nowhere is not a Hugging Face folder"):
+        site.start([lane])  # looked for by the actor, on its node
+    assert not ray.is_initialized()
+    ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        groups = [g for g in placement_group_table().values() if g["name"].startswith("matrixstack:tiny-nofolder:")]
+        assert [g["state"] for g in groups] == ["REMOVED"], groups
+        assert eventually(lambda: not our_named_actors("matrixstack-vllm:tiny-nofolder:"))
+    finally:
+        ray.shutdown()
+
+
 def test_a_vllm_slice_over_several_nodes_is_refused_naming_the_fix():
     lane = launch("tiny-wide", devices=2, engine="vllm", weights="packaged", strategy="PACK")
     with pytest.raises(UserError, match=r"tiny-wide.*spans several nodes.*ask for devices on one node.*render k8s"):

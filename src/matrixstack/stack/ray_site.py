@@ -36,6 +36,8 @@ there (`stack.supervise`: restarted with backoff when it exits). GPUs are the on
 vLLM's thread binding). vLLM runs on one node: a vllm slice spanning several nodes (a PACK or SPREAD launch) is
 refused, naming the fix. Its output goes to the node's `data_dir()/logs/NAME.log`, whose end a failed start
 reports. A restart is told to the driver, which tells `start`'s `on_status` (`restarting`, then `running`).
+The server is in a process group of its own, which `close()` stops whole; an actor killed without it (its
+driver killed with SIGKILL) leaves its server running. A builtin engine actor that dies is not restarted.
 
 The actor serves on a free port of its node's IP; `start` returns `Started(name, http://NODE_IP:PORT/v1)` once
 the URL's `/health` answers from here. `stop()` closes the engines (vLLM: its server and every process it started),
@@ -506,8 +508,9 @@ class RaySite:
             return ray.get(refs, timeout=timeout_s)
         except RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            if isinstance(cause, UserError):
-                raise UserError(f"deployment {launch.name}: {cause}") from None
+            if isinstance(cause, UserError):  # named once: the actor's own errors may name the deployment
+                named = f"deployment {launch.name}" in str(cause)
+                raise UserError(str(cause) if named else f"deployment {launch.name}: {cause}") from None
             raise UserError(
                 f"deployment {launch.name} did not come up on the Ray cluster: {type(cause).__name__}: {cause}"
             ) from None
