@@ -130,6 +130,10 @@ def test_cache_loads_once_for_concurrent_callers_and_expires():
         cache.clear()
         assert len(cache) == 0
         assert await cache.get_or_load("k", loader) == "value" and len(loads) == 3
+        cache.forget("k")
+        cache.forget("never-cached")
+        assert len(cache) == 0
+        assert await cache.get_or_load("k", loader) == "value" and len(loads) == 4  # forgotten: loaded again
 
         async def failing() -> str:
             raise KeyError("boom")

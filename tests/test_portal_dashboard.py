@@ -82,7 +82,9 @@ def world(tmp_path_factory):
         register_deployment(
             session, "moe-a", "engine", "http://127.0.0.1:9001/v1", arch="tiny-moe", pool=POOL, slice_id=serving.id
         )
-        register_deployment(session, "moe-b", "vllm", "http://127.0.0.1:9002/v1", pool=POOL, slice_id=small.id)
+        register_deployment(
+            session, "moe-b", "vllm", "http://127.0.0.1:9002/v1", pool=POOL, slice_id=small.id, status="restarting"
+        )
         add_entry(
             session,
             EntrySpec(
@@ -216,9 +218,9 @@ def test_state_maps_each_slice_to_its_deployment_and_marks_the_failed_device(wor
 
 def test_state_lists_deployments_with_distinct_palette_colours(world):
     deployments = state_of(world)["deployments"]
-    assert [(d["name"], d["kind"], d["pool"], d["slice_id"]) for d in deployments] == [
-        ("moe-a", "engine", POOL, world["serving"]),
-        ("moe-b", "vllm", POOL, world["small"]),
+    assert [(d["name"], d["kind"], d["pool"], d["slice_id"], d["status"]) for d in deployments] == [
+        ("moe-a", "engine", POOL, world["serving"], "running"),
+        ("moe-b", "vllm", POOL, world["small"], "restarting"),  # its engine crashed; the site starts it again
     ]
     assert deployments[0]["url"] == "http://127.0.0.1:9001/v1"
     colours = [d["colour"] for d in deployments]
@@ -404,7 +406,8 @@ def test_chromium_draws_the_matrix_catalog_and_usage(world, portal_url, tmp_path
         if device["data-deployment"]:
             assert "background" in device["style"]
     assert sum(d["data-state"] == "free" and d["data-deployment"] == "" for d in devices) == DEVICES - 13
-    assert {a["data-deployment"] for a in dom.with_class("legend-item") if "data-deployment" in a} == {"moe-a", "moe-b"}
+    legend = {a["data-deployment"]: a["data-status"] for a in dom.with_class("legend-item") if "data-deployment" in a}
+    assert legend == {"moe-a": "running", "moe-b": "restarting"}
 
     entries = {a["data-name"]: a["data-level"] for a in dom.with_class("entry")}
     assert entries == ENTRIES

@@ -29,9 +29,9 @@ from matrixstack.portal.key_service import create_key, list_keys, revoke_key
 from matrixstack.portal.server import PortalThread
 from matrixstack.portal.spec import EntrySpec
 from matrixstack.portal.store import open_portal_database
-from matrixstack.stack.apply import PLACEHOLDER_URL, apply_shape, record_started, record_stopped
+from matrixstack.stack.apply import PLACEHOLDER_URL, apply_shape, record_started, record_status, record_stopped
 from matrixstack.stack.export import default_shape, export_shape
-from matrixstack.stack.site import Started
+from matrixstack.stack.site import STATUS_RESTARTING, STATUS_RUNNING, Started
 from matrixstack.stack.spec import Shape, load_shape, parse_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +149,10 @@ def _write(tmp_path: Path, data: dict | str, name: str = "shape.yaml") -> Path:
     return path
 
 
+def _vllm_entry(data: dict) -> None:
+    data["catalog"][0]["backend"]["kind"] = "vllm"
+
+
 def _broken(change) -> dict:
     data = tiny_data()
     change(data)
@@ -174,6 +178,14 @@ def _broken(change) -> dict:
             _broken(lambda d: d["deployments"][0].update(arch="deepseek-v3")),
             "packaged weights exist only for tiny-moe, not deepseek-v3",
         ),
+        (
+            _broken(lambda d: (d["deployments"][0].update(engine="vllm", weights="random"), _vllm_entry(d))),
+            "deployment tiny-moe: weights: random is for the builtin engine's smoke tests; vLLM loads a Hugging Face",
+        ),
+        (
+            _broken(lambda d: (d["deployments"][0].update(engine="vllm", arch="deepseek-v3"), _vllm_entry(d))),
+            "arch deepseek-v3 has no model folder for vLLM",
+        ),
         (_broken(lambda d: d["deployments"][0].update(pins={"decode.color": 2})), "'color' is not one of"),
         (_broken(lambda d: d.update(fabric="no-such-fabric")), "fabric: unknown fabric 'no-such-fabric'"),
     ],
@@ -185,6 +197,8 @@ def _broken(change) -> dict:
         "missing-deployment",
         "missing-pool",
         "no-packaged-weights",
+        "vllm-random-weights",
+        "vllm-no-model",
         "unknown-pin",
         "unknown-fabric",
     ],
@@ -388,3 +402,27 @@ def test_the_portal_routes_to_the_deployments_current_url(tmp_path, engine_proce
         assert err.value.status_code == 503
     with open_portal_database(url) as portal:
         assert portal.read(list_deployments)[0]["url"] == engine_url  # stopped keeps the last URL
+
+
+def test_a_crashed_deployment_is_503_at_the_second_request_whatever_the_cache(tmp_path):
+    """A site's on_status records a crash (`restarting`); the portal, which cached the deployment's URL a minute
+    long, drops that resolution at the first 502 and answers 503 from the next request on."""
+    url = db(tmp_path, "crash")
+    shape = parse_shape(tiny_data(), "tiny")
+    applied = apply_shape(shape, url)
+    key = next(k.plaintext for k in applied.new_keys if k.tenant == "default")
+    messages = [{"role": "user", "content": "hello"}]
+    with PortalThread(url, cache_ttl_s=60.0) as portal:
+        client = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0)
+        record_status(shape, "tiny-moe", STATUS_RUNNING, DEAD_URL, url)  # running, then its engine dies
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="tiny-moe-faq", messages=messages, max_tokens=4)
+        assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
+        record_status(shape, "tiny-moe", STATUS_RESTARTING, DEAD_URL, url)  # what the site's watcher records
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="tiny-moe-faq", messages=messages, max_tokens=4)
+        assert err.value.status_code == 503 and "restarting" in err.value.message
+    with open_portal_database(url) as portal_db:
+        (row,) = portal_db.read(list_deployments)
+        assert (row["status"], row["url"]) == (STATUS_RESTARTING, DEAD_URL)
+        assert portal_db.read(lambda session: get_entry(session, "tiny-moe")).backend.url == DEAD_URL.rstrip("/")

@@ -195,7 +195,26 @@ def test_a_shape_the_sites_cannot_run_is_refused_before_anything_is_applied(cli,
     db = tmp_path / "state.db"
     examples = Path(__file__).resolve().parents[1] / "examples" / "shapes"
     result = cli("up", str(examples / "hybrid" / "on-prem.yaml"), "--db", f"sqlite:///{db}", "--port", "0")
-    assert result.exit_code == 2 and "runs engine vllm" in result.output and "stack render k8s" in result.output
+    assert result.exit_code == 2 and "asks for ascend" in result.output and "stack render k8s" in result.output
     assert "new key" not in result.output
     export = cli("shape", "export", "--db", f"sqlite:///{db}")
     assert export.exit_code == 2, export.output  # nothing was applied: there is no shape to export
+
+
+def test_a_vllm_deployment_without_its_folder_here_is_refused_before_anything_is_applied(cli, tmp_path):
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    shape = tmp_path / "lane.yaml"
+    shape.write_text(
+        "name: lane\nfabric: local\n"
+        "deployments:\n"
+        f"  - {{name: lane, arch: tiny-moe, weights: {tmp_path / 'nothing'}, engine: vllm, slice: {{devices: 1}}}}\n"
+        "catalog:\n"
+        "  - {name: lane, level: L0, provider: first-party, backend: {kind: vllm, deployment: lane}}\n"
+        "tenants:\n  - {name: default, keys: [{name: default}]}\n"
+    )
+    result = cli("up", str(shape), "--db", db, "--port", "0")
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "deployment lane: weights:" in output, result.output
+    assert "is not a Hugging Face folder on this machine (no config.json)" in output and "model export" in output
+    assert "new key" not in result.output
+    assert cli("shape", "export", "--db", db).exit_code == 2  # nothing was applied

@@ -8,6 +8,7 @@ from matrixstack.cli.arch_cmd import arch_app
 from matrixstack.cli.calibrate_cmd import register as register_calibrate
 from matrixstack.cli.engine_cmd import engine_app
 from matrixstack.cli.fabric_cmd import fabric_app
+from matrixstack.cli.logs_cmd import register as register_logs
 from matrixstack.cli.matrix_cmd import matrix_app
 from matrixstack.cli.model_cmd import model_app
 from matrixstack.cli.perf_cmd import register as register_perf
@@ -39,3 +40,4 @@ app.command("usage")(usage)
 register_perf(app)
 register_calibrate(app)
 register_up(app)
+register_logs(app)

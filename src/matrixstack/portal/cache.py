@@ -2,7 +2,8 @@
 
 `TtlCache.get_or_load(key, loader)` returns a cached value younger than `ttl_s`, else awaits `loader()` once
 however many requests ask for the same key at the same time (they share the one load). Values (None included)
-are kept `ttl_s` seconds; `clear()` drops everything at once (an admin change through this portal).
+are kept `ttl_s` seconds; `clear()` drops everything at once (an admin change through this portal), `forget(key)`
+one value (one that proved stale).
 Runs on the event loop's thread only.
 """
 
@@ -61,6 +62,10 @@ class TtlCache:
         self._items.clear()
         self._loading.clear()
         self._generation += 1
+
+    def forget(self, key: Hashable) -> None:
+        """Drop the cached value of `key`, if any (a load in progress still caches its value)."""
+        self._items.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._items)

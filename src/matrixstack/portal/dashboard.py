@@ -81,6 +81,7 @@ def dashboard_state(
             "name": d["name"],
             "kind": d["kind"],
             "url": d["url"],
+            "status": d["status"],
             "pool": d.get("pool"),
             "slice_id": d.get("slice_id"),
             "colour": deployment_colour(k),

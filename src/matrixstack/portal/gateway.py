@@ -4,7 +4,10 @@
 - API keys by their sha256, cached `cache_ttl_s` seconds (`DEFAULT_CACHE_TTL_S`): a key revoked elsewhere (the
   CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
-  changes through this portal's admin API;
+  changes through this portal's admin API; a resolution whose deployment cannot be reached (a crashed engine,
+  which its site restarts and records `restarting`) is dropped at the first 502, so the next request reads the
+  deployment's status (503 while it is down) instead of the stale URL; one that comes back is routed to again
+  within the cache period;
 - one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
   connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs);
 - `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
@@ -59,6 +62,7 @@ from matrixstack.portal.usage_writer import UsageWriter
 LOG = logging.getLogger("matrixstack.portal")
 T = TypeVar("T")
 DEFAULT_CACHE_TTL_S = 5.0
+UNREACHABLE = 502  # the status of a backend that cannot be reached (or answers no HTTP/JSON)
 UNKNOWN_ENTRY = "(unknown)"
 
 
@@ -280,6 +284,8 @@ class Gateway:
             return JsonResponse(answer, headers={"x-request-id": m.request_id})
         except BaseException as exc:
             m.status, m.error = _status_of(exc)
+            if m.status == UNREACHABLE and m.resolved and resolved.backend.deployment is not None:
+                self.catalog.forget(("resolve", m.entry, key.tenant, key.is_admin))  # its status may have changed
             raise
         finally:
             if not streaming:

@@ -43,6 +43,16 @@ ENGINE_HOST = "127.0.0.1"
 POLL_S = 0.2
 
 
+def engine_log_dir() -> Path:
+    """Return the folder of the local site's engine logs: `data_dir()/logs`."""
+    return data_dir() / "logs"
+
+
+def engine_log_path(name: str) -> Path:
+    """Return the log file of deployment `name`'s engine on the local site: `data_dir()/logs/NAME.log`."""
+    return engine_log_dir() / f"{name}.log"
+
+
 def engine_command(launch: Launch, port: int) -> list[str]:
     """Return the argv that runs `launch`'s builtin engine on loopback port `port`: `python -m
     matrixstack.engine.launch SPEC`, SPEC its `EngineLaunch` as JSON, bound to its devices.
@@ -114,7 +124,7 @@ class LocalSite:
         backoff: Backoff = Backoff(),
     ):
         self.site = site
-        self.log_dir = log_dir or data_dir() / "logs"
+        self.log_dir = log_dir or engine_log_dir()
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.backoff = backoff

@@ -33,7 +33,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -112,37 +112,26 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+@dataclass(eq=False)
 class SupervisedProcess:
     """One engine process, restarted when it exits unexpectedly (see the module docstring)."""
 
-    def __init__(
-        self,
-        name: str,
-        command: Callable[[int], list[str]],
-        env: dict[str, str],
-        log_path: Path,
-        *,
-        host: str = "127.0.0.1",
-        on_status: StatusCallback | None = None,
-        backoff: Backoff = Backoff(),
-        start_timeout_s: float = START_TIMEOUT_S,
-        stop_timeout_s: float = STOP_TIMEOUT_S,
-    ):
-        self.name = name
-        self.command = command
-        self.env = env
-        self.log_path = log_path
-        self.host = host
-        self.on_status = on_status
-        self.backoff = backoff
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.port = 0  # 0 until the first spawn; kept across restarts while they come up
-        self.restarts = 0  # starts after the first
-        self.process: subprocess.Popen | None = None
-        self._stopping = threading.Event()
-        self._stopped = False  # stop_all has seen its group gone
-        self._watcher: threading.Thread | None = None
+    name: str
+    command: Callable[[int], list[str]]  # the argv for a port
+    env: dict[str, str]
+    log_path: Path
+    _: KW_ONLY
+    host: str = "127.0.0.1"
+    on_status: StatusCallback | None = None
+    backoff: Backoff = Backoff()
+    start_timeout_s: float = START_TIMEOUT_S
+    stop_timeout_s: float = STOP_TIMEOUT_S
+    port: int = field(default=0, init=False)  # 0 until the first spawn; kept across restarts while they come up
+    restarts: int = field(default=0, init=False)  # starts after the first
+    process: subprocess.Popen | None = field(default=None, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _stopped: bool = field(default=False, init=False)  # stop_all has seen its group gone
+    _watcher: threading.Thread | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:

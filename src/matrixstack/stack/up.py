@@ -2,10 +2,14 @@
 
 The steps, in order: bind the portal's port (a taken port fails before anything changes), open the site, apply
 the shape to the database (`stack.apply`: pools, slices, plans, catalog, tenants; idempotent), print the keys it
-created (only now: the database keeps their hashes), start the engines, record them running, then serve the
-portal in the foreground and print where it is and what to try. SIGINT or SIGTERM stops the portal, then every
-engine the site started, then records them stopped; a signal while the engines start does the same. A second
-run on the same database finds everything in place: no new key, the old ones work, usage and slices are kept.
+created (only now: the database keeps their hashes), start the engines (the builtin engine or vLLM, as each
+deployment says), record them running, then serve the portal in the foreground and print where it is and what
+to try. While it serves, the site restarts an engine that crashes and each change is recorded
+(`stack.apply.record_status`: `restarting`, then `running` at its URL), so the portal answers 503 for that
+deployment while it is down and `matrixstack deployment list` and the dashboard show it. SIGINT or SIGTERM
+stops the portal, then every engine the site started, then records them stopped; a signal while the engines
+start does the same. A second run on the same database finds everything in place: no new key, the old ones
+work, usage and slices are kept.
 
 Output: the keys, the URLs, the "try next" commands and the request log (one JSON line per request) go to
 stdout; the engines' start-up progress to stderr.
@@ -22,12 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from matrixstack.arch.registry import CONFIG_FILE
 from matrixstack.errors import UserError
-from matrixstack.stack.apply import NewKey, apply_shape, device_kind, record_started, record_stopped
+from matrixstack.stack.apply import NewKey, apply_shape, device_kind, record_started, record_status, record_stopped
 from matrixstack.stack.export import default_shape
 from matrixstack.stack.site import ENGINE_DEVICE_KINDS
 from matrixstack.stack.sites import open_site
-from matrixstack.stack.spec import Shape, SiteShape, load_shape
+from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, Shape, SiteShape, load_shape
 from matrixstack.stack.validate import shape_fabric
 
 RUNNABLE_SITES = ("local", "ray")
@@ -55,22 +60,27 @@ def choose_shape(
     return shape, shape.site.model_copy(update=changes)
 
 
-def check_runnable(shape: Shape) -> None:
-    """Return None when a local or ray site can run every deployment of `shape`; else UserError, raised before
-    anything is applied (so a refused shape creates no keys, slices or entries)."""
+def check_runnable(shape: Shape, site_kind: str = "local") -> None:
+    """Return None when a `site_kind` (local or ray) site can run every deployment of `shape`; else UserError, raised
+    before anything is applied (so a refused shape creates no keys, slices or entries): devices other than CPU
+    cores or CUDA GPUs, and on a local site a vllm deployment whose weights folder is not a Hugging Face folder
+    here (its other models are checked with the shape: `stack.validate`)."""
     kind = device_kind(shape_fabric(shape))
     for d in shape.deployments:
-        if d.engine != "matrixstack":
-            raise UserError(
-                f"deployment {d.name} runs engine {d.engine}; `matrixstack up` runs the builtin engine (engine: "
-                "matrixstack) on local and ray sites. Render the shape for k8s (`matrixstack stack render k8s SHAPE "
-                "--out DIR`) or import its catalog and slices (`matrixstack shape import SHAPE`)"
-            )
         if kind not in ENGINE_DEVICE_KINDS:
             raise UserError(
-                f"deployment {d.name} asks for {kind} devices; the builtin engine runs on CPU cores or CUDA GPUs. "
-                "Render the shape for k8s (`matrixstack stack render k8s SHAPE --out DIR`) or use a local fabric"
+                f"deployment {d.name} asks for {kind} devices; local and ray sites run engines on CPU cores or CUDA "
+                "GPUs. Render the shape for k8s (`matrixstack stack render k8s SHAPE --out DIR`) or use a local "
+                "fabric"
             )
+        if site_kind == "local" and d.engine == "vllm" and d.weights not in (WEIGHTS_PACKAGED, WEIGHTS_RANDOM):
+            folder = Path(d.weights).expanduser()
+            if not (folder / CONFIG_FILE).is_file():
+                raise UserError(
+                    f"deployment {d.name}: weights: {folder} is not a Hugging Face folder on this machine (no "
+                    f"{CONFIG_FILE}); vLLM loads config.json + safetensors + tokenizer: write one with `matrixstack "
+                    "model export ARCH --format hf --out DIR`, or fill it on a machine with internet"
+                )
 
 
 def showcase_entry(shape: Shape) -> str | None:
@@ -194,7 +204,7 @@ def run_up(shape: Shape, db_url: str | None = None, out: TextIO | None = None, s
 
     out = out or sys.stdout
     run_site = site or shape.site
-    check_runnable(shape)
+    check_runnable(shape, run_site.kind)
     sock = bind_socket(run_site.portal_host, run_site.portal_port)
     base_url = client_base_url(run_site.portal_host, sock.getsockname()[1])
     site = None
@@ -208,7 +218,9 @@ def run_up(shape: Shape, db_url: str | None = None, out: TextIO | None = None, s
             for warning in result.warnings:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
             _write(out, key_lines(result.new_keys))
-            started = site.start(result.launches)
+            started = site.start(
+                result.launches, on_status=lambda name, status, url: record_status(shape, name, status, url, db_url)
+            )
             record_started(shape, started, db_url)
             app = create_portal_app(db_url)
             log_handler = log_to_stdout(out)

@@ -4,10 +4,13 @@
 perf model, without a database: the fabric loads (a name, `local` = this machine, a path, or inline), each
 deployment's arch loads, its slice fits the fabric (and the pool's fabrics hold every slice asked of them),
 packaged weights exist for its arch when it asks for them (or it is a registered model, `matrixstack model
-add`, whose folder the builtin engine can run when the deployment asks for it), and it has a plan: the one given,
-or one perf finds on the slice's devices. The builtin engine runs prefill and decode in one instance, so its auto
-plan is perf's best decode instance (`best_instance`) within the slice; a vllm deployment gets a disaggregated
-plan (`search_plan`) on the slice's devices. A weights folder is not looked for here: it lives at the site.
+add`, whose folder the builtin engine can run when the deployment asks for it), a vllm deployment has a model
+vLLM can load (`stack.vllm_launch.check_vllm_model`: a registered model or packaged weights to export, never
+`weights: random`), and it has a plan: the one given, or one perf finds on the slice's devices. The builtin
+engine runs prefill and decode in one instance, so its auto plan is perf's best decode instance
+(`best_instance`) within the slice; a vllm deployment gets a disaggregated plan (`search_plan`) on the slice's
+devices. A weights folder is not looked for here: it lives at the site
+(`matrixstack up` looks for a vllm deployment's folder on a local site before it applies the shape).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from matrixstack.fabric.spec import FabricSpec
 from matrixstack.perf.search import PIN_FIELDS, PhaseSearch, best_instance, search_plan
 from matrixstack.perf.spec import InstancePlan, Plan
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, DeploymentShape, Shape
+from matrixstack.stack.vllm_launch import check_vllm_model
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,9 @@ def _plan_deployment(d: DeploymentShape, fabric: FabricSpec) -> PlannedDeploymen
             f"{fabric.name} ({fabric.scale_up_domain_size} devices); ask for fewer devices or set "
             "slice.constraints.within_domain: false"
         )
-    if d.weights == WEIGHTS_PACKAGED:
+    if d.engine == "vllm":
+        check_vllm_model(d.name, d.arch, d.weights)
+    elif d.weights == WEIGHTS_PACKAGED:
         _check_own_weights(d, arch)
     pins = _pins(d)
     try:

@@ -58,21 +58,23 @@ PIN_AND_EXEC = (
 
 
 def check_vllm_model(name: str, arch: str, weights: str) -> None:
-    """Return None when a vllm deployment `name` of `arch` with `weights` has a model vLLM can load (a folder
-    given by path is looked for where it runs, not here); UserError naming the fix otherwise. Writes nothing."""
+    """Return None when a vllm deployment `name` of `arch` (a name or YAML path) with `weights` has a model vLLM can
+    load (a folder given by path is looked for where it runs, not here); UserError naming the fix otherwise.
+    Writes nothing."""
     if weights == WEIGHTS_RANDOM:
         raise UserError(
             f"deployment {name}: weights: random is for the builtin engine's smoke tests; vLLM loads a Hugging "
             "Face folder: give weights: FOLDER, register one (`matrixstack model add DIR --name N`, then arch: N), "
             "or use an arch with packaged weights (tiny-moe) and weights: packaged"
         )
-    if weights != WEIGHTS_PACKAGED or registered_model(arch) is not None:
+    if weights != WEIGHTS_PACKAGED:
         return
-    if arch not in PACKAGED_WEIGHTS:
+    arch_name = load_arch(arch).name
+    if registered_model(arch_name) is None and arch_name not in PACKAGED_WEIGHTS:
         raise UserError(
-            f"deployment {name}: arch {arch} has no model folder for vLLM: no registered model of that name and no "
-            "packaged weights; give weights: FOLDER (a Hugging Face folder: config.json, safetensors, tokenizer) "
-            "or register one with `matrixstack model add DIR --name N` and use arch: N"
+            f"deployment {name}: arch {arch_name} has no model folder for vLLM: no registered model of that name "
+            "and no packaged weights; give weights: FOLDER (a Hugging Face folder: config.json, safetensors, "
+            "tokenizer) or register one with `matrixstack model add DIR --name N` and use arch: N"
         )
 
 
@@ -90,10 +92,9 @@ def vllm_model_folder(launch: Launch) -> Path:
                 "--local-dir DIR`)"
             )
         return folder
-    model = registered_model(launch.arch)
-    if model is not None:
-        return Path(model.folder)
-    return exported_folder(load_arch(launch.arch))
+    arch = load_arch(launch.arch)
+    model = registered_model(arch.name)
+    return Path(model.folder) if model is not None else exported_folder(arch)
 
 
 def exported_folder(arch: Arch) -> Path:

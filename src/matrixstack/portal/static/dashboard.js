@@ -218,13 +218,13 @@
     const legend = deployments.map((d) =>
       el(
         "span",
-        { class: "legend-item", dataset: { deployment: d.name } },
+        { class: "legend-item", dataset: { deployment: d.name, status: d.status } },
         el("span", { class: "swatch", style: { background: d.colour } }),
         el("span", { class: "legend-name" }, d.name),
         el(
           "span",
           { class: "muted" },
-          `${d.kind}${d.pool ? ` · ${d.pool}/slice ${d.slice_id}` : ""} · ${plural(held.get(d.name) || 0, "device")}`,
+          `${d.kind} · ${d.status}${d.pool ? ` · ${d.pool}/slice ${d.slice_id}` : ""} · ${plural(held.get(d.name) || 0, "device")}`,
         ),
       ),
     );
