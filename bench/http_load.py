@@ -50,6 +50,7 @@ class Sample:
     ttft_s: float | None
     ok: bool
     error: str | None = None
+    completion_tokens: int | None = None  # the usage's count, when the response carried one
 
 
 class Connection(Protocol):
@@ -71,6 +72,7 @@ class _SseCheck:
 
     def __init__(self, start: float):
         self.start, self.ttft_s, self.usage, self.done = start, None, False, False
+        self.completion_tokens: int | None = None
 
     def line(self, line: str) -> None:
         if not line.startswith("data:"):
@@ -82,12 +84,14 @@ class _SseCheck:
         chunk = json.loads(data)
         if self.ttft_s is None and chunk.get("choices"):
             self.ttft_s = time.perf_counter() - self.start
-        self.usage = self.usage or bool(chunk.get("usage"))
+        if chunk.get("usage"):
+            self.usage, self.completion_tokens = True, chunk["usage"].get("completion_tokens")
 
     def sample(self) -> Sample:
         ok = self.usage and self.done and self.ttft_s is not None
         latency_s = time.perf_counter() - self.start
-        return Sample(latency_s, self.ttft_s, ok, None if ok else f"usage={self.usage} done={self.done}")
+        error = None if ok else f"usage={self.usage} done={self.done}"
+        return Sample(latency_s, self.ttft_s, ok, error, self.completion_tokens)
 
 
 class HttpxConnection:
