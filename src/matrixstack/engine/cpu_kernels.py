@@ -4,8 +4,9 @@ Pure PyTorch attends over a paged cache by first copying each sequence's blocks 
 and then running two batched GEMMs over it, so every key and value crosses memory three times. For decodes (one
 query token per sequence) on a CPU that is most of the cost: `decode_attention` reads each key and value once,
 straight from the blocks, with the query heads that share a key head computed together and an exact (two-pass)
-float32 softmax, no padding. On tiny-moe's decode batches (32 sequences, 64..400-token contexts, one core) it took
-115 / 495 / 1,746 us against 260 / 835 / 3,008 us for the gather-and-bmm path.
+float32 softmax (in PyTorch, between the kernel's two passes), no padding. On tiny-moe's decode batches (32 sequences,
+64..400-token contexts, one core) it took 115 / 495 / 1,746 us against 260 / 835 / 3,008 us for the gather-and-bmm
+path (one pass with a scalar `exp`; the softmax in PyTorch took 20-30% off that again).
 
 It applies to float32 CPU tensors when numba is importable, and `MATRIXSTACK_CPU_KERNELS=0` turns it off (the
 tests compare both paths). The first call compiles it (about a second; numba caches the machine code next to
@@ -52,65 +53,64 @@ def decode_attention(
     """Return the attention [S, heads, v_dim] of one query token per sequence, `queries` [S, heads, d], over the
     first `context_lens[s]` cached positions of sequence s, read from the blocks `block_tables` [S, W] (int32) of
     `key_cache` [kv_heads, num_blocks, block_size, d] and `value_cache` [kv_heads, num_blocks, block_size, v_dim]
-    (query head h reads key head h // (heads / kv_heads))."""
+    (query head h reads key head h // (heads / kv_heads)).
+
+    Three passes: the scaled scores (numba) into a [S, kv_heads, g, W x block_size] buffer that is -inf past each
+    context, their softmax in PyTorch (vectorised exp: the numba kernel's scalar `exp` per score took a third of
+    its time), then the probability-weighted values (numba)."""
     seqs, heads, dim = queries.shape
     kv_heads, v_dim = key_cache.shape[0], value_cache.shape[-1]
-    grouped = queries.contiguous().view(seqs, kv_heads, heads // kv_heads, dim)
-    out = torch.empty(seqs, kv_heads, heads // kv_heads, v_dim, dtype=torch.float32)
-    _kernel(
-        grouped.numpy(),
-        key_cache.numpy(),
-        value_cache.numpy(),
-        block_tables.numpy(),
-        context_lens.numpy(),
-        np.float32(scale),
-        out.numpy(),
-    )
+    group = heads // kv_heads
+    grouped = queries.contiguous().view(seqs, kv_heads, group, dim)
+    scores = torch.full((seqs, kv_heads, group, block_tables.shape[1] * key_cache.shape[2]), -math.inf)
+    tables, lens = block_tables.numpy(), context_lens.numpy()
+    _scores(grouped.numpy(), key_cache.numpy(), tables, lens, np.float32(scale), scores.numpy())
+    probs = scores.softmax(-1)
+    out = torch.empty(seqs, kv_heads, group, v_dim, dtype=torch.float32)
+    _values(probs.numpy(), value_cache.numpy(), tables, lens, out.numpy())
     return out.view(seqs, heads, v_dim)
 
 
-def _decode_attention_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out):  # pragma: no cover
-    """out[s, h, j] = softmax(scale * q[s, h, j] . K[s, h]) V[s, h] over sequence s's cached positions.
-
-    q [S, kv_heads, g, d]; k_cache [kv_heads, blocks, block_size, d]; v_cache [kv_heads, blocks, block_size, dv];
-    block_tables [S, W]; context_lens [S]; out [S, kv_heads, g, dv]. Compiled by numba (nopython, fastmath:
-    the dot products and the value sums vectorise)."""
+def _scores_kernel(q, k_cache, block_tables, context_lens, scale, scores):  # pragma: no cover
+    """scores[s, h, j, p] = scale * q[s, h, j] . K[s, h, p] for sequence s's cached positions p (the rest of
+    `scores` is left as it is). q [S, kv_heads, g, d]; k_cache [kv_heads, blocks, block_size, d]; block_tables
+    [S, W]; context_lens [S]. Compiled by numba (nopython, fastmath: the dot products vectorise)."""
     num_seqs, kv_heads, group, dim = q.shape
     block_size = k_cache.shape[2]
-    v_dim = v_cache.shape[3]
-    scores = np.empty((group, block_tables.shape[1] * block_size), dtype=np.float32)
-    acc = np.empty((group, v_dim), dtype=np.float32)
     for s in range(num_seqs):
-        length = context_lens[s]
         for h in range(kv_heads):
-            for p in range(length):
+            for p in range(context_lens[s]):
                 key = k_cache[h, block_tables[s, p // block_size], p % block_size]
                 for j in range(group):
                     total = np.float32(0.0)
                     for c in range(dim):
                         total += q[s, h, j, c] * key[c]
-                    scores[j, p] = total * scale
-            for j in range(group):
-                top = scores[j, 0]
-                for p in range(1, length):
-                    top = max(top, scores[j, p])
-                mass = np.float32(0.0)
-                for p in range(length):
-                    e = math.exp(scores[j, p] - top)
-                    scores[j, p] = e
-                    mass += e
-                for p in range(length):
-                    scores[j, p] /= mass
+                    scores[s, h, j, p] = total * scale
+
+
+def _values_kernel(probs, v_cache, block_tables, context_lens, out):  # pragma: no cover
+    """out[s, h, j] = sum over sequence s's cached positions p of probs[s, h, j, p] V[s, h, p]. probs [S,
+    kv_heads, g, W x block_size]; v_cache [kv_heads, blocks, block_size, dv]; out [S, kv_heads, g, dv].
+    Compiled by numba (the value sums vectorise)."""
+    num_seqs, kv_heads, group, v_dim = out.shape
+    block_size = v_cache.shape[2]
+    acc = np.empty((group, v_dim), dtype=np.float32)
+    for s in range(num_seqs):
+        for h in range(kv_heads):
             acc[:] = 0.0
-            for p in range(length):
+            for p in range(context_lens[s]):
                 value = v_cache[h, block_tables[s, p // block_size], p % block_size]
                 for j in range(group):
-                    weight = scores[j, p]
+                    weight = probs[s, h, j, p]
                     for c in range(v_dim):
                         acc[j, c] += weight * value[c]
             out[s, h] = acc
 
 
-_kernel = (
-    numba.njit(cache=True, fastmath=True, boundscheck=False)(_decode_attention_kernel) if numba is not None else None
-)
+def _compile(kernel):
+    """Return `kernel` compiled by numba (cached next to this file), or None without numba."""
+    return numba.njit(cache=True, fastmath=True, boundscheck=False)(kernel) if numba is not None else None
+
+
+_scores = _compile(_scores_kernel)
+_values = _compile(_values_kernel)
