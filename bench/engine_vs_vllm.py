@@ -77,6 +77,7 @@ WARMUP_OUTPUT_TOKENS = 8
 ENGINE_START_TIMEOUT_S = 300.0
 VLLM_START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 600.0  # a request waits its turn behind the others: minutes in bfloat16 on a busy 2-core VM
 POLL_S = 0.5
 LOG_TAIL_CHARS = 3000
 # the share of the GPU's memory (on a CPU: of the machine's) vLLM reserves; its default, 0.92, fails on a CPU machine
@@ -226,7 +227,8 @@ async def send_all(base_url: str, requests: list[BenchRequest], concurrency: int
     async def worker() -> None:
         for i in pending:
             r = requests[i]
-            connection = RawConnection(url, completion_body(r.prompt_token_ids, r.output_tokens), {}, stream=True)
+            body = completion_body(r.prompt_token_ids, r.output_tokens)
+            connection = RawConnection(url, body, {}, stream=True, timeout_s=REQUEST_TIMEOUT_S)
             samples[i] = await connection.send()
             await connection.aclose()
             advance()

@@ -137,7 +137,9 @@ class _NoResponse(Exception):
 class RawConnection:
     """A worker's HTTP/1.1 keep-alive connection on asyncio streams (reconnects when the server closes it)."""
 
-    def __init__(self, url: str, body: dict, headers: dict[str, str], stream: bool):
+    def __init__(
+        self, url: str, body: dict, headers: dict[str, str], stream: bool, timeout_s: float = REQUEST_TIMEOUT_S
+    ):
         parts = urlsplit(url)
         if parts.scheme != "http":
             raise ValueError(f"the raw client speaks plain http only, not {url}")
@@ -152,7 +154,7 @@ class RawConnection:
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
         self._request = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
-        self._stream = stream
+        self._stream, self._timeout_s = stream, timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -164,13 +166,13 @@ class RawConnection:
         start = time.perf_counter()
         try:
             try:
-                return await asyncio.wait_for(self._exchange(start), REQUEST_TIMEOUT_S)
+                return await asyncio.wait_for(self._exchange(start), self._timeout_s)
             except (ConnectionError, _NoResponse):
                 if not reused:
                     raise
                 await self.aclose()  # a stale keep-alive connection: one retry on a new one, as HTTP clients do
                 start = time.perf_counter()
-                return await asyncio.wait_for(self._exchange(start), REQUEST_TIMEOUT_S)
+                return await asyncio.wait_for(self._exchange(start), self._timeout_s)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, _NoResponse) as exc:
             await self.aclose()
             return Sample(time.perf_counter() - start, None, False, f"{type(exc).__name__}: {exc}")
