@@ -56,8 +56,8 @@ def decode_attention(
     (query head h reads key head h // (heads / kv_heads)).
 
     Three passes: the scaled scores (numba) into a [S, kv_heads, g, W x block_size] buffer that is -inf past each
-    context, their softmax in PyTorch (vectorised exp: the numba kernel's scalar `exp` per score took a third of
-    its time), then the probability-weighted values (numba)."""
+    context, their softmax in PyTorch (a vectorised exp, where numba calls the scalar one per score), then the
+    probability-weighted values (numba)."""
     seqs, heads, dim = queries.shape
     kv_heads, v_dim = key_cache.shape[0], value_cache.shape[-1]
     group = heads // kv_heads
