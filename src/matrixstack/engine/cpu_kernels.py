@@ -6,7 +6,8 @@ query token per sequence) on a CPU that is most of the cost: `decode_attention` 
 straight from the blocks, with the query heads that share a key head computed together and an exact (two-pass)
 float32 softmax (in PyTorch, between the kernel's two passes), no padding. On tiny-moe's decode batches (32 sequences,
 64..400-token contexts, one core) it took 115 / 495 / 1,746 us against 260 / 835 / 3,008 us for the gather-and-bmm
-path (one pass with a scalar `exp`; the softmax in PyTorch took 20-30% off that again).
+path (that was one pass with a scalar `exp`; the softmax in PyTorch took ~10% off again). Long contexts run the
+two passes on torch's thread count (`PARALLEL_MIN_KEYS`).
 
 It applies to float32 CPU tensors when numba is importable, and `MATRIXSTACK_CPU_KERNELS=0` turns it off (the
 tests compare both paths). The first call compiles it (about a second; numba caches the machine code next to
@@ -27,6 +28,11 @@ except ImportError:  # an optional speed-up: the PyTorch path is complete withou
     numba = None
 
 ENV_SWITCH = "MATRIXSTACK_CPU_KERNELS"
+# A step whose cached keys (summed over sequences and key heads) reach this many runs the kernels on torch's thread
+# count (numba `prange` over (sequence, key head)); fewer run on one thread. Served over HTTP on 2 cores, workload B
+# of bench/engine_vs_vllm.py (contexts 512-1664) went 224-240 -> 254-277 tok/s in parallel, while workload A
+# (contexts 16-384: a few thousand keys a step) lost 5-10%: waking the second thread costs more than it saves.
+PARALLEL_MIN_KEYS = 32768
 
 
 def enabled(q: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -64,10 +70,15 @@ def decode_attention(
     grouped = queries.contiguous().view(seqs, kv_heads, group, dim)
     scores = torch.full((seqs, kv_heads, group, block_tables.shape[1] * key_cache.shape[2]), -math.inf)
     tables, lens = block_tables.numpy(), context_lens.numpy()
-    _scores(grouped.numpy(), key_cache.numpy(), tables, lens, np.float32(scale), scores.numpy())
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    parallel = threads > 1 and int(lens.sum()) * kv_heads >= PARALLEL_MIN_KEYS
+    if parallel:
+        numba.set_num_threads(threads)
+    scores_kernel, values_kernel = (_scores_parallel, _values_parallel) if parallel else (_scores, _values)
+    scores_kernel(grouped.numpy(), key_cache.numpy(), tables, lens, np.float32(scale), scores.numpy())
     probs = scores.softmax(-1)
     out = torch.empty(seqs, kv_heads, group, v_dim, dtype=torch.float32)
-    _values(probs.numpy(), value_cache.numpy(), tables, lens, out.numpy())
+    values_kernel(probs.numpy(), value_cache.numpy(), tables, lens, out.numpy())
     return out.view(seqs, heads, v_dim)
 
 
@@ -77,15 +88,15 @@ def _scores_kernel(q, k_cache, block_tables, context_lens, scale, scores):  # pr
     [S, W]; context_lens [S]. Compiled by numba (nopython, fastmath: the dot products vectorise)."""
     num_seqs, kv_heads, group, dim = q.shape
     block_size = k_cache.shape[2]
-    for s in range(num_seqs):
-        for h in range(kv_heads):
-            for p in range(context_lens[s]):
-                key = k_cache[h, block_tables[s, p // block_size], p % block_size]
-                for j in range(group):
-                    total = np.float32(0.0)
-                    for c in range(dim):
-                        total += q[s, h, j, c] * key[c]
-                    scores[s, h, j, p] = total * scale
+    for i in numba.prange(num_seqs * kv_heads):
+        s, h = i // kv_heads, i % kv_heads
+        for p in range(context_lens[s]):
+            key = k_cache[h, block_tables[s, p // block_size], p % block_size]
+            for j in range(group):
+                total = np.float32(0.0)
+                for c in range(dim):
+                    total += q[s, h, j, c] * key[c]
+                scores[s, h, j, p] = total * scale
 
 
 def _values_kernel(probs, v_cache, block_tables, context_lens, out):  # pragma: no cover
@@ -94,23 +105,25 @@ def _values_kernel(probs, v_cache, block_tables, context_lens, out):  # pragma: 
     Compiled by numba (the value sums vectorise)."""
     num_seqs, kv_heads, group, v_dim = out.shape
     block_size = v_cache.shape[2]
-    acc = np.empty((group, v_dim), dtype=np.float32)
-    for s in range(num_seqs):
-        for h in range(kv_heads):
-            acc[:] = 0.0
-            for p in range(context_lens[s]):
-                value = v_cache[h, block_tables[s, p // block_size], p % block_size]
-                for j in range(group):
-                    weight = probs[s, h, j, p]
-                    for c in range(v_dim):
-                        acc[j, c] += weight * value[c]
-            out[s, h] = acc
+    for i in numba.prange(num_seqs * kv_heads):
+        s, h = i // kv_heads, i % kv_heads
+        acc = np.zeros((group, v_dim), dtype=np.float32)
+        for p in range(context_lens[s]):
+            value = v_cache[h, block_tables[s, p // block_size], p % block_size]
+            for j in range(group):
+                weight = probs[s, h, j, p]
+                for c in range(v_dim):
+                    acc[j, c] += weight * value[c]
+        out[s, h] = acc
 
 
-def _compile(kernel):
-    """Return `kernel` compiled by numba (cached next to this file), or None without numba."""
-    return numba.njit(cache=True, fastmath=True, boundscheck=False)(kernel) if numba is not None else None
+def _compile(kernel, parallel: bool):
+    """Return `kernel` compiled by numba (cached next to this file; `parallel`: its `prange` loop spread over
+    numba's threads), or None without numba."""
+    if numba is None:
+        return None
+    return numba.njit(cache=True, fastmath=True, boundscheck=False, parallel=parallel)(kernel)
 
 
-_scores = _compile(_scores_kernel)
-_values = _compile(_values_kernel)
+_scores, _values = _compile(_scores_kernel, False), _compile(_values_kernel, False)
+_scores_parallel, _values_parallel = _compile(_scores_kernel, True), _compile(_values_kernel, True)
