@@ -147,11 +147,15 @@ class BuiltinServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> None:
-        """Start the engine and return once /health answers."""
+        """Start the engine and return once /health answers (stopping it again when it does not)."""
         cmd = [sys.executable, "-m", ENTRY_MODULE, self.launch.model_dump_json()]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_healthy(f"http://127.0.0.1:{self.port}/health", self.process, ENGINE_START_TIMEOUT_S, self.log)
+        try:
+            wait_healthy(f"http://127.0.0.1:{self.port}/health", self.process, ENGINE_START_TIMEOUT_S, self.log)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop the engine (SIGINT, as Ctrl-C; SIGKILL if it lingers)."""
@@ -278,8 +282,8 @@ def figures(runs: list[Run], requests: list[BenchRequest]) -> dict:
 
 
 class _progress:
-    """A rich progress bar on stderr per timed pass (a no-op when disabled); `bar(label, total)` yields
-    `advance()`."""
+    """A rich progress bar on stderr per timed pass (no-ops when disabled): `bar(label, total)` returns
+    (advance, close)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
