@@ -50,6 +50,7 @@ class Sample:
     ttft_s: float | None
     ok: bool
     error: str | None = None
+    completion_tokens: int | None = None  # the usage's count, when the response carried one
 
 
 class Connection(Protocol):
@@ -71,6 +72,7 @@ class _SseCheck:
 
     def __init__(self, start: float):
         self.start, self.ttft_s, self.usage, self.done = start, None, False, False
+        self.completion_tokens: int | None = None
 
     def line(self, line: str) -> None:
         if not line.startswith("data:"):
@@ -82,12 +84,14 @@ class _SseCheck:
         chunk = json.loads(data)
         if self.ttft_s is None and chunk.get("choices"):
             self.ttft_s = time.perf_counter() - self.start
-        self.usage = self.usage or bool(chunk.get("usage"))
+        if chunk.get("usage"):
+            self.usage, self.completion_tokens = True, chunk["usage"].get("completion_tokens")
 
     def sample(self) -> Sample:
         ok = self.usage and self.done and self.ttft_s is not None
         latency_s = time.perf_counter() - self.start
-        return Sample(latency_s, self.ttft_s, ok, None if ok else f"usage={self.usage} done={self.done}")
+        error = None if ok else f"usage={self.usage} done={self.done}"
+        return Sample(latency_s, self.ttft_s, ok, error, self.completion_tokens)
 
 
 class HttpxConnection:
@@ -133,7 +137,9 @@ class _NoResponse(Exception):
 class RawConnection:
     """A worker's HTTP/1.1 keep-alive connection on asyncio streams (reconnects when the server closes it)."""
 
-    def __init__(self, url: str, body: dict, headers: dict[str, str], stream: bool):
+    def __init__(
+        self, url: str, body: dict, headers: dict[str, str], stream: bool, timeout_s: float = REQUEST_TIMEOUT_S
+    ):
         parts = urlsplit(url)
         if parts.scheme != "http":
             raise ValueError(f"the raw client speaks plain http only, not {url}")
@@ -148,7 +154,7 @@ class RawConnection:
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
         self._request = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
-        self._stream = stream
+        self._stream, self._timeout_s = stream, timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -160,13 +166,13 @@ class RawConnection:
         start = time.perf_counter()
         try:
             try:
-                return await asyncio.wait_for(self._exchange(start), REQUEST_TIMEOUT_S)
+                return await asyncio.wait_for(self._exchange(start), self._timeout_s)
             except (ConnectionError, _NoResponse):
                 if not reused:
                     raise
                 await self.aclose()  # a stale keep-alive connection: one retry on a new one, as HTTP clients do
                 start = time.perf_counter()
-                return await asyncio.wait_for(self._exchange(start), REQUEST_TIMEOUT_S)
+                return await asyncio.wait_for(self._exchange(start), self._timeout_s)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, _NoResponse) as exc:
             await self.aclose()
             return Sample(time.perf_counter() - start, None, False, f"{type(exc).__name__}: {exc}")

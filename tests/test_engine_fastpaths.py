@@ -203,10 +203,30 @@ def test_detokenize_false_returns_the_same_tokens_without_text():
         SamplingParams(stop=["\n"], detokenize=False)
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_threads(request, monkeypatch):
+    """Run the native kernel as it decides (short contexts: one thread), or on two threads (`prange`) whatever the
+    context: yields None, or the calls made to the parallel kernel (a list that grows)."""
+    calls = []
+    if request.param == "serial":
+        yield None
+        return
+    if cpu_kernels.numba is None or cpu_kernels.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba runs one thread here")
+    scores = cpu_kernels._scores_parallel
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN_KEYS", 1)
+    monkeypatch.setattr(cpu_kernels, "_scores_parallel", lambda *args: calls.append(1) or scores(*args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield calls
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(cpu_kernels.numba is None, reason="numba is not installed")
 @pytest.mark.parametrize(("kv_heads", "heads", "dim", "v_dim"), [(2, 4, 64, 64), (1, 4, 24, 16)], ids=["gqa", "mla"])
-def test_native_decode_kernel_matches_the_torch_path(kv_heads, heads, dim, v_dim):
-    """The numba kernel against `_decode_attention` over the same gathered blocks (MLA: values are a view)."""
+def test_native_decode_kernel_matches_the_torch_path(kv_heads, heads, dim, v_dim, kernel_threads):
+    """The numba kernel, on one thread and on two, against `_decode_attention` over the same gathered blocks (MLA:
+    values are a view)."""
     gen = torch.Generator().manual_seed(7)
     block_size, lengths = 16, [1, 17, 200, 64]
     width = -(-max(lengths) // block_size)
@@ -225,6 +245,7 @@ def test_native_decode_kernel_matches_the_torch_path(kv_heads, heads, dim, v_dim
         values = keys[..., :v_dim] if v_dim < dim else _gather(value_cache, group, "values")
         theirs = _decode_attention(rows, keys, values, group.hidden_keys, 0.3)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert kernel_threads is None or len(kernel_threads) == len(groups)
     with torch.inference_mode():
         assert cpu_kernels.enabled(queries, key_cache)
         assert not cpu_kernels.enabled(queries.bfloat16(), key_cache.bfloat16())  # bf16: the PyTorch path
