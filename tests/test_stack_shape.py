@@ -222,6 +222,38 @@ def test_bad_shapes_exit_2_with_a_message(cli, tmp_path, content, message):
         assert message in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
+def _alias_bomb(levels: int = 12) -> str:
+    """Return YAML whose every level repeats the one before ten times: 10**levels leaves from a few hundred bytes."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe name: x\n", "is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"),
+        (b"#" * (4 * 2**20 + 1), "is larger than 4 MiB"),
+        (_alias_bomb().encode(), "more than 100 aliases (*name)"),
+    ],
+    ids=["not-utf8", "too-large", "alias-bomb"],
+)
+def test_hostile_shape_files_exit_2_with_a_message_in_bounded_time(cli, tmp_path, content, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    result = cli("shape", "validate", str(path))
+    assert result.exit_code == 2, result.output[:2000]
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_a_huge_bad_value_is_echoed_shortened(cli, tmp_path):
+    data = tiny_data()
+    data["version"] = list(range(100_000))
+    result = cli("shape", "validate", str(_write(tmp_path, data)))
+    assert result.exit_code == 2 and "version: Input should be 1 (got [0, 1, 2, 3, ...])" in result.output
+    assert len(result.output) < 2_000, result.output[:2000]
+
+
 def test_missing_files_and_empty_databases_exit_2(cli, tmp_path):
     result = cli("shape", "validate", str(tmp_path / "nope.yaml"))
     assert result.exit_code == 2 and "nope.yaml does not exist" in result.output

@@ -3,11 +3,16 @@
 Used by every layer that reads a spec (fabric, arch, shapes). A built-in name is looked up in a package catalog
 folder; anything that looks like a path is read from disk. `Strict` is the base of every spec model: an unknown field
 is an error (a typo must not pass silently).
+
+Bounded on hostile files: a spec file is read up to `MAX_SPEC_BYTES` (so /dev/zero or a huge file fails at once),
+must be UTF-8, and YAML is read by `safe_load`, yaml.safe_load refusing more than `MAX_YAML_ALIASES` aliases (a
+"billion laughs" file); a bad value is echoed shortened (`reprlib`), never whole. Each is a SpecError (exit 2).
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -17,6 +22,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from matrixstack.errors import SpecError, UnknownNameError
+
+MAX_SPEC_BYTES = 4 * 2**20  # the biggest built-in spec is a few KiB; a shape of hundreds of deployments ~100 KiB
+MAX_YAML_ALIASES = 100  # YAML anchors are handy for a few repeated blocks, not for exponential expansion
+_SHORT = reprlib.Repr()  # how a bad value is echoed: a few levels and items, strings cut (Python 3.11: no kwargs)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -42,11 +53,44 @@ def read_text(path: Path, source: str, missing_hint: str) -> str:
     """Return the text of the file `source` names at `path`; SpecError when it is missing (with `missing_hint`, how
     to fix it) or unreadable."""
     try:
-        return path.read_text()
+        with open(path, "rb") as file:
+            data = file.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{source} does not exist; {missing_hint}") from None
     except OSError as exc:
         raise SpecError(f"cannot read {source}: {exc.strerror}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{source} is larger than {MAX_SPEC_BYTES // 2**20} MiB, far more than any spec; check the path"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{source} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+
+
+class _BoundedSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document with more than MAX_YAML_ALIASES aliases."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out", mark
+                )
+        return super().compose_node(parent, index)
+
+
+def safe_load(text: str) -> Any:
+    """Return the YAML document in `text` as yaml.safe_load does; yaml.YAMLError (with its line) when it is
+    malformed or holds more than MAX_YAML_ALIASES aliases."""
+    return yaml.load(text, Loader=_BoundedSafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def malformed_yaml(exc: yaml.YAMLError, source: str) -> SpecError:
@@ -83,7 +127,7 @@ def read_yaml(path: Path | str, what: str) -> dict[str, Any]:
     """Return the mapping at the top of a YAML file, or raise SpecError naming the file and the line."""
     path = Path(path)
     hint = "give a built-in name or an existing YAML path"
-    return read_mapping(path, f"{what} file {path}", hint, yaml.safe_load, "a mapping of fields at the top")
+    return read_mapping(path, f"{what} file {path}", hint, safe_load, "a mapping of fields at the top")
 
 
 def _field_hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
@@ -121,7 +165,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
         field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         hint = _field_hint(model, loc)
         got = err.get("input")
-        got_text = "" if err["type"] == "missing" else f" (got {got!r})"
+        got_text = "" if err["type"] == "missing" else f" (got {_SHORT.repr(got)})"
         expected = f"; expected {hint}" if hint else ""
         lines.append(f"  - {field or '<top>'}: {err['msg']}{got_text}{expected}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from matrixstack.errors import SpecError, UserError
-from matrixstack.specio import Strict, malformed_json, malformed_yaml, read_text, validate_spec
+from matrixstack.specio import Strict, malformed_json, malformed_yaml, read_text, safe_load, validate_spec
 
 Level = Literal["L0", "L1", "L2"]
 Provider = Literal["first-party", "third-party"]
@@ -161,7 +161,7 @@ def load_entries(path: Path | str) -> list[EntrySpec]:
     source = f"catalog file {path}"
     text = read_text(path, source, "give the path of a YAML or JSON file")
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else safe_load(text)
     except json.JSONDecodeError as exc:
         raise malformed_json(exc, source) from None
     except yaml.YAMLError as exc:
