@@ -23,26 +23,11 @@ from matrixstack.perf.spec import InstancePlan
 from matrixstack.stack.local_site import LocalSite
 from matrixstack.stack.site import Launch
 from matrixstack.stack.spec import EngineArgs, SiteShape
-from matrixstack.stack.supervise import group_alive
+from matrixstack.stack.supervise import group_alive, group_members
 
 pytestmark = pytest.mark.slow
 VLLM_START_TIMEOUT_S = 600.0
 GIB = 1024**3
-
-
-def group_of(pgid: int) -> list[int]:
-    """Return the live processes of process group `pgid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-            if int(pgrp) == pgid and state not in ("Z", "X"):
-                found.append(int(entry.name))
-    return found
 
 
 def status_field(pid: int, name: str) -> str:
@@ -80,7 +65,7 @@ def test_local_site_serves_tiny_moe_on_vllm_bound_to_its_core(installed_vllm_ven
         )
         assert reply.model == "tiny-vllm" and reply.usage.completion_tokens > 0
         pid = site.pids["tiny-vllm"]
-        group = group_of(pid)
+        group = group_members(pid)
         assert pid in group and len(group) >= 2, group  # the API server and the engine core it started
         for member in group:
             assert status_field(member, "Cpus_allowed_list") == str(core), member

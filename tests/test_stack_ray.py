@@ -35,7 +35,7 @@ from matrixstack.portal.store import open_portal_database  # noqa: E402
 from matrixstack.stack.ray_site import NAMESPACE, RaySite  # noqa: E402
 from matrixstack.stack.site import STATUS_RESTARTING, STATUS_RUNNING, Launch  # noqa: E402
 from matrixstack.stack.spec import EngineArgs, SiteShape  # noqa: E402
-from matrixstack.stack.supervise import group_alive  # noqa: E402
+from matrixstack.stack.supervise import group_alive, group_members  # noqa: E402
 
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_TIMEOUT_S = 30.0
@@ -295,21 +295,6 @@ def test_a_cuda_slice_takes_gpu_bundles(ray_head):
         site.stop()
 
 
-def group_of(pgid: int) -> list[int]:
-    """Return the live processes of process group `pgid` (a vLLM server and the processes it started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-            if int(pgrp) == pgid and state not in ("Z", "X"):
-                found.append(int(entry.name))
-    return found
-
-
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2 :].split()[1])
@@ -346,7 +331,7 @@ def test_vllm_runs_in_bundle_0_of_its_placement_group_restarts_and_stops(ray_hea
 
         actor_pid, server_pid = site.engine_pids()["tiny-vllm"]
         assert where["pid"] == actor_pid and parent_of(server_pid) == actor_pid  # vLLM is the actor's subprocess
-        servers += group_of(server_pid)
+        servers += group_members(server_pid)
         assert len(servers) >= 2, servers  # the API server and the engine core it started
         argv = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
         assert Path(argv[0]) == installed_vllm_venv / "bin" / "python"  # the driver's venv (the node's home differs)
@@ -368,7 +353,7 @@ def test_vllm_runs_in_bundle_0_of_its_placement_group_restarts_and_stops(ray_hea
         assert "exited with code -9; starting it again" in log.read_text()
         (restarted_actor, restarted_server) = site.engine_pids()["tiny-vllm"]
         assert restarted_actor == actor_pid and restarted_server != server_pid
-        servers += group_of(restarted_server)
+        servers += group_members(restarted_server)
         again = chat(started.url, "unused", "tiny-vllm")
         assert again.choices[0].message.content == reply.choices[0].message.content  # greedy: same tokens
     finally:

@@ -20,7 +20,8 @@ backoff when it exits unexpectedly, and stopped with every process it started.
   the process group, SIGKILL to what is left of it after `stop_timeout_s`, and returns once no process of the
   group is alive (or, for one stuck in the kernel, after another `stop_timeout_s`). It may be called again.
 
-`group_alive(pgid)` and `log_tail(path)` are the helpers it uses, for sites that report on processes too.
+`group_alive(pgid)`, `group_members(pgid)` and `log_tail(path)` are the helpers it uses, for sites that report
+on processes too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ POLL_S = 0.2
 HEALTH_TIMEOUT_S = 2.0
 LOG_TAIL_LINES = 20
 LOG = logging.getLogger("matrixstack.stack")
+PROC = Path("/proc")  # where it exists (its self/stat readable), processes are read from it
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,13 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def group_alive(pgid: int) -> bool:
-    """Return whether any process of process group `pgid` is alive (zombies, which only wait to be reaped, not)."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for entry in proc.iterdir():
+def group_members(pgid: int) -> list[int]:
+    """Return the live processes of process group `pgid` from /proc (zombies, which only wait to be reaped, not);
+    empty where there is no /proc."""
+    if not (PROC / "self" / "stat").exists():
+        return []
+    found = []
+    for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -91,8 +88,21 @@ def group_alive(pgid: int) -> bool:
             continue
         state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
         if int(pgrp) == pgid and state not in ("Z", "X"):
-            return True
-    return False
+            found.append(int(entry.name))
+    return found
+
+
+def group_alive(pgid: int) -> bool:
+    """Return whether any process of process group `pgid` is alive (zombies, which only wait to be reaped, not)."""
+    if (PROC / "self" / "stat").exists():
+        return bool(group_members(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
