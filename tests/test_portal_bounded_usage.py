@@ -113,4 +113,4 @@ def test_admin_usage_comes_in_bounded_pages(portal):
         assert sorted(r["entry"] for p in pages for r in p.json()) == [f"e{i:03}" for i in range(25)]
         assert len(http.get("/admin/usage", params={"group_by": "entry"}).json()) == 25
         too_big = http.get("/admin/usage", params={"limit": MAX_PAGE + 1})
-        assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "limit"
+        assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "query.limit"

@@ -75,7 +75,7 @@ async def burst(portal: PortalThread, key: str, n: int, stream: bool) -> tuple[l
 def test_concurrent_requests_overshoot_tpm_and_quota_by_one_request_at_most(portal, n, stream):
     database = portal.portal.db
     limits = {"tpm": {"tpm_limit": TPM_LIMIT}, "quota": {"token_quota": TOKEN_QUOTA}}
-    keys = {name: database.write(lambda session, kw=kw: create_key(session, f"burst-{name}", **kw))
+    keys = {name: database.write(lambda session, tenant=f"burst-{name}", kw=kw: create_key(session, tenant, **kw))
             for name, kw in limits.items()}  # fmt: skip
     for name, (info, plaintext) in keys.items():
         done, refused = asyncio.run(burst(portal, plaintext, n, stream))

@@ -10,14 +10,19 @@
   within the cache period;
 - one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
   connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs);
-- `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
+- `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database; portal/limits.py);
 - usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
+  A usage record names the catalog entry the request resolved to, or `UNKNOWN_ENTRY` for every name that resolves
+  to nothing (the client's text is never stored); the log line's client texts are bounded (portal/bounds.py).
 
 Database reads on a cache miss run in a worker thread, never on the event loop.
 
-A completion request: resolve the entry for the key's tenant (404 `model_not_found` for an unknown entry or
-another tenant's private one), admit it against the key's limits (429 with Retry-After), apply the entry's
-settings (400 naming the param when a value is outside an L2 range), then forward it to the backend. A stream
+A completion request: once its key is checked, it is admitted against the key's limits (429 with Retry-After;
+from then on it counts against the key's rpm whatever its outcome); then its body is validated (400), its entry
+resolved for the key's tenant (400 `string_above_max_length` for a `model` over `bounds.MODEL_MAX_CHARS`, 404
+`model_not_found` for an unknown entry or another tenant's private one), the entry's settings applied (400 naming
+the param when a value is outside an L2 range), the request's most tokens reserved against the key's tpm limit and
+quota (429; settled with the real usage when the request ends, however it ends), and it is forwarded. A stream
 always asks the backend for `stream_options.include_usage` and always ends with a usage chunk, then
 `data: [DONE]`. The response's `model` is the catalog entry's name. A client that goes away cancels the
 backend request (streamed: closing the stream closes the upstream connection; not streamed: the request's client
@@ -46,12 +51,13 @@ from matrixstack.openai.endpoints import Endpoint
 from matrixstack.openai.errors import ClientGone, OpenAIError, UpstreamError, validation_error
 from matrixstack.openai.sse import EventStream
 from matrixstack.openai.types import SamplingFields, usage
+from matrixstack.portal.bounds import bounded, model_too_long
 from matrixstack.portal.cache import TtlCache
 from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps
 from matrixstack.portal.key_service import KeyInfo, authenticate
 from matrixstack.portal.keys import hash_key
-from matrixstack.portal.limits import KeyLimiter
+from matrixstack.portal.limits import KeyLimiter, request_tokens_bound
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
@@ -155,6 +161,8 @@ class Gateway:
         503 `deployment_not_running` while the deployment its L0 names is registered but not running."""
         if not isinstance(entry, str) or not entry:
             raise openai_error(400, "'model' is a required property", param="model")
+        if too_long := model_too_long(entry):
+            raise openai_error(400, too_long, "string_above_max_length", "model")
 
         async def load() -> Resolved | str | DeploymentNotRunning:
             try:
@@ -236,6 +244,7 @@ class Gateway:
         except OpenAIError as exc:
             self.log_rejected(request, exc.status_code, exc.message)
             raise
+        await self.admit(request, key)
         raw = await request.body()
         try:
             body, parsed = endpoint.parse(raw)
@@ -244,6 +253,15 @@ class Gateway:
             self.log_rejected(request, error.status_code, error.message, key)
             raise error from None
         return await self.forward(request, key, endpoint, body, parsed)
+
+    async def admit(self, request: Request, key: KeyInfo) -> None:
+        """Count the authenticated request against `key`'s limits; raise (and log) the 429 when they refuse it."""
+        await self._seed_usage(key)
+        refusal = self.limiter.admit(key)
+        if refusal is not None:
+            self.metrics.observe((UNKNOWN_ENTRY, "", ""), 429, 0, 0)
+            self.log_rejected(request, 429, refusal.message, key)
+            raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
 
     async def forward(
         self, request: Request, key: KeyInfo, endpoint: Endpoint, body: dict[str, Any], parsed: SamplingFields
@@ -259,16 +277,15 @@ class Gateway:
             resolved = await self.resolve(m.entry, m.key)
             m.resolved = True
             m.lane, m.deployment = resolved.backend.kind, resolved.backend.deployment or ""
-            await self._seed_usage(m.key)
-            refusal = self.limiter.admit(m.key)
-            if refusal is not None:
-                raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
             try:
                 applied = resolved.apply(endpoint, body)
             except RangeError as exc:
                 raise openai_error(400, str(exc), param=exc.param) from None
             except UserError as exc:
                 raise openai_error(400, str(exc), param=endpoint.prompt_param) from None
+            m.reserved_tokens, refusal = self.limiter.reserve(m.key, request_tokens_bound(endpoint, applied))
+            if refusal is not None:
+                raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
             client = self.client(resolved.backend)
             applied["model"] = await self.backend_model(resolved, client)
             if m.stream:
@@ -312,18 +329,19 @@ class Gateway:
     # ---- metering ---------------------------------------------------------------------------------------
 
     def finish(self, m: Metered) -> None:
-        """Meter one finished request: limiter tokens, the usage record, metrics and the log line."""
+        """Meter one finished request: settle its reserved tokens, the usage record (under its catalog entry, or the
+        unknown bucket), metrics and the log line."""
         latency_s = time.perf_counter() - m.started_s
         self.metrics.queue_depth.dec()
         tokens = m.prompt_tokens + m.completion_tokens
         if m.key is not None:
-            self.limiter.finish(m.key.id, tokens)
+            self.limiter.settle(m.key.id, m.reserved_tokens, tokens)
             if m.entry:
                 self.writer.submit(
                     UsageRecord(
                         tenant_id=m.key.tenant_id,
                         key_id=m.key.id,
-                        entry=m.entry,
+                        entry=m.entry if m.resolved else UNKNOWN_ENTRY,  # never a client's unknown text
                         prompt_tokens=m.prompt_tokens,
                         completion_tokens=m.completion_tokens,
                         status_code=m.status,
@@ -344,7 +362,7 @@ class Gateway:
         if LOG.isEnabledFor(logging.INFO):
             m = Metered(request_id=new_request_id(), started_s=time.perf_counter(), key=key, status=status)
             m.error = message
-            m.extra["path"] = request.url.path
+            m.extra["path"] = bounded(request.url.path)
             self._log(m, 0.0)
 
     def _log(self, m: Metered, latency_s: float) -> None:
@@ -353,7 +371,7 @@ class Gateway:
             "request_id": m.request_id,
             "tenant": m.key.tenant if m.key else None,
             "key": m.key.prefix if m.key else None,
-            "entry": m.entry,
+            "entry": bounded(m.entry),
             "status": m.status,
             "stream": m.stream,
             "prompt_tokens": m.prompt_tokens,
@@ -362,7 +380,7 @@ class Gateway:
             "ttft_ms": None if m.ttft_s is None else round(m.ttft_s * 1000.0, 3),
         }
         if m.error:
-            line["error"] = m.error
+            line["error"] = bounded(m.error)
         line.update(m.extra)
         if self.log_json:
             LOG.info(dumps(line), extra={"portal": line})
