@@ -260,6 +260,7 @@ def test_state_usage_sums_the_last_minute(world):
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "tokens_per_s": round((prompt + completion) / 60.0, 3),
+        "entries": 3,
         "by_entry": [
             {"entry": "finance-moe", "requests": 2, "total_tokens": 500},
             {"entry": "base-moe", "requests": 1, "total_tokens": 100},
