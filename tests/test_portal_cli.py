@@ -205,6 +205,11 @@ def test_usage_table_and_json(run, db):
     assert [r["key"] for r in _json(run("usage", "--by", "key", "--json"))] == sorted([a.prefix, b.prefix])
     table = run("usage", "--by", "entry", "--since", "7d")
     assert table.exit_code == 0 and "tiny-moe-python" in table.output and "usage by entry since" in table.output
+    pages = [_json(run("usage", "--by", "entry", "--limit", "1", "--offset", str(o), "--json")) for o in (0, 1, 2)]
+    assert [[r["entry"] for r in page] for page in pages] == [["tiny-moe"], ["tiny-moe-python"], []]
+    assert "--offset 1" in run("usage", "--by", "entry", "--limit", "1").output  # says where the next page starts
+    refused = run("usage", "--limit", "100000")
+    assert refused.exit_code == 2 and "limit" in refused.output
     assert "--since 'yesterday' is neither an ISO time" in _error(run("usage", "--since", "yesterday"))
     assert "group by model: unknown" in _error(run("usage", "--by", "tenant,model"))
 
