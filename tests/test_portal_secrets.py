@@ -245,7 +245,8 @@ def test_an_old_database_with_a_key_in_clear_is_sealed_when_opened(tmp_path, mon
     monkeypatch.setenv("MATRIXSTACK_HOME", str(home))
     monkeypatch.delenv("MATRIXSTACK_SECRET_KEY", raising=False)
     with open_portal_database() as db:  # rows as an earlier version wrote them: the key in clear
-        db.write(lambda session: session.add(CatalogEntryRow(name="old", level="L0", spec=vendor("old", upstream, "ok"))))
+        old = CatalogEntryRow(name="old", level="L0", spec=vendor("old", upstream, "ok"))
+        db.write(lambda session: session.add(old))
         _, key = db.write(lambda session: create_key(session, "acme"))
     home.chmod(0o755)
     for path in home.glob("matrixstack.db*"):

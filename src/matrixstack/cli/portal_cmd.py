@@ -275,7 +275,7 @@ def key_revoke(
     db: str | None = DbOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Revoke an API key: it stops authenticating at once."""
+    """Revoke an API key: running portals refuse it within a second."""
     from matrixstack.portal.key_service import revoke_key
 
     with _database(db) as database:

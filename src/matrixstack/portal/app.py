@@ -14,8 +14,9 @@ key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model
 `rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 400 naming the param for an invalid body or a
 user error, a backend's own error as it sent it.
 
-Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): a key revoked or an entry changed by
-another process (the CLI) takes effect within that time; through this app's admin API, at once. Usage goes to
+Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): an entry changed by another process (the
+CLI) takes effect within that time, through this app's admin API at once; a key revoked or limited anywhere within
+a second (the gateway's key watch, started with the app's lifespan). Usage goes to
 the database through a background batch writer (`UsageWriter`), started and stopped (after a last flush) with
 the app's lifespan.
 """
@@ -218,6 +219,7 @@ def create_portal_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         writer.start()
+        gateway.start()
         try:
             yield
         finally:
