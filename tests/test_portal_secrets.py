@@ -39,6 +39,8 @@ from matrixstack.portal.key_service import create_key
 from matrixstack.portal.server import PortalThread
 from matrixstack.portal.spec import EntrySpec
 from matrixstack.portal.store import CatalogEntryRow, open_portal_database
+from matrixstack.stack.local_site import LocalSite, engine_log_dir
+from matrixstack.stack.spec import SiteShape
 
 WAIT_S = 60.0  # a failure guard for start-ups, never a timing assertion
 REVOKE_DEADLINE_S = 1.0  # the bound: a key revoked anywhere is refused within a second
@@ -260,6 +262,18 @@ def test_an_old_database_with_a_key_in_clear_is_sealed_when_opened(tmp_path, mon
     with PortalThread(None) as portal:  # and the portal still authenticates to the upstream with it
         c = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0)
         assert c.chat.completions.create(model="old", messages=USER).choices[0].message.content == "ok"
+
+
+def test_the_cli_and_the_local_site_keep_what_they_write_private(tmp_path, monkeypatch, cli):
+    monkeypatch.setenv("MATRIXSTACK_HOME", str(tmp_path / "home"))
+    previous = os.umask(0o022)  # a usual umask: files 0644, folders 0755
+    try:
+        assert cli("fabric", "list").exit_code == 0
+        assert os.umask(previous) == 0o077  # what a command creates (engine logs, exported weights) is 0600 / 0700
+    finally:
+        os.umask(previous)
+    LocalSite(SiteShape()).start([])  # no engine: only the folder of the engine logs
+    assert mode(engine_log_dir()) == 0o700
 
 
 # ---- point 8: upstream errors --------------------------------------------------------------------------------

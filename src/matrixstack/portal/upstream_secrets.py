@@ -19,6 +19,7 @@ cannot), and tells the log scrubber (`portal.scrub`) to hide it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,8 @@ KEEP_STORED = "set"  # an api_key given as shown by view(): keep the stored one
 def stored_form(api_key: str | None, stored: str | None) -> str | None:
     """Return what to store for a backend given `api_key` (`stored`: the key its entry holds now): a sealed key or
     an `env:` reference as it is (a sealed one checked to open with this data key), "set" as `stored`, clear text
-    sealed. UserError when a sealed key was sealed with another data key."""
+    sealed (`stored` itself when it seals the same key). UserError when a sealed key was sealed with another data
+    key."""
     if api_key == KEEP_STORED:
         return stored
     if api_key is None or api_key.startswith(ENV_PREFIX):
@@ -48,6 +50,10 @@ def stored_form(api_key: str | None, stored: str | None) -> str | None:
     if is_sealed(api_key):
         decrypt(api_key)
         return api_key
+    if stored is not None and is_sealed(stored):
+        with contextlib.suppress(UserError):  # a stored key this data key cannot open is replaced
+            if decrypt(stored) == api_key:
+                return stored  # the same key given again: the row stays as it is
     return encrypt(api_key)
 
 
