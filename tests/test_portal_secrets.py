@@ -45,7 +45,7 @@ from matrixstack.stack.spec import SiteShape
 WAIT_S = 60.0  # a failure guard for start-ups, never a timing assertion
 REVOKE_DEADLINE_S = 1.0  # the bound: a key revoked anywhere is refused within a second
 GOOD_KEY = "sk-planted-" + secrets.token_hex(16)  # the upstream's real key: what must never be found in clear
-WRONG_KEY = "sk-wrongly-" + secrets.token_hex(16)  # a key the upstream refuses (echoed back in its 401)
+WRONG_KEY = "wrongly-" + secrets.token_hex(16)  # a key the upstream refuses (echoed in its 401); not sk-shaped
 UPSTREAM_ENV = "FAKE_VENDOR_KEY"
 SECRETS = (GOOD_KEY.encode(), WRONG_KEY.encode())
 USER = [{"role": "user", "content": "hi"}]
@@ -307,9 +307,15 @@ def test_upstream_failures_become_the_portals_own_errors(served):
         json={"model": "vendor-cut", "messages": USER, "stream": True},
     ).text
     assert '"code":"upstream_error"' in events.replace(" ", "") and "you sent" not in events
+    probe = httpx.post(  # a backend key in a log line by another way (the model name is logged as sent)
+        f"{served.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {served.keys['acme']}"},
+        json={"model": f"probe-{WRONG_KEY}", "messages": USER},
+    )
+    assert probe.status_code == 404
     time.sleep(0.5)  # the portal's log writer writes every 100 ms
     log = served.log_path.read_text()
-    assert "vendor-wrong" in log and all(s.decode() not in log for s in SECRETS)
+    assert "vendor-wrong" in log and "probe-[redacted]" in log and all(s.decode() not in log for s in SECRETS)
 
 
 # ---- point 7: /metrics -----------------------------------------------------------------------------------------
