@@ -58,7 +58,7 @@ def backend_failure(exc: UpstreamError, kind: str) -> UpstreamError:
     """Return the portal's own error for backend failure `exc` of a backend of `kind` (see the module docstring)."""
     status = exc.status_code
     detail = f"backend answered {status}: {_cut(exc.message)}"
-    if TRANSPORT.get(status) == exc.code:
+    if status in TRANSPORT and exc.code == TRANSPORT[status]:
         reached = "did not answer in time" if status == 504 else "cannot be reached"
         return _failure(status, exc.code, f"the backend of this model {reached}", _cut(exc.message))
     if status in AUTH_FAILURES:
