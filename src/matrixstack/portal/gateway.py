@@ -324,7 +324,7 @@ class Gateway:
         self, request: Request, client: Upstream, endpoint: Endpoint, body: dict[str, Any], m: Metered
     ) -> Response:
         """Return the SSE response relaying the backend's stream (waits for the first chunk, so a backend that
-        refuses the request answers with its own status)."""
+        refuses the request is answered with an error status, not a stream)."""
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         blocks = client.stream(endpoint, body)
         try:
