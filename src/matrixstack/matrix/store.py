@@ -226,16 +226,16 @@ def open_engine(url: str | None = None) -> Engine:
 
 
 def _private_database_file(path: Path) -> None:
-    """Make the SQLite file `path` (created empty when missing) and its -wal and -shm files 0600, its folder 0700
-    when it is the data directory (another folder is made 0700 only when created here). SQLite gives the -wal and
-    -shm files it creates the database file's mode."""
+    """Make the SQLite file `path` (created empty when missing) and its -wal and -shm files 0600 (those this user
+    owns), its folder 0700 when it is the data directory (another folder is made 0700 only when created here).
+    SQLite gives the -wal and -shm files it creates the database file's mode."""
     if path.parent == data_dir():
         private_dir(path.parent)
     else:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_RDONLY, 0o600))
     for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-        if file.exists():
+        if file.exists() and file.stat().st_uid == os.getuid():  # another user's file keeps the mode they gave it
             file.chmod(0o600)
 
 
