@@ -18,6 +18,7 @@ from matrixstack.errors import UserError
 from matrixstack.portal.catalog_service import get_entry
 from matrixstack.portal.key_service import authenticate, create_key
 from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.upstream_secrets import backend_api_key
 from matrixstack.portal.usage_service import UsageRecord, record_usage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "catalog"
@@ -102,7 +103,7 @@ def test_show_json_added_back_with_replace_keeps_the_upstream_secret(run, db, tm
     assert run("catalog", "add", str(edited), "--replace").exit_code == 0
     with open_portal_database(db) as svc:
         entry = svc.read(lambda session: get_entry(session, "deepseek-r1"))
-    assert entry.description.startswith("edited") and entry.backend.api_key == DEEPSEEK_KEY
+    assert entry.description.startswith("edited") and backend_api_key(entry.backend) == DEEPSEEK_KEY
 
 
 def test_catalog_errors_exit_2_with_a_clear_message(run, tmp_path):

@@ -48,7 +48,7 @@ def _backend_text(entry: EntrySpec) -> str:
     b = entry.backend
     extra = f" model {b.model}" if b.model else ""
     extra += f" deployment {b.deployment}" if b.deployment else ""
-    extra += ", api_key set" if b.api_key else ""
+    extra += f", api_key {entry.view()['backend']['api_key']}" if b.api_key else ""  # "set" or the env: it names
     return f"{b.kind} {b.url}{extra}"
 
 
@@ -275,7 +275,7 @@ def key_revoke(
     db: str | None = DbOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Revoke an API key: it stops authenticating at once."""
+    """Revoke an API key: running portals refuse it within a second."""
     from matrixstack.portal.key_service import revoke_key
 
     with _database(db) as database:

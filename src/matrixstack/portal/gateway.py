@@ -1,15 +1,19 @@
 """The portal's request path: authenticate, resolve the catalog entry, check limits, forward, meter.
 
 `Gateway` holds what the hot path needs in memory so that a request touches no database:
-- API keys by their sha256, cached `cache_ttl_s` seconds (`DEFAULT_CACHE_TTL_S`): a key revoked elsewhere (the
-  CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
+- API keys by their sha256, cached `cache_ttl_s` seconds (`DEFAULT_CACHE_TTL_S`) and dropped at once when a key
+  changes: through this portal's admin API directly, and anywhere else (the CLI, another portal process) when the
+  watch started by `start()`, which reads `key_service.key_generation` every `KEY_POLL_S` on a worker thread, sees
+  it grow: a revoked key is refused within a second wherever it was revoked;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
   changes through this portal's admin API; a resolution whose deployment cannot be reached (a crashed engine,
   which its site restarts and records `restarting`) is dropped at the first 502, so the next request reads the
   deployment's status (503 while it is down) instead of the stale URL; one that comes back is routed to again
   within the cache period;
 - one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
-  connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs);
+  connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs) with the backend's key
+  opened (sealed at rest or an `env:` reference) and its failures turned into the portal's own errors, never a
+  backend's body (`portal.upstream_errors`);
 - `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database; portal/limits.py);
 - usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
   A usage record names the catalog entry the request resolved to, or `UNKNOWN_ENTRY` for every name that resolves
@@ -31,6 +35,7 @@ watcher, `openai.disconnect`, cancels the wait for the backend's answer).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -45,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
-from matrixstack.openai.client import Upstream, upstream_client
+from matrixstack.openai.client import Upstream
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import Endpoint
 from matrixstack.openai.errors import ClientGone, OpenAIError, UpstreamError, validation_error
@@ -55,19 +60,21 @@ from matrixstack.portal.bounds import bounded, model_too_long
 from matrixstack.portal.cache import TtlCache
 from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps
-from matrixstack.portal.key_service import KeyInfo, authenticate
+from matrixstack.portal.key_service import KeyInfo, authenticate, key_generation
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.limits import KeyLimiter, request_tokens_bound
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
+from matrixstack.portal.upstream_errors import guarded_client
 from matrixstack.portal.usage_service import UsageRecord, tokens_used
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
 T = TypeVar("T")
 DEFAULT_CACHE_TTL_S = 5.0
+KEY_POLL_S = 0.25  # how often the key watch reads the last key change: a revocation elsewhere holds at most this
 UNREACHABLE = 502  # the status of a backend that cannot be reached (or answers no HTTP/JSON)
 UNKNOWN_ENTRY = "(unknown)"
 
@@ -126,6 +133,7 @@ class Gateway:
         self._clients: dict[tuple[str, str | None], Upstream] = {}
         self._backend_models: dict[tuple[str, str | None], str] = {}
         self._seeds = TtlCache(cache_ttl_s)  # shares one database read among a new key's first requests
+        self._key_watch: asyncio.Task | None = None
 
     # ---- caches -------------------------------------------------------------------------------------------
 
@@ -136,8 +144,26 @@ class Gateway:
         self._backend_models.clear()
 
     def keys_changed(self) -> None:
-        """Forget cached keys (a key was revoked or its limits changed through this portal)."""
+        """Forget cached keys (a key was revoked or its limits changed)."""
         self.keys.clear()
+
+    def start(self) -> None:
+        """Start the key watch on the running event loop (see the module docstring); `aclose()` ends it."""
+        self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys())
+
+    async def _watch_keys(self) -> None:
+        """Forget cached keys whenever the last key change in the database is a new one, read every KEY_POLL_S."""
+        seen = None
+        while True:
+            try:
+                last = await self.read(key_generation)
+            except Exception:  # the database unreachable for a moment: keep the keys, try again
+                LOG.warning("reading key changes failed", exc_info=True)
+            else:
+                if seen is not None and last != seen:
+                    self.keys_changed()
+                seen = last
+            await asyncio.sleep(KEY_POLL_S)
 
     async def authenticate(self, authorization: str | None) -> KeyInfo:
         """Return the KeyInfo of the request's Bearer key; raise a 401 `invalid_api_key` when it is missing, unknown
@@ -205,11 +231,11 @@ class Gateway:
     # ---- backends -----------------------------------------------------------------------------------------
 
     def client(self, backend: BackendSpec) -> Upstream:
-        """Return the one client of (backend URL, api_key), made on first use."""
+        """Return the one client of (backend URL, api_key), made on first use (`upstream_errors.guarded_client`)."""
         ident = (backend.url, backend.api_key)
         client = self._clients.get(ident)
         if client is None:
-            client = self._clients[ident] = upstream_client(backend.url, backend.api_key)
+            client = self._clients[ident] = guarded_client(backend)
         return client
 
     async def backend_model(self, resolved: Resolved, client: Upstream) -> str:
@@ -229,7 +255,9 @@ class Gateway:
         return model
 
     async def aclose(self) -> None:
-        """Close every backend client."""
+        """End the key watch and close every backend client."""
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
@@ -313,7 +341,7 @@ class Gateway:
         self, request: Request, client: Upstream, endpoint: Endpoint, body: dict[str, Any], m: Metered
     ) -> Response:
         """Return the SSE response relaying the backend's stream (waits for the first chunk, so a backend that
-        refuses the request answers with its own status)."""
+        refuses the request is answered with an error status, not a stream)."""
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         blocks = client.stream(endpoint, body)
         try:

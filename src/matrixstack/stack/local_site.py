@@ -9,8 +9,9 @@ inherits (the builtin engine's expert-parallel workers, vLLM's engine core and w
 threads to them, one group of cores per rank); GPUs (device kind "cuda") become its CUDA_VISIBLE_DEVICES. The
 affinity is set by the child itself before it imports the runtime or forks (the spec's `cpus`; for vLLM a tiny
 `-c` program that binds, then execs the server) — no `preexec_fn`, which is unsafe while the parent runs threads,
-as it does under a progress display. Its output goes to `data_dir()/logs/NAME.log` (replaced at each start of the
-site, appended to at a restart; `matrixstack logs NAME` shows it), and the site waits for `/health` to answer.
+as it does under a progress display. Its output goes to `data_dir()/logs/NAME.log` (in a 0700 folder; replaced at
+each start of the site, appended to at a restart; `matrixstack logs NAME` shows it), and the site waits for `/health`
+to answer.
 
 Once all answer, each is supervised (`stack.supervise`): an engine that exits unexpectedly is started again with
 backoff, and `on_status` is told `restarting`, then `running` with its URL. `stop()` ends the supervision, sends
@@ -28,6 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from matrixstack.datakey import private_dir
 from matrixstack.engine.launch import ENTRY_MODULE, EngineLaunch
 from matrixstack.errors import UserError
 from matrixstack.lanes.vllm import vllm_available
@@ -142,7 +144,7 @@ class LocalSite:
         on each is restarted when it exits, and `on_status` told (see the module docstring)."""
         for launch in launches:
             check_launch(launch)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         engines = {launch.name: self._supervised(launch, on_status) for launch in launches}
         try:
             for engine in engines.values():
