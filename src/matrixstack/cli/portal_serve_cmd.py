@@ -9,6 +9,7 @@ import typer
 
 from matrixstack.cli.common import err_console, user_errors_exit_2
 from matrixstack.cli.matrix_cmd import DbOption
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB
 
 portal_app = typer.Typer(
     help="The unified portal: the OpenAI-compatible API over the catalog, the admin API, metrics and the dashboard.",
@@ -29,6 +30,9 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port to listen on (0: a free one)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level (the request log is always on)"),
     text_logs: bool = typer.Option(False, "--text-logs", help="request log lines as key=value instead of JSON"),
+    max_body_mib: float = typer.Option(
+        DEFAULT_MAX_BODY_MIB, "--max-body-mib", min=0.001, help="largest request body in MiB (413 above)"
+    ),
 ) -> None:
     """Serve the portal on HOST:PORT until Ctrl-C."""
     from matrixstack.openai.server import bind_socket
@@ -37,7 +41,7 @@ def serve(
 
     sock = bind_socket(host, port)  # a taken port fails fast
     try:
-        app = create_portal_app(db, log_json=not text_logs)
+        app = create_portal_app(db, log_json=not text_logs, max_body_mib=max_body_mib)
     except BaseException:
         sock.close()
         raise
