@@ -52,6 +52,7 @@ from fastapi.responses import JSONResponse, Response
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
+from matrixstack.engine.block_manager import check_request_fits
 from matrixstack.engine.config import TOP_K_OFF, EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
 from matrixstack.engine.model import MoETransformer
@@ -188,6 +189,8 @@ class OpenAIServing:
         """
         deltas = self.server.engine.stream(prompt_ids, params, request_id)
         try:
+            # here, not on the engine's step loop, which would first check every id of a prompt that cannot fit
+            check_request_fits(len(prompt_ids), params.max_tokens, self.server.max_model_len)
             first = await until_disconnect(request, deltas.__anext__())
         except UserError as exc:
             too_long = len(prompt_ids) + (params.max_tokens or 1) > self.server.max_model_len
