@@ -4,11 +4,14 @@
 
 - a body larger than `max_body_bytes` is refused with a 413 `request_too_large` in OpenAI's error format. A
   `Content-Length` over the limit is refused before a byte of the body is read; a body without one (chunked) is
-  counted as it arrives and refused as soon as the count passes the limit, so a huge body is never held whole
-  (the server reads and drops the rest: uvicorn discards the body of a request already answered);
+  counted as it arrives and refused as soon as the count passes the limit, so a huge body is never held whole;
 - a body declared with a content type that is not JSON (`text/plain`, a form) is refused with a 400 naming the
   fix, as OpenAI's API refuses it: every body these servers take is JSON. A request without a content type is
   read as JSON (FastAPI's rule).
+
+A refusal closes the connection (`Connection: close`) and leaves the rest of the body unread: uvicorn would read
+and drop it (an endless chunked stream included) on the event loop, beside other requests. Clients still read the
+answer: httpx and the `openai` client read it when their write fails.
 
 A body that passes is read whole (at most `max_body_bytes`) and handed to the app as one message; the messages
 after it (the client's disconnect) pass through as they come.
@@ -94,7 +97,9 @@ class RequestGuard:
                 await self.app(scope, _replay(body, receive), send)
                 return
             refusal = body_too_large(self.max_body_bytes)
-        await refusal.response()(scope, receive, send)
+        response = refusal.response()
+        response.headers["connection"] = "close"  # the body is left unread (module docstring)
+        await response(scope, receive, send)
 
     async def _read(self, receive: Receive) -> Message | None:
         """Return the body as one `http.request` message (or the disconnect that came first); None once it passed
