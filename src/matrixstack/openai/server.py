@@ -79,7 +79,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and self.cycle.response_complete:  # not a pipelined request started
             self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
