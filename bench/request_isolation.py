@@ -23,7 +23,8 @@ prompt under the body limit, refused 400 by the prompt-length check without toke
 longest prompt the engine takes, ~max_model_len tokens, served: its prefill shares the engine's steps with the
 small request, so this one measures the model's own contention, not a stall). Latency is the client's time from
 sending the small request to its whole response; each figure is the median and p90 over the rounds, and
-`ratio` is beside / alone of the medians.
+`ratio` is beside / alone of the medians. `rss_mib` is each server's resident memory once it answers and at
+the end (the issue saw the engine grow 1.16 -> 1.69 GB and stay there).
 """
 
 from __future__ import annotations
@@ -169,6 +170,17 @@ def measure_path(url: str, model: str, headers: dict[str, str], rounds: int, kin
     return figures
 
 
+def rss_mib(pid: int) -> float | None:
+    """Return the resident memory of process `pid` in MiB (None where /proc cannot tell)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def setup_portal(db_url: str, engine_url: str) -> str:
     """Create a tenant, a key and an L0 entry `tiny` on the engine in `db_url`; return the key."""
     from matrixstack.matrix.tenants import create_tenant
@@ -205,12 +217,15 @@ def run(rounds: int, kinds: list[str]) -> dict:
             start_server(engine, "/health", ENGINE_START_S)
             key = setup_portal(db_url, engine.base_url)
             start_server(portal, "/health", 60)
+            servers = (engine, portal)
+            rss_before = {server.name: rss_mib(server.process.pid) for server in servers}
             paths = {
                 "engine": measure_path(f"{engine.base_url}/chat/completions", "tiny-moe", {}, rounds, kinds),
                 "portal": measure_path(
                     f"{portal.base_url}/chat/completions", "tiny", {"Authorization": f"Bearer {key}"}, rounds, kinds
                 ),
             }
+            rss = {s.name: {"start": rss_before[s.name], "end": rss_mib(s.process.pid)} for s in servers}
         finally:
             stop_server(portal)
             stop_server(engine)
@@ -222,6 +237,7 @@ def run(rounds: int, kinds: list[str]) -> dict:
         "small_request": "chat, 2 tokens",
         "target": "ratio <= 1.10 beside body_20mib and prompt_3mib",
         "paths": paths,
+        "rss_mib": rss,
     }
 
 
@@ -249,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, figures in report["paths"].items():
             for name, values in figures.items():
                 print(f"{path:7s} {name:20s} {values}")
+        print(f"rss_mib {report['rss_mib']}")
     return 0
 
 
