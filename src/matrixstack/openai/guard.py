@@ -27,6 +27,7 @@ from matrixstack.openai.errors import OpenAIError
 MIB = 1024 * 1024
 DEFAULT_MAX_BODY_MIB = 4.0
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+JSON_FIX = "send a JSON object with 'Content-Type: application/json'"
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -52,13 +53,8 @@ def body_too_large(limit_bytes: int) -> OpenAIError:
 
 def not_json(content_type: str) -> OpenAIError:
     """Return the 400 of a body declared with the non-JSON content type `content_type`."""
-    shown = content_type[:60]
-    return OpenAIError(
-        400,
-        f"the request body is declared as {shown!r}, not JSON; send a JSON object with "
-        "'Content-Type: application/json'",
-        code="invalid_content_type",
-    )
+    message = f"the request body is declared as {content_type[:60]!r}, not JSON; {JSON_FIX}"
+    return OpenAIError(400, message, code="invalid_content_type")
 
 
 def is_json(content_type: str) -> bool:
