@@ -75,6 +75,10 @@ def test_a_body_over_the_limit_is_413_with_or_without_content_length(portal):
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
     admin = httpx.post(f"{portal.url}/admin/tenants", content=big, headers={"content-type": "application/json"})
     assert admin.status_code == 413  # every route, not only the completions
+    client = openai.OpenAI(base_url=portal.base_url, api_key=portal.key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as err:  # the official client reads the 413 of a closed connection
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * (5 * MIB)}])
+    assert err.value.status_code == 413 and err.value.code == "request_too_large"
 
 
 def test_lax_types_and_a_non_json_body_are_400(portal):
