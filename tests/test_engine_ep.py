@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -24,14 +25,16 @@ from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.ep import ExpertParallelRunner, WorkerError
 from matrixstack.engine.ep_launch import TcpLauncher, connect_rank
 from matrixstack.engine.ep_worker import ExpertPlacement
-from matrixstack.engine.llm_engine import LLMEngine
+from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.scheduler import Scheduler
 from matrixstack.engine.sequence import Sequence
+from matrixstack.engine.server import create_app
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights, save_weights
 from matrixstack.errors import UserError
+from matrixstack.openai.server import ServerThread
 
 LOGITS_ATOL = 1e-4
 LIVENESS_S = 60.0  # a bound on waiting for something that must happen, so a broken build fails instead of hanging
@@ -278,6 +281,38 @@ def test_killed_worker_fails_fast_and_the_deployment_recovers(tiny_weights, tiny
         assert done.token_ids == want[2] and ep.restarts == 2
         pids = ep.worker_pids
     assert wait_until_gone(pids) == []
+
+
+def read_stream_id(lines) -> str:
+    """Return the response id of an SSE stream, reading its lines up to the first chunk."""
+    for line in lines:
+        if line.startswith("data: {"):
+            return json.loads(line.removeprefix("data: "))["id"]
+    raise AssertionError("the stream ended before its first chunk")
+
+
+def test_streams_cut_by_a_dead_worker_end_with_done_and_name_only_their_own_request(tiny_weights, tokenizer):
+    """Two streams on an expert-parallel engine; a worker is killed: each stream gets an error event that names no
+    other request, then `data: [DONE]`."""
+    body = {"model": "tiny-moe", "prompt": "Go on", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with ExpertParallelRunner("tiny-moe", tiny_weights, CONFIG, workers=2, **EP_KWARGS) as ep:
+        engine = AsyncEngine(LLMEngine(ep, tokenizer, CONFIG))
+        try:
+            with ServerThread(create_app(engine, "tiny-moe")) as server, httpx.Client(timeout=LIVENESS_S) as http:
+                url = f"{server.url}/v1/completions"
+                with http.stream("POST", url, json=body) as a, http.stream("POST", url, json=body) as b:
+                    lines = [a.iter_lines(), b.iter_lines()]
+                    streams = {read_stream_id(it): it for it in lines}
+                    os.kill(ep.worker_pids[1], signal.SIGKILL)
+                    events = {rid: [e for e in it if e] for rid, it in streams.items()}
+        finally:
+            engine.close()
+    for rid, lines in events.items():
+        other = next(r for r in events if r != rid)
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        error = json.loads(lines[-2].removeprefix("data: "))["error"]
+        assert "died" in error["message"] and other not in error["message"], error
+        assert other.removeprefix("cmpl-") not in error["message"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ the next step fail (a worker that died) and can count the steps run (cancellatio
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -372,3 +373,103 @@ def test_engine_serve_missing_weights_and_taken_port_exit_2(cli, tmp_path):
         port = taken.getsockname()[1]
         result = cli("engine", "serve", "tiny-moe", "--port", str(port), "--random-weights")
     assert result.exit_code == 2 and f"127.0.0.1:{port}" in result.output
+
+
+# ---- hardening (issue 15): body limit, strict types, prompt length, tokenising off the loop --------------------
+
+MIB = 1024 * 1024
+
+
+def test_a_body_over_the_limit_is_413_whether_its_length_is_announced_or_not(url):
+    big = b'{"model": "tiny-moe", "prompt": "' + b"x" * (5 * MIB) + b'"}'
+    announced = httpx.post(f"{url}/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert announced.status_code == 413
+    error = announced.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "request_too_large"
+    assert "4 MiB" in error["message"]
+
+    def pieces():  # no Content-Length: sent chunked, counted as it arrives
+        for start in range(0, len(big), MIB):
+            yield big[start : start + MIB]
+
+    chunked = httpx.post(f"{url}/v1/chat/completions", content=pieces(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_tokens", "4"), ("stream", "yes"), ("temperature", "0.5"), ("seed", 1.5), ("ignore_eos", 1)],
+)
+def test_lax_types_are_refused_as_openai_refuses_them(url, field, value):
+    body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 2, field: value}
+    answer = httpx.post(f"{url}/v1/completions", json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == field
+
+
+def test_a_body_that_is_not_declared_json_is_400_naming_the_content_type(url):
+    body = json.dumps({"model": MODEL_ID, "prompt": "x", "max_tokens": 2})
+    answer = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "text/plain"})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and "application/json" in error["message"]
+    charset = httpx.post(
+        f"{url}/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert charset.status_code == 200
+
+
+@pytest.fixture
+def encodes(deployment, monkeypatch):
+    """Record the length of every text the server's tokenizer encodes (the real tokenizer does the work)."""
+    tokenizer = deployment[1].engine.tokenizer
+    seen: list[int] = []
+    real = tokenizer.encode
+
+    def encode(text, *args, **kwargs):
+        seen.append(len(text))
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    return seen
+
+
+def test_a_prompt_that_cannot_fit_is_refused_without_tokenising(client, encodes):
+    prompt = "word " * (MIB // 5)  # 1 MiB of text: far more than MAX_MODEL_LEN tokens, however long a token is
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4)
+    assert err.value.code == "context_length_exceeded" and f"max_model_len={MAX_MODEL_LEN}" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": prompt}])
+    assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_ID, prompt=[7] * (MAX_MODEL_LEN + 1), max_tokens=4)
+    assert err.value.code == "context_length_exceeded"
+    assert encodes == []  # none of the three reached the tokenizer
+
+
+def test_a_prompt_being_tokenised_does_not_stall_another_request(client, deployment, monkeypatch):
+    """The large request's tokenising is held (a tokenizer that waits on an event for long texts): the small request
+    must be served meanwhile, so tokenising cannot be on the event loop or the engine's step loop."""
+    tokenizer = deployment[1].engine.tokenizer
+    real, held, release = tokenizer.encode, threading.Event(), threading.Event()
+
+    def encode(text, *args, **kwargs):
+        if len(text) > 400:
+            held.set()
+            release.wait(DRAIN_TIMEOUT_S)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    quick = openai.OpenAI(base_url=client.base_url, api_key="unused", max_retries=0, timeout=DRAIN_TIMEOUT_S / 2)
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(client.completions.create, model=MODEL_ID, prompt="long " * 100, max_tokens=2)
+        try:
+            assert held.wait(DRAIN_TIMEOUT_S), "the large prompt never reached the tokenizer"
+            small = quick.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2, extra_body=NO_EOS)
+            assert small.usage.completion_tokens == 2
+            assert not large.done()  # the small one finished while the large one was still being tokenised
+        finally:
+            release.set()
+        assert large.result().usage.prompt_tokens > 100

@@ -44,6 +44,9 @@ def serve(
         False, "--random-weights", help="seeded random weights instead of loading them (smoke tests, benchmarks)"
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+    max_body_mib: float = typer.Option(
+        _DEFAULTS["max_body_mib"], "--max-body-mib", min=0.001, help="largest request body in MiB (413 above)"
+    ),
 ) -> None:
     """Serve ARCH over an OpenAI-compatible API on HOST:PORT until Ctrl-C."""
     launch = EngineLaunch(
@@ -62,6 +65,7 @@ def serve(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         log_level=log_level,
+        max_body_mib=max_body_mib,
     )
     serve_engine(launch, console)
 

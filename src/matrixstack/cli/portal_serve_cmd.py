@@ -10,6 +10,7 @@ import typer
 
 from matrixstack.cli.common import err_console, user_errors_exit_2
 from matrixstack.cli.matrix_cmd import DbOption
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB
 
 portal_app = typer.Typer(
     help="The unified portal: the OpenAI-compatible API over the catalog, the admin API, metrics and the dashboard.",
@@ -38,6 +39,9 @@ def serve(
         help="the token /metrics asks for as 'Authorization: Bearer TOKEN' (Prometheus: authorization.credentials); "
         "without one, /metrics names no private entry except to an admin key",
     ),
+    max_body_mib: float = typer.Option(
+        DEFAULT_MAX_BODY_MIB, "--max-body-mib", min=0.001, help="largest request body in MiB (413 above)"
+    ),
 ) -> None:
     """Serve the portal on HOST:PORT until Ctrl-C."""
     from matrixstack.openai.server import bind_socket
@@ -46,7 +50,7 @@ def serve(
 
     sock = bind_socket(host, port)  # a taken port fails fast
     try:
-        app = create_portal_app(db, log_json=not text_logs, metrics_token=metrics_token)
+        app = create_portal_app(db, log_json=not text_logs, metrics_token=metrics_token, max_body_mib=max_body_mib)
     except BaseException:
         sock.close()
         raise

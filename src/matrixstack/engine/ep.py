@@ -93,13 +93,15 @@ class WorkerError(RuntimeError):
     """A worker of an expert-parallel deployment died, failed or stopped answering; its step's requests failed.
 
     `request_ids` lists the requests that were in flight on the deployment (their KV caches are lost);
-    `details` holds a worker's traceback when it reported one.
+    `details` holds a worker's traceback when it reported one; `cause` is what happened without the request ids,
+    what each failed request is told.
     """
 
-    def __init__(self, message: str, request_ids: Iterable[str] = (), details: str = ""):
+    def __init__(self, message: str, request_ids: Iterable[str] = (), details: str = "", cause: str = ""):
         super().__init__(message)
         self.request_ids = list(request_ids)
         self.details = details
+        self.cause = cause or message
 
 
 def _free_port(host: str) -> int:
@@ -361,6 +363,7 @@ class ExpertParallelRunner:
             raise WorkerError(
                 f"requests {', '.join(lost)} expect KV caches that were lost with failed workers; abort them",
                 lost,
+                cause="its KV cache was lost with failed workers",
             )
         batches = [WorkerBatch(finished_request_ids=self._finished.pop(r, [])) for r in range(self.workers)]
         load = [0] * self.workers
@@ -471,4 +474,5 @@ class ExpertParallelRunner:
         if starting:
             return WorkerError(f"the expert-parallel deployment could not start: {cause}", details=details)
         in_flight = f"its in-flight requests failed ({', '.join(lost)})" if lost else "no request was in flight"
-        return WorkerError(f"{cause}; {in_flight}; the next step restarts the workers", lost, details)
+        restart = "the next step restarts the workers"
+        return WorkerError(f"{cause}; {in_flight}; {restart}", lost, details, f"{cause}; {restart}")

@@ -25,6 +25,7 @@ from pydantic import Field
 from rich.console import Console
 
 from matrixstack.errors import UserError
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB
 from matrixstack.specio import Strict, format_validation_error
 
 ENTRY_MODULE = "matrixstack.engine.launch"  # run with `python -m`
@@ -48,6 +49,7 @@ class EngineLaunch(Strict):
     max_num_seqs: int = Field(64, description="integer sequences per step")
     max_num_batched_tokens: int = Field(2048, description="integer tokens per step (chunked prefill)")
     log_level: str = Field("info", description="uvicorn log level")
+    max_body_mib: float = Field(DEFAULT_MAX_BODY_MIB, gt=0, description="largest request body in MiB (413 above)")
     cpus: list[int] | None = Field(None, description="CPU core ids the process may run on; null: any")
 
 
@@ -92,7 +94,13 @@ def serve_engine(launch: EngineLaunch, console: Console) -> None:
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends serving; the deployment still closes
-            serve_socket(deployment.engine, deployment.model_id, sock, log_level=launch.log_level)
+            serve_socket(
+                deployment.engine,
+                deployment.model_id,
+                sock,
+                log_level=launch.log_level,
+                max_body_mib=launch.max_body_mib,
+            )
     finally:
         deployment.close()
         sock.close()

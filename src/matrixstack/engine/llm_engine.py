@@ -3,7 +3,9 @@
 `LLMEngine` is synchronous and single-threaded, like nano-vllm's: `add_request`, `step`, `abort`, `generate`.
 `AsyncEngine` runs an `LLMEngine` on a background thread for a server: each request gets an asyncio queue of
 `Delta`s; new requests and aborts (the client went away) are handed to the engine thread, which takes them in
-before its next step (an abort frees the request's KV blocks there).
+before its next step (an abort frees the request's KV blocks there). A text prompt is tokenised on a worker thread
+before it is handed in, never on the engine thread. A step that fails fails every request in flight, each with
+an error that says what happened without naming the others (a `WorkerError`'s `cause`).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class AsyncEngine:
             try:
                 deltas = self.engine.step()
             except Exception as exc:  # a failed step fails its requests, never hangs them
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+                self._fail_all(getattr(exc, "cause", None) or f"{type(exc).__name__}: {exc}")
                 continue
             for delta in deltas:
                 self._publish(delta)
@@ -224,6 +226,7 @@ class AsyncEngine:
             self._queues.pop(delta.request_id, None)
 
     def _fail_all(self, message: str) -> None:
+        """Fail every live request with `message`, which must concern each of them alike (no request ids)."""
         live = list(self._queues)
         for request_id in live:
             self.engine.abort(request_id)
@@ -237,6 +240,8 @@ class AsyncEngine:
         its UserError there (`LLMEngine.add_request`), a reused `request_id` a ValueError."""
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        if isinstance(prompt, str):
+            prompt = await asyncio.to_thread(self.engine.tokenizer.encode, prompt, True)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         add = _Add(prompt, params, request_id)

@@ -6,14 +6,20 @@ Routes:
 - `GET /v1/models`, `GET /v1/models/{model}`: the deployment's one model id;
 - `POST /v1/completions`: one prompt (text or token ids), one choice, streamed (SSE) or not;
 - `POST /v1/chat/completions`: messages through the tokenizer's chat template, streamed or not;
-- `GET /openapi.json`, `GET /docs`: the schema (FastAPI's).
+- `GET /openapi.json`, `GET /docs`: the schema (FastAPI's), and a page listing it (`openai.docs`: no CDN).
 
 Responses, stream chunks (`data: {...}\\n\\n`, then `data: [DONE]`) and `stream_options.include_usage` follow
 OpenAI exactly (`openai.endpoints`). Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
-400 for an invalid request (FastAPI's 422 validation errors included, and a prompt that cannot fit, code
-`context_length_exceeded`), 404 for an unknown model (code `model_not_found`) or route, 500 when the engine
-fails the request (a worker died). A stream that fails after it started sends one `data: {"error": ...}` event
-and closes.
+400 for an invalid request (FastAPI's 422 validation errors included; types as strict as OpenAI's; a body not
+declared JSON; a prompt that cannot fit, code `context_length_exceeded`), 413 `request_too_large` for a body
+over `max_body_mib` (`openai.guard`, default 4 MiB), 404 for an unknown model (code `model_not_found`) or route,
+500 when the engine fails the request (a worker died). A stream that fails after it started sends one
+`data: {"error": ...}` event saying what happened to this request (never naming others), then `data: [DONE]`.
+
+One request never stalls another: a prompt's length is checked before it is tokenised (its characters against
+`max_model_len` times the most characters a token spans: a prompt that cannot fit is refused without
+tokenising), and tokenising runs on a worker thread with the GIL released (`Tokenizer.encode`), never on the
+event loop or the engine's step loop.
 
 Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
 streamed or not: the request's one watcher of its client (`openai.disconnect`) ends the wait or the stream, which
@@ -30,7 +36,9 @@ without importing torch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -44,6 +52,7 @@ from fastapi.responses import JSONResponse, Response
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
+from matrixstack.engine.block_manager import check_request_fits
 from matrixstack.engine.config import TOP_K_OFF, EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
 from matrixstack.engine.model import MoETransformer
@@ -52,8 +61,10 @@ from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights
 from matrixstack.errors import UserError
 from matrixstack.openai.disconnect import until_disconnect
+from matrixstack.openai.docs import install_docs
 from matrixstack.openai.endpoints import CHAT, COMPLETION, Endpoint
 from matrixstack.openai.errors import OpenAIError, install_openai_error_handlers, validation_error
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB, RequestGuard, max_body_bytes
 from matrixstack.openai.server import uvicorn_server
 from matrixstack.openai.sse import SSE_DONE, EventStream, sse_event
 from matrixstack.openai.types import ChatCompletionRequest, CompletionRequest, SamplingFields, model_card, now_s, usage
@@ -67,6 +78,7 @@ class OpenAIServer:
         self.model_id = model_id
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
+        self.max_token_chars = self.tokenizer.max_token_chars
         self.created = now_s()
 
     def check_model(self, model: str) -> None:
@@ -109,11 +121,33 @@ class OpenAIServing:
         """Return the token ids of the request's prompt; a 400 naming the prompt's field when it has none."""
         raise NotImplementedError
 
+    def prompt_size(self, body: Any) -> tuple[int, int]:
+        """Return (characters, token ids) of the request's prompt as sent: text counts as characters, token ids
+        as ids."""
+        raise NotImplementedError
+
+    def check_prompt_fits(self, body: SamplingFields) -> None:
+        """Raise a 400 `context_length_exceeded` when the prompt cannot fit the context whatever its tokens: at
+        least one token per `max_token_chars` characters, before anything is tokenised."""
+        chars, ids = self.prompt_size(body)
+        max_model_len = self.server.max_model_len
+        least = ids + math.ceil(chars / self.server.max_token_chars)
+        if least >= max_model_len:
+            size = f"{chars} characters, at least {least} tokens," if chars else f"{ids} tokens"
+            raise OpenAIError(
+                400,
+                f"the prompt is {size} but this model's context is max_model_len={max_model_len} tokens for prompt "
+                f"and output together; shorten the prompt",
+                self.endpoint.prompt_param,
+                "context_length_exceeded",
+            )
+
     async def handle(self, body: SamplingFields, request: Request) -> Response:
         """Return the response to the request `body` (validated by the route's body model), streamed or whole."""
         self.server.check_model(body.model)
         params = self.sampling_params(body)
-        prompt_ids = self.prompt_ids(body)
+        self.check_prompt_fits(body)
+        prompt_ids = await asyncio.to_thread(self.prompt_ids, body)  # never on the event loop
         request_id, created = f"{self.endpoint.id_prefix}-{uuid.uuid4().hex}", now_s()
         first, deltas = await self.start(request, prompt_ids, params, request_id)
         if body.stream:
@@ -155,6 +189,8 @@ class OpenAIServing:
         """
         deltas = self.server.engine.stream(prompt_ids, params, request_id)
         try:
+            # here, not on the engine's step loop, which would first check every id of a prompt that cannot fit
+            check_request_fits(len(prompt_ids), params.max_tokens, self.server.max_model_len)
             first = await until_disconnect(request, deltas.__anext__())
         except UserError as exc:
             too_long = len(prompt_ids) + (params.max_tokens or 1) > self.server.max_model_len
@@ -211,7 +247,7 @@ class OpenAIServing:
                 while True:
                     if delta.error or delta.finish_reason == "error":
                         failed = OpenAIError(500, f"the engine failed this request: {delta.error or 'unknown'}")
-                        yield sse_event(failed.body())
+                        yield sse_event(failed.body()) + SSE_DONE
                         return
                     if delta.text:
                         yield sse_event(endpoint.chunk(request_id, model, created, delta.text, None, include_usage))
@@ -253,6 +289,10 @@ class ChatServing(OpenAIServing):
             raise OpenAIError(400, str(exc), "messages") from None
         return tokenizer.encode(prompt)  # the template starts with <|bos|> itself
 
+    def prompt_size(self, body: ChatCompletionRequest) -> tuple[int, int]:
+        """Return (characters of the messages' contents, 0)."""
+        return sum(len(m.text()) for m in body.messages), 0
+
 
 class CompletionServing(OpenAIServing):
     """`POST /v1/completions`: the prompt as text (encoded after <|bos|>) or as token ids."""
@@ -264,17 +304,27 @@ class CompletionServing(OpenAIServing):
         prompt = body.single_prompt()
         return self.server.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt or [])
 
+    def prompt_size(self, body: CompletionRequest) -> tuple[int, int]:
+        """Return (characters, 0) of a text prompt, (0, ids) of a token-id prompt."""
+        prompt = body.single_prompt()
+        return (len(prompt), 0) if isinstance(prompt, str) else (0, len(prompt or []))
 
-def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
-    """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`."""
+
+def create_app(engine: AsyncEngine, model_id: str, max_body_mib: float = DEFAULT_MAX_BODY_MIB) -> FastAPI:
+    """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`, refusing request
+    bodies over `max_body_mib` MiB."""
     server = OpenAIServer(engine, model_id)
     chat, completion = ChatServing(server), CompletionServing(server)
     app = FastAPI(
         title="MatrixStack engine",
         description=f"OpenAI-compatible API of one MatrixStack engine deployment serving `{model_id}`.",
         version="1",
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: `install_docs` serves one without
+        redoc_url=None,
     )
     app.state.server = server
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes(max_body_mib))
+    install_docs(app)
 
     install_openai_error_handlers(app)
 
@@ -309,9 +359,15 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
     return app
 
 
-def serve_socket(engine: AsyncEngine, model_id: str, sock: socket.socket, log_level: str = "info") -> None:
+def serve_socket(
+    engine: AsyncEngine,
+    model_id: str,
+    sock: socket.socket,
+    log_level: str = "info",
+    max_body_mib: float = DEFAULT_MAX_BODY_MIB,
+) -> None:
     """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    uvicorn_server(create_app(engine, model_id), log_level).run(sockets=[sock])
+    uvicorn_server(create_app(engine, model_id, max_body_mib), log_level).run(sockets=[sock])
 
 
 # ---- one deployment: model + runner + engine, as `matrixstack engine serve` builds it ----------------------------

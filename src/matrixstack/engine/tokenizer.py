@@ -10,11 +10,17 @@ assistant become
 
 the last `<|assistant|>\\n` only when `add_generation_prompt`; a reply ends at `<|eos|>`. `CHAT_TEMPLATE` is the
 same template in Jinja, as Hugging Face's tokenizer_config.json carries it (transformers and vLLM render it).
+
+`encode` releases the GIL while it works (the `tokenizers` batch call does; the single one does not), so a long
+prompt tokenised on a worker thread does not stop the event loop or the engine's step loop. `max_token_chars` is
+the most characters one token decodes to: a text of C characters has at least C / max_token_chars tokens, which
+lets a server refuse a prompt that cannot fit without tokenising it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -56,8 +62,15 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Return the token ids of `text` (special-token strings in it become their ids), after `<|bos|>` if
         `add_bos`."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids  # the batch call releases the GIL
         return [self.bos_id, *ids] if add_bos else ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Return the most characters one token of the vocabulary decodes to (special tokens included; a token
+        that ends inside a UTF-8 character counts as one)."""
+        ids = [[i] for i in range(self.vocab_size)]
+        return max(len(text) for text in self.backend.decode_batch(ids, skip_special_tokens=False))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Return the text of `ids`, without special tokens unless `skip_special_tokens` is False."""

@@ -7,7 +7,9 @@ MatrixStack above `matrixstack.errors`.
 - `errors`: OpenAI's error format, `OpenAIError`, `UpstreamError`, the app's error handlers;
 - `sse`: server-sent events written (`sse_event`, `EventStream`) and read (`EventBlocks`);
 - `disconnect`: a request's client going away (`until_disconnect`);
-- `server`: a socket, uvicorn, a server thread;
+- `server`: a socket, uvicorn (with a header-read timeout), a server thread;
+- `guard`: what a server checks before any route: the body's size (413) and content type (400);
+- `docs`: `GET /docs`, the routes as a page that loads nothing from elsewhere;
 - `transport`, `keepalive_client`, `httpx_client`, `client`: calling an upstream (`upstream_client(url)` gives an
   `Upstream`).
 """

@@ -2,7 +2,9 @@
 responses.
 
 Requests: `CompletionRequest` (`POST /v1/completions`) and `ChatCompletionRequest` (`POST /v1/chat/completions`).
-They accept OpenAI's field names and types. A field OpenAI defines that this engine cannot honour (tools, logprobs,
+They accept OpenAI's field names and types, as strictly as OpenAI does: no coercion (`"max_tokens": "4"`,
+`"stream": "yes"`, `"temperature": "0.5"` are refused with a 400 naming the field; an integer is a number). A
+field OpenAI defines that this engine cannot honour (tools, logprobs,
 n > 1, penalties, ...) is refused with a 400 naming it (`unsupported_fields`), never silently ignored; a field
 OpenAI does not define is refused as OpenAI refuses it ("Unrecognized request argument supplied"). Extensions,
 as vLLM names them: `top_k`, `stop_token_ids`, `ignore_eos`.
@@ -21,12 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 OPENAI_MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**64 - 1  # seeds are 64-bit unsigned (what torch.Generator.manual_seed takes)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "until the context"
+STRICT = ConfigDict(extra="forbid", strict=True)  # unknown fields refused, no type coercion (OpenAI's rules)
 
 
 class StreamOptions(BaseModel):
     """`stream_options`: `include_usage` adds a last chunk with empty choices and the request's usage."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's extension; accepted, usage is sent once at the end
@@ -35,7 +38,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields both endpoints share: sampling, stopping, streaming, and OpenAI fields accepted but unused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(description="the deployment's model id (GET /v1/models)")
     temperature: float | None = Field(None, ge=0.0, le=OPENAI_MAX_TEMPERATURE, description="0 is greedy")
@@ -123,7 +126,7 @@ class CompletionRequest(SamplingFields):
 class TextPart(BaseModel):
     """A text part of a chat message's content list."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str
@@ -132,7 +135,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One chat message. `developer` is treated as `system`; content may be a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None

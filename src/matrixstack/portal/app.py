@@ -7,8 +7,13 @@
   (portal/gateway.py), streamed (SSE) or not, usage in every response, `model` = the catalog entry;
 - `/admin/...`: the admin API (portal/admin_api.py), for admin keys;
 - `GET /metrics` (Prometheus: with the scrape token or an admin key every series; without a token configured,
-  anyone, private entries' names summed away: portal/scrape.py), `GET /health`, `GET /openapi.json`, `GET /docs`;
+  anyone, private entries' names summed away: portal/scrape.py), `GET /health`, `GET /openapi.json`, `GET /docs`
+  (`openai.docs`: a page that loads nothing from a CDN);
 - `GET /dashboard` and `/dashboard/state` (portal/dashboard.py).
+
+Before any route, every request passes `openai.guard.RequestGuard`: a body over `max_body_mib` (default 4 MiB) is a
+413 `request_too_large`, read no further; a body declared with a non-JSON content type a 400. Every response
+carries `portal.headers`' anti-framing and no-sniff headers.
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 401 `invalid_api_key` without a valid
 key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model_not_found`, 429
@@ -40,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
+from matrixstack.openai.docs import install_docs
 from matrixstack.openai.endpoints import CHAT, COMPLETION, ENDPOINTS, Endpoint
 from matrixstack.openai.errors import (
     ClientGone,
@@ -49,10 +55,12 @@ from matrixstack.openai.errors import (
     install_openai_error_handlers,
     validation_error,
 )
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB, RequestGuard, max_body_bytes
 from matrixstack.portal.admin_api import admin_router
 from matrixstack.portal.dashboard import dashboard_router, dashboard_state
 from matrixstack.portal.encoding import JsonResponse
 from matrixstack.portal.gateway import DEFAULT_CACHE_TTL_S, Gateway, openai_error
+from matrixstack.portal.headers import secure_send
 from matrixstack.portal.key_service import KeyInfo
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
@@ -157,8 +165,13 @@ class PortalApp(FastAPI):
     """
 
     gateway: Gateway
+    guard: RequestGuard  # over `serve`
 
     async def __call__(self, scope, receive, send) -> None:
+        """Serve one ASGI connection: its body checked by the guard, the security headers on its response."""
+        await self.guard(scope, receive, secure_send(send) if scope["type"] == "http" else send)
+
+    async def serve(self, scope, receive, send) -> None:
         """Serve one ASGI connection: a hot route here, anything else through FastAPI."""
         if scope["type"] == "http" and scope["method"] == "POST":
             route = HOT_ROUTES.get(scope["path"])
@@ -206,12 +219,14 @@ def create_portal_app(
     cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
     usage_interval_s: float = INTERVAL_S,
     metrics_token: str | None = None,
+    max_body_mib: float = DEFAULT_MAX_BODY_MIB,
 ) -> FastAPI:
     """Return the portal's FastAPI app on the database at `db_url` (None: the default SQLite file).
 
     `log_json` writes each request's log line as one JSON object (else `key=value` pairs); `cache_ttl_s` is how
     long keys and resolved entries are cached; `usage_interval_s` how often the usage writer writes a batch;
     `metrics_token` the token /metrics asks for (default $MATRIXSTACK_METRICS_TOKEN; none: see portal/scrape.py).
+    `max_body_mib` the largest request body taken (413 above).
     """
     db = open_portal_database(db_url)
     metrics = PortalMetrics(lambda: db.read(pool_utilisation))
@@ -240,9 +255,13 @@ def create_portal_app(
         # FastAPI's built-in OpenTelemetry hooks cost ~0.1 ms per request even unconfigured; the portal has its
         # own metrics (/metrics) and request log.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: `install_docs` serves one without
+        redoc_url=None,
     )
     app.state.portal = portal
     app.gateway = gateway
+    app.guard = RequestGuard(app.serve, max_body_bytes(max_body_mib))
+    install_docs(app)
     _install_error_handlers(app, gateway)
 
     async def caller(

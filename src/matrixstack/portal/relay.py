@@ -10,8 +10,8 @@ chunk, or even splitting a block into its events, cost more than the rest of the
 piece: a stream whose backend is faster than the client costs one write per read rather than one per token
 (writes are the dearest part of a relay), and the chunks of a block have all arrived, so none waits for
 another. The relay reads the next block only when the last one was written, which is the backpressure. A backend
-error in the middle of the stream becomes one `data: {"error": ...}` event, then the stream ends (the HTTP status
-was sent already).
+error in the middle of the stream becomes one `data: {"error": ...}` event, then `data: [DONE]` (the HTTP status
+was sent already): every stream ends with `[DONE]`.
 
 `close()` (the response's on_close: after the last write, or when the client went away) closes the backend stream
 (which aborts the backend request when it was not finished) and meters the request once: tokens from the
@@ -128,11 +128,12 @@ class StreamRelay:
                 yield self._encode(block)
         except UpstreamError as exc:
             m.status, m.error = exc.status_code, exc.message
-            yield sse_event(exc.body).encode()
+            yield (sse_event(exc.body) + SSE_DONE).encode()
             return
-        except Exception as exc:  # a backend that breaks mid-stream: tell the client in the stream, then close
+        except Exception as exc:  # a backend that breaks mid-stream: tell the client in the stream, then end it
             m.status, m.error = 500, f"{type(exc).__name__}: {exc}"
-            yield sse_event(error_body(f"the backend failed this request: {m.error}", "server_error")).encode()
+            failed = error_body(f"the backend failed this request: {m.error}", "server_error")
+            yield (sse_event(failed) + SSE_DONE).encode()
             return
         last = loads(self._last) if self._last is not None else None
         tail = ""
