@@ -1,7 +1,8 @@
 """Nothing `matrixstack up` starts outlives it, and nothing it starts is an open door.
 
-`up` runs as a user runs it (a subprocess, the data directory in a tmp folder, `--port 0`) with a small shape: the
-embedded default's tiny-moe on one CPU core with one worker. Its engine refuses every /v1 call without the
+`up` runs as a user runs it (a subprocess, the data directory in a tmp folder, `--port 0`) with the embedded default
+shape: tiny-moe with two expert-parallel workers, whose engine's process group holds the engine, its forkserver and
+the workers. Its engine refuses every /v1 call without the
 deployment's secret (401 in OpenAI's format; /health stays open), while the portal, which holds the secret, serves
 through it. `kill -9` of `up` takes its engine with it (the parent-death signal), and a second `up` on the same data
 directory starts clean and serves. A leftover of an earlier run recorded in the data directory (a process that
@@ -14,34 +15,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import yaml
-from test_stack_up import UpRun, chat
+from test_stack_up import EP_WORKERS, UpRun, chat
 
 from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.leftovers import RunRecord, start_time, stop_leftovers
-from matrixstack.stack.supervise import group_alive
+from matrixstack.stack.supervise import group_alive, group_members
 
 pytestmark = pytest.mark.slow
 
-DEFAULT_SHAPE = Path(__file__).resolve().parents[1] / "src" / "matrixstack" / "stack" / "shapes" / "default.yaml"
 GONE_TIMEOUT_S = 60.0  # a failure guard for the engine to go after its `up`, never a timing assertion
 L0 = "tiny-moe"
-
-
-def small_shape(folder: Path) -> Path:
-    """Write the embedded default shape with its deployment on one core and one worker; return its path."""
-    shape = yaml.safe_load(DEFAULT_SHAPE.read_text())
-    (deployment,) = shape["deployments"]
-    deployment["slice"] = {"devices": 1}
-    deployment["pins"] = {"decode.ep": 1}
-    path = folder / "small.yaml"
-    path.write_text(yaml.safe_dump(shape))
-    return path
 
 
 def engine_url(run: UpRun) -> str:
@@ -64,10 +51,10 @@ def home(tmp_path, monkeypatch):
 
 
 def test_engine_needs_its_secret_and_dies_with_up_and_the_next_up_starts_clean(home):
-    shape = small_shape(home)
-    first = UpRun(home, 1, shape)
+    first = UpRun(home, 1)
     try:
         (engine,) = first.engine_pids
+        assert len(group_members(engine)) >= 2 + EP_WORKERS  # the engine, its forkserver and the EP workers
         url = engine_url(first)
         root = url.removesuffix("/v1")
         assert httpx.get(f"{root}/health").status_code == 200  # open: the site's own health check
@@ -86,7 +73,7 @@ def test_engine_needs_its_secret_and_dies_with_up_and_the_next_up_starts_clean(h
         assert wait_gone(engine), f"engine {engine} outlived its up"
     finally:
         first.interrupt()
-    second = UpRun(home, 2, shape)
+    second = UpRun(home, 2)
     try:
         assert not second.keys  # the same database: its keys were made by the first run
         assert chat(second.client(first.keys["default"]), L0).usage.completion_tokens > 0
