@@ -301,7 +301,10 @@ def create_portal_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/health", summary="Each deployment's status; 503 only when nothing can serve", tags=["ops"])
+    unavailable = {503: {"description": "unavailable: no deployment runs and no other backend can serve"}}
+
+    @app.get("/health", summary="Each deployment's status; 503 only when nothing can serve", tags=["ops"],
+             responses=unavailable)  # fmt: skip
     async def health() -> Response:
         status_code, body = await run_in_threadpool(db.read, health_report)
         return JsonResponse(body, status_code=status_code)
