@@ -1,25 +1,28 @@
-"""Nothing `matrixstack up` starts outlives it, and nothing it starts is an open door.
+"""Nothing `matrixstack up` starts outlives it, nothing it starts is an open door, and a dead engine comes back.
 
 `up` runs as a user runs it (a subprocess, the data directory in a tmp folder, `--port 0`) with the embedded default
 shape: tiny-moe with two expert-parallel workers, whose engine's process group holds the engine, its forkserver and
-the workers. Its engine refuses every /v1 call without the
-deployment's secret (401 in OpenAI's format; /health stays open), while the portal, which holds the secret, serves
-through it. `kill -9` of `up` takes its engine with it (the parent-death signal), and a second `up` on the same data
-directory starts clean and serves. A leftover of an earlier run recorded in the data directory (a process that
-survived its `up`) is stopped when the local site starts; a recorded pid that now belongs to another process (its
-start time differs) is left alone, and so are the engines of a run whose `up` is still alive."""
+the workers. Its engine refuses every /v1 call without the deployment's secret (401 in OpenAI's format; /health
+stays open), while the portal, which holds the secret, serves through it. `kill -9` of the engine's main process:
+`up` reaps it (no zombie), the portal answers 503 with Retry-After in OpenAI's format, and serves again once the
+engine is back. `kill -9` of `up` takes its engine with it (the parent-death signal), and a second `up` on the same
+data directory starts clean and serves. A leftover of an earlier run recorded in the data directory (a process
+that survived its `up`) is stopped when the local site starts; a recorded pid that now belongs to another process
+(its start time differs) is left alone, and so are the engines of a run whose `up` is still alive."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from test_stack_up import EP_WORKERS, UpRun, chat
+from test_stack_up import EP_WORKERS, UpRun, chat, processes
 
 from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.leftovers import RunRecord, start_time, stop_leftovers
@@ -41,6 +44,19 @@ def wait_gone(pgid: int) -> bool:
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not group_alive(pgid)
+
+
+def wait_back(run: UpRun, portal: openai.OpenAI) -> int:
+    """Return the pid of `run`'s engine once the portal serves through it again (503 until then)."""
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while True:
+        try:
+            chat(portal, L0)
+        except openai.InternalServerError as exc:
+            assert exc.status_code == 503 and time.monotonic() < deadline, exc
+            time.sleep(0.5)
+            continue
+        return next(pid for pid, (ppid, _, state) in processes().items() if ppid == run.process.pid and state != "Z")
 
 
 @pytest.fixture
@@ -67,7 +83,15 @@ def test_engine_needs_its_secret_and_dies_with_up_and_the_next_up_starts_clean(h
             chat(openai.OpenAI(base_url=url, api_key="sk-guess", max_retries=0), L0)
         direct = openai.OpenAI(base_url=url, api_key=engine_secret(L0), max_retries=0)
         assert chat(direct, L0).usage.completion_tokens > 0  # the secret, derived from the data key, opens it
-        assert chat(first.client(first.keys["default"]), L0).usage.completion_tokens > 0  # the portal holds it
+        portal = first.client(first.keys["default"])
+        assert chat(portal, L0).usage.completion_tokens > 0  # the portal holds it
+        os.kill(engine, signal.SIGKILL)  # the engine's main process dies; `up` reaps it (no zombie) and restarts it
+        assert wait_gone(engine) and not Path(f"/proc/{engine}").exists()
+        with pytest.raises(openai.InternalServerError) as down:
+            chat(portal, L0)
+        assert down.value.status_code == 503 and int(down.value.response.headers["retry-after"]) >= 1
+        assert down.value.code == "deployment_not_running"
+        engine = wait_back(first, portal)
         first.process.kill()  # kill -9 of `up`: no tear-down runs
         first.process.wait()
         assert wait_gone(engine), f"engine {engine} outlived its up"

@@ -11,7 +11,8 @@ it stopped. A record whose owner still runs belongs to a live site (another `up`
 is left alone, as is a recorded pid that now belongs to another process.
 
 Engines already die with the process that started them (`stack.supervise`: Linux's parent-death signal); the record
-covers what that cannot: a platform without it, and the processes an engine started in its group that outlive it.
+covers what that cannot: the processes an engine started in its group that outlive it (a vLLM engine core whose
+API server was killed), and an engine whose parent-death signal was lost (a setuid binary clears it).
 Start times are /proc's (clock ticks since boot); where there is no /proc nothing is recorded or stopped.
 """
 
