@@ -2,8 +2,9 @@
 answers /health as an engine does and starts in milliseconds, so the supervision is what is tested). Checked: a
 process that keeps failing to start is given up on after `max_failed_starts` (status `failed`, a line in its log
 that `matrixstack logs` shows, the reason from the process's own output), leaving no zombie; a process that stops
-answering /health (SIGSTOP: hung, not dead) is killed and started again; and a supervised process dies with the
-process that started it, even when the thread that started it has ended (a restart's thread)."""
+answering /health (SIGSTOP: hung, not dead) is killed and started again; and a supervised process, with what it
+started in its group, dies with the process that started it, even when the thread that started it has ended (a
+restart's thread)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 
 from matrixstack.stack.local_site import engine_log_path
 from matrixstack.stack.site import STATUS_FAILED, STATUS_RESTARTING, STATUS_RUNNING
-from matrixstack.stack.supervise import Backoff, SupervisedProcess, group_alive
+from matrixstack.stack.supervise import Backoff, SupervisedProcess, group_alive, group_members
 
 pytestmark = pytest.mark.slow
 
@@ -114,15 +115,17 @@ def test_a_hung_process_that_stops_answering_health_is_restarted(home):
         process.stop()
 
 
-def test_a_supervised_process_dies_with_its_parent(home, tmp_path):
+def test_a_supervised_process_and_its_group_die_with_its_parent(home, tmp_path):
     """A parent that spawns from a thread that then ends (as a restart does), then is killed with SIGKILL: its
-    supervised process is gone too, and was alive while the parent lived."""
+    supervised process is gone too, with the process that one started in its group (as vLLM's API server starts
+    its engine core, which does not die with the server), and all were alive while the parent lived."""
     program = textwrap.dedent(
         f"""
         import os, sys, threading, time
         from matrixstack.stack.supervise import SupervisedProcess
-        HEALTH_SERVER = {HEALTH_SERVER!r}
-        p = SupervisedProcess("orphan", lambda port: [sys.executable, "-c", HEALTH_SERVER, str(port)],
+        SERVER = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        SERVER += {HEALTH_SERVER!r}
+        p = SupervisedProcess("orphan", lambda port: [sys.executable, "-c", SERVER, str(port)],
                               dict(os.environ), __import__("pathlib").Path(sys.argv[1]))
         t = threading.Thread(target=p.spawn); t.start(); t.join()
         p.wait_ready(60)
@@ -136,7 +139,7 @@ def test_a_supervised_process_dies_with_its_parent(home, tmp_path):
     child = None
     try:
         child = int(parent.stdout.readline())
-        assert group_alive(child)  # the thread that started it has ended; the child lives on with its parent
+        assert len(group_members(child)) == 2  # the thread that started it has ended; both live with the parent
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + TOLD_TIMEOUT_S

@@ -11,7 +11,11 @@ for by its /health, probed while it runs, restarted with backoff when it exits o
   started it, even by SIGKILL: it runs `DIE_WITH_PARENT` first, which sets Linux's parent-death signal (SIGKILL)
   and then execs the command (the signal survives exec; the pid stays the same). The parent-death signal fires
   when the *thread* that forked the child ends, so every spawn, the restarts of the watch threads included, runs
-  on one thread that lives as long as this process (`_SPAWNER`).
+  on one thread that lives as long as this process (`_SPAWNER`). What the process starts in its group does not
+  inherit that signal (vLLM's engine core and workers outlive a killed API server), so every group is also told to
+  `_WATCHDOG`: one small process per supervising process, which reads the groups to watch from a pipe and, when
+  that pipe ends (the supervising process ended, however it ended), kills the groups still watched; a group is
+  forgotten once it is stopped.
 - `url` is its OpenAI base URL (http://HOST:PORT/v1); `ready()` says whether HOST:PORT/health answers 200, raising
   UserError (with the end of its log) when the process has exited. `wait_ready(timeout_s)` polls it. A site
   spawns all its engines first and waits for them together.
@@ -75,6 +79,20 @@ DIE_WITH_PARENT = (
     "        os._exit(1)\n"
     "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
+# the process that kills the groups it watches once its stdin ends (the process that started it is gone)
+GROUP_WATCHDOG = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "groups = set()\n"
+    "for line in sys.stdin:\n"
+    "    verb, pgid = line.split()\n"
+    "    (groups.add if verb == 'watch' else groups.discard)(int(pgid))\n"
+    "for pgid in groups:\n"
+    "    try:\n"
+    "        os.killpg(pgid, signal.SIGKILL)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
 # the one thread every supervised process is forked from: it lives as long as this process, so the parent-death
 # signal fires when the process dies, not when a watch thread ends
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervise-spawn")
@@ -92,6 +110,41 @@ class Backoff:
     def delay_s(self, failures: int) -> float:
         """Return the delay before the next start after `failures` starts in a row that did not stay up."""
         return min(self.max_s, self.first_s * 2**failures)
+
+
+class GroupWatchdog:
+    """This process's `GROUP_WATCHDOG` process, started on first use (again, told every watched group, when it
+    died)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: set[int] = set()
+        self._process: subprocess.Popen | None = None
+
+    def watch(self, pgid: int) -> None:
+        """Have process group `pgid` killed when this process ends before it is forgotten."""
+        self._tell("watch", pgid)
+
+    def forget(self, pgid: int) -> None:
+        """Stop watching process group `pgid` (it is stopped)."""
+        self._tell("forget", pgid)
+
+    def _tell(self, verb: str, pgid: int) -> None:
+        with self._lock:
+            (self._groups.add if verb == "watch" else self._groups.discard)(pgid)
+            if self._process is None or self._process.poll() is not None:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", GROUP_WATCHDOG], stdin=subprocess.PIPE, text=True, start_new_session=True
+                )
+                lines = [f"watch {group}\n" for group in self._groups]
+            else:
+                lines = [f"{verb} {pgid}\n"]
+            assert self._process.stdin is not None
+            self._process.stdin.write("".join(lines))
+            self._process.stdin.flush()
+
+
+_WATCHDOG = GroupWatchdog()
 
 
 def free_port(host: str) -> int:
@@ -204,6 +257,7 @@ class SupervisedProcess:
                 env=self.env,
                 start_new_session=True,
             ).result()
+        _WATCHDOG.watch(self.process.pid)
         if self.on_spawn is not None:
             self.on_spawn(self)
 
@@ -326,6 +380,7 @@ class SupervisedProcess:
         deadline = time.monotonic() + self.stop_timeout_s
         while group_alive(self.process.pid) and time.monotonic() < deadline:
             time.sleep(POLL_S / 4)
+        _WATCHDOG.forget(self.process.pid)
 
     def _note(self, what: str) -> None:
         """Append a line about the supervision to the process's log."""
@@ -373,3 +428,5 @@ def stop_all(processes: list[SupervisedProcess]) -> None:
     deadline = time.monotonic() + timeout_s  # SIGKILL is final; only a process stuck in the kernel waits
     while any(group_alive(p.pid) for p in running) and time.monotonic() < deadline:
         time.sleep(POLL_S / 4)
+    for process in running:
+        _WATCHDOG.forget(process.pid)
