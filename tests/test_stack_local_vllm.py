@@ -60,6 +60,8 @@ def test_local_site_serves_tiny_moe_on_vllm_bound_to_its_core(installed_vllm_ven
         (started,) = site.start([lane])
         assert started.url.startswith("http://127.0.0.1:") and started.url.endswith("/v1")
         assert httpx.get(started.url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+        refused = httpx.get(f"{started.url}/models", timeout=10)  # vLLM requires the secret (VLLM_API_KEY)
+        assert refused.status_code == 401, refused.text
         client = openai.OpenAI(base_url=started.url, api_key=engine_secret(started.name), max_retries=0)
         reply = client.chat.completions.create(
             model="tiny-vllm", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0

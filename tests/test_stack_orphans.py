@@ -12,6 +12,7 @@ that survived its `up`) is stopped when the local site starts; a recorded pid th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,9 +118,10 @@ def test_a_recorded_leftover_is_stopped_and_a_reused_pid_is_not(tmp_path):
     try:
         record = RunRecord(tmp_path)
         record.save({"a": leftover.pid, "b": stranger.pid}, owner=dead_up)
-        recorded = record.path.read_text()
-        # the stranger's pid was recorded for a process that started at another time (a pid reused since)
-        record.path.write_text(recorded.replace(f'"start": {start_time(stranger.pid)}', '"start": 1'))
+        recorded = json.loads(record.path.read_text())
+        (b,) = [e for e in recorded["engines"] if e["name"] == "b"]
+        b["start"] = start_time(stranger.pid) - 1  # recorded for a process that started earlier: a pid reused since
+        record.path.write_text(json.dumps(recorded))
         RunRecord(tmp_path).save({"c": live_engine.pid}, owner=live_up.pid)  # another `up`, still running
         assert stop_leftovers(tmp_path) == ["a"]
         assert leftover.wait(timeout=GONE_TIMEOUT_S) == -signal.SIGKILL

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
@@ -80,8 +81,11 @@ DIE_WITH_PARENT = (
     "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
 # the process that kills the groups it watches once its stdin ends (the process that started it is gone)
+# (it forks away at once, so that it is no child of that process: its engines are)
 GROUP_WATCHDOG = (
     "import os, signal, sys\n"
+    "if os.fork():\n"
+    "    os._exit(0)\n"
     "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
     "groups = set()\n"
     "for line in sys.stdin:\n"
@@ -113,13 +117,13 @@ class Backoff:
 
 
 class GroupWatchdog:
-    """This process's `GROUP_WATCHDOG` process, started on first use (again, told every watched group, when it
-    died)."""
+    """This process's `GROUP_WATCHDOG` process, started on first use (again, and told every watched group, when
+    it died)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: set[int] = set()
-        self._process: subprocess.Popen | None = None
+        self._pipe: TextIO | None = None  # the watchdog's stdin
 
     def watch(self, pgid: int) -> None:
         """Have process group `pgid` killed when this process ends before it is forgotten."""
@@ -132,16 +136,26 @@ class GroupWatchdog:
     def _tell(self, verb: str, pgid: int) -> None:
         with self._lock:
             (self._groups.add if verb == "watch" else self._groups.discard)(pgid)
-            if self._process is None or self._process.poll() is not None:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-c", GROUP_WATCHDOG], stdin=subprocess.PIPE, text=True, start_new_session=True
-                )
-                lines = [f"watch {group}\n" for group in self._groups]
-            else:
-                lines = [f"{verb} {pgid}\n"]
-            assert self._process.stdin is not None
-            self._process.stdin.write("".join(lines))
-            self._process.stdin.flush()
+            if self._pipe is not None:
+                try:
+                    self._pipe.write(f"{verb} {pgid}\n")
+                    self._pipe.flush()
+                    return
+                except (BrokenPipeError, ValueError):  # it died: start another
+                    pass
+            starter = subprocess.Popen(
+                [sys.executable, "-c", GROUP_WATCHDOG],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+            starter.wait()  # the watchdog forked away from it; the pipe is the watchdog's now
+            self._pipe = starter.stdin
+            assert self._pipe is not None
+            self._pipe.write("".join(f"watch {group}\n" for group in self._groups))
+            self._pipe.flush()
 
 
 _WATCHDOG = GroupWatchdog()
