@@ -20,6 +20,8 @@ from matrixstack.portal.spec import EntrySpec
 from matrixstack.portal.store import open_portal_database
 from matrixstack.stack.supervise import free_port
 
+pytestmark = pytest.mark.slow  # a portal on a uvicorn thread
+
 DEPLOYMENTS = ("up-one", "restarting-one", "failed-one", "dead-one")
 
 
