@@ -21,6 +21,10 @@ One request never stalls another: a prompt's length is checked before it is toke
 tokenising), and tokenising runs on a worker thread with the GIL released (`Tokenizer.encode`), never on the
 event loop or the engine's step loop.
 
+Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
+request sends `Authorization: Bearer SECRET`; /health, /openapi.json and /docs stay open. Without `api_key` (a
+`matrixstack engine serve` by hand) the engine asks for nothing.
+
 Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
 streamed or not: the request's one watcher of its client (`openai.disconnect`) ends the wait or the stream, which
 closes the engine stream.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import math
 import socket
 import uuid
@@ -46,7 +51,7 @@ from typing import Any
 
 import pydantic
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
@@ -310,9 +315,27 @@ class CompletionServing(OpenAIServing):
         return (len(prompt), 0) if isinstance(prompt, str) else (0, len(prompt or []))
 
 
-def create_app(engine: AsyncEngine, model_id: str, max_body_mib: float = DEFAULT_MAX_BODY_MIB) -> FastAPI:
+def secret_check(api_key: str | None):
+    """Return the dependency that refuses a /v1 request without `Authorization: Bearer <api_key>` (401
+    `invalid_api_key`); it lets everything through when `api_key` is None."""
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None or not request.url.path.startswith("/v1"):
+            return
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, expected):
+            raise OpenAIError(401, "this engine needs its deployment's secret: 'Authorization: Bearer ...'",
+                              code="invalid_api_key")  # fmt: skip
+
+    return check
+
+
+def create_app(
+    engine: AsyncEngine, model_id: str, max_body_mib: float = DEFAULT_MAX_BODY_MIB, api_key: str | None = None
+) -> FastAPI:
     """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`, refusing request
-    bodies over `max_body_mib` MiB."""
+    bodies over `max_body_mib` MiB, its /v1 routes requiring `api_key` when one is given."""
     server = OpenAIServer(engine, model_id)
     chat, completion = ChatServing(server), CompletionServing(server)
     app = FastAPI(
@@ -321,6 +344,7 @@ def create_app(engine: AsyncEngine, model_id: str, max_body_mib: float = DEFAULT
         version="1",
         docs_url=None,  # FastAPI's pages load their scripts from a CDN: `install_docs` serves one without
         redoc_url=None,
+        dependencies=[Depends(secret_check(api_key))],
     )
     app.state.server = server
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes(max_body_mib))
@@ -365,9 +389,11 @@ def serve_socket(
     sock: socket.socket,
     log_level: str = "info",
     max_body_mib: float = DEFAULT_MAX_BODY_MIB,
+    api_key: str | None = None,
 ) -> None:
-    """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    uvicorn_server(create_app(engine, model_id, max_body_mib), log_level).run(sockets=[sock])
+    """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground), its /v1 routes
+    requiring `api_key` when one is given."""
+    uvicorn_server(create_app(engine, model_id, max_body_mib, api_key), log_level).run(sockets=[sock])
 
 
 # ---- one deployment: model + runner + engine, as `matrixstack engine serve` builds it ----------------------------

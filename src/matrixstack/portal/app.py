@@ -7,8 +7,9 @@
   (portal/gateway.py), streamed (SSE) or not, usage in every response, `model` = the catalog entry;
 - `/admin/...`: the admin API (portal/admin_api.py), for admin keys;
 - `GET /metrics` (Prometheus: with the scrape token or an admin key every series; without a token configured,
-  anyone, private entries' names summed away: portal/scrape.py), `GET /health`, `GET /openapi.json`, `GET /docs`
-  (`openai.docs`: a page that loads nothing from a CDN);
+  anyone, private entries' names summed away: portal/scrape.py), `GET /health` (each deployment's status: 200
+  `ok` / `degraded`, 503 `unavailable` only when nothing can serve; portal/lane_health.py), `GET /openapi.json`,
+  `GET /docs` (`openai.docs`: a page that loads nothing from a CDN);
 - `GET /dashboard` and `/dashboard/state` (portal/dashboard.py).
 
 Before any route, every request passes `openai.guard.RequestGuard`: a body over `max_body_mib` (default 4 MiB) is a
@@ -17,7 +18,8 @@ carries `portal.headers`' anti-framing and no-sniff headers.
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 401 `invalid_api_key` without a valid
 key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model_not_found`, 429
-`rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 400 naming the param for an invalid body or a
+`rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 503 `deployment_not_running` (with
+`Retry-After` while it restarts), 400 naming the param for an invalid body or a
 user error; a backend's failure as the portal's own error (502 `upstream_error` / `upstream_auth_failed`, 503
 `upstream_busy`, ...: portal/upstream_errors.py), never the backend's body.
 
@@ -62,6 +64,7 @@ from matrixstack.portal.encoding import JsonResponse
 from matrixstack.portal.gateway import DEFAULT_CACHE_TTL_S, Gateway, openai_error
 from matrixstack.portal.headers import secure_send
 from matrixstack.portal.key_service import KeyInfo
+from matrixstack.portal.lane_health import health_report
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
 from matrixstack.portal.resolve import RangeError
@@ -321,9 +324,13 @@ def create_portal_app(
     async def prometheus(request: Request) -> Response:
         return await metrics_response(request, gateway, token)
 
-    @app.get("/health", summary="Liveness", tags=["ops"])
+    unavailable = {503: {"description": "unavailable: no deployment runs and no other backend can serve"}}
+
+    @app.get("/health", summary="Each deployment's status; 503 only when nothing can serve", tags=["ops"],
+             responses=unavailable)  # fmt: skip
     async def health() -> Response:
-        return JsonResponse({"status": "ok"})
+        status_code, body = await run_in_threadpool(db.read, health_report)
+        return JsonResponse(body, status_code=status_code)
 
     _document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
 

@@ -7,9 +7,9 @@
   it grow: a revoked key is refused within a second wherever it was revoked;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
   changes through this portal's admin API; a resolution whose deployment cannot be reached (a crashed engine,
-  which its site restarts and records `restarting`) is dropped at the first 502, so the next request reads the
-  deployment's status (503 while it is down) instead of the stale URL; one that comes back is routed to again
-  within the cache period;
+  which its site restarts and records `restarting`) is answered 503 with Retry-After (`lane_health.LaneDown`)
+  and dropped, so the next request reads the deployment's status (503 while it is down) instead of the stale URL;
+  one that comes back is routed to again within the cache period;
 - one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
   connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs) with the backend's key
   opened (sealed at rest or an `env:` reference) and its failures turned into the portal's own errors, never a
@@ -62,6 +62,7 @@ from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps
 from matrixstack.portal.key_service import KeyInfo, authenticate, key_generation
 from matrixstack.portal.keys import hash_key
+from matrixstack.portal.lane_health import LaneDown
 from matrixstack.portal.limits import KeyLimiter, request_tokens_bound
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
@@ -75,7 +76,7 @@ LOG = logging.getLogger("matrixstack.portal")
 T = TypeVar("T")
 DEFAULT_CACHE_TTL_S = 5.0
 KEY_POLL_S = 0.25  # how often the key watch reads the last key change: a revocation elsewhere holds at most this
-UNREACHABLE = 502  # the status of a backend that cannot be reached (or answers no HTTP/JSON)
+UNREACHABLE_CODE = "upstream_unreachable"  # a backend that cannot be reached (openai.errors.transport_error)
 UNKNOWN_ENTRY = "(unknown)"
 
 
@@ -203,7 +204,7 @@ class Gateway:
             raise openai_error(404, f"The model `{entry}` does not exist or you do not have access to it.",
                                "model_not_found", "model")  # fmt: skip
         if isinstance(resolved, DeploymentNotRunning):
-            raise openai_error(503, str(resolved), "deployment_not_running")
+            raise LaneDown(resolved.deployment, resolved.status)
         return resolved
 
     async def visible_entries(self, key: KeyInfo) -> list[EntrySpec]:
@@ -330,8 +331,12 @@ class Gateway:
             return JsonResponse(answer, headers={"x-request-id": m.request_id})
         except BaseException as exc:
             m.status, m.error = _status_of(exc)
-            if m.status == UNREACHABLE and m.resolved and resolved.backend.deployment is not None:
+            unreachable = isinstance(exc, UpstreamError) and exc.code == UNREACHABLE_CODE
+            if unreachable and m.resolved and resolved.backend.deployment is not None:
                 self.catalog.forget(("resolve", m.entry, key.tenant, key.is_admin))  # its status may have changed
+                down = LaneDown(resolved.backend.deployment, "unreachable")
+                m.status, m.error = down.status_code, down.message
+                raise down from exc
             raise
         finally:
             if not streaming:

@@ -14,7 +14,9 @@ database is opened; on SQLite with `secure_delete` and a truncating WAL checkpoi
 database file and its WAL, not only the row.
 
 `backend_api_key(backend)` returns the clear key to send (UserError naming the variable or the key file when it
-cannot), and tells the log scrubber (`portal.scrub`) to hide it.
+cannot), and tells the log scrubber (`portal.scrub`) to hide it: for an engine or vLLM backend that names a
+deployment, that deployment's engine secret (`deployment_service.engine_secret`, derived, never stored); else its
+stored key, opened.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from matrixstack.datakey import decrypt, encrypt, is_sealed
 from matrixstack.errors import UserError
+from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.portal.scrub import remember_secret
 from matrixstack.portal.spec import ENV_PREFIX, BackendSpec
 from matrixstack.portal.store import CatalogEntryRow
@@ -66,9 +69,11 @@ def backend_api_key(backend: BackendSpec) -> str | None:
     """Return the clear key to send to `backend` (None: none), remembered by the log scrubber; UserError when an
     `env:` variable is unset or the key was sealed with another data key."""
     value = backend.api_key
-    if value is None:
+    if backend.deployment is not None and backend.kind in ("engine", "vllm"):
+        clear = engine_secret(backend.deployment)
+    elif value is None:
         return None
-    if value.startswith(ENV_PREFIX):
+    elif value.startswith(ENV_PREFIX):
         name = value[len(ENV_PREFIX) :]
         clear = os.environ.get(name)
         if not clear:
