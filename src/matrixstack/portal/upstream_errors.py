@@ -12,9 +12,8 @@ slow — it raises as the portal's own (`backend_failure`):
   upstream refused the request and its status;
 - any other 4xx from a deployment the portal runs (`engine`, `vllm`: a prompt too long, an unknown parameter): its
   status with the `message`, `code` and `param` of its OpenAI error, scrubbed of secrets (`portal.scrub`) and cut to
-  `MAX_MESSAGE_CHARS`, so the client learns what to fix; a 5xx from one (a worker died under the request): 502
-  `upstream_error` with its message, scrubbed and cut (the engine says only what concerns that request). A
-  third-party upstream's text never reaches a tenant: it may echo anything, the portal's own key included;
+  `MAX_MESSAGE_CHARS`, so the client learns what to fix. A third-party upstream's text never reaches a tenant: it
+  may echo anything, the portal's own key included;
 - any other status: 502 `upstream_error`; unreachable: 502 `upstream_unreachable`; no answer in time: 504
   `upstream_timeout`.
 
@@ -67,11 +66,9 @@ def backend_failure(exc: UpstreamError, kind: str) -> UpstreamError:
                         f"(HTTP {status}); the operator must fix its key", detail)  # fmt: skip
     if status == 429:
         return _failure(503, "upstream_busy", "the backend of this model is over its limits; retry later", detail)
-    if kind in DEPLOYMENT_KINDS:
+    if 400 <= status < 500 and kind in DEPLOYMENT_KINDS:
         error = exc.body.get("error") if isinstance(exc.body.get("error"), dict) else {}
-        message = _cut(str(error.get("message") or f"the model's backend failed the request (HTTP {status})"))
-        if status >= 500:  # the engine's own account of what failed this request (a worker died, ...)
-            return _failure(502, "upstream_error", message, detail)
+        message = _cut(str(error.get("message") or f"the model's backend refused the request (HTTP {status})"))
         param = error.get("param") if isinstance(error.get("param"), str) else None
         code = error.get("code") if isinstance(error.get("code"), str | int) else None
         return _failure(status, _cut(code), message, detail, _cut(param))
