@@ -54,6 +54,7 @@ STOP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 60.0
 RSS_SAMPLE_S = 5.0
 PAUSE_AFTER_ERROR_S = 0.2  # a client that got an error waits this long, so a dead engine is not hammered
+CAUSE_CHARS = 80  # of an error message without a code, numbers (pids, ports) made N so that causes group
 PROMPT = [{"role": "user", "content": "Tell me about the matrix."}]
 
 
@@ -153,16 +154,16 @@ class Outcome:
 
 
 def cause(exc: Exception) -> str:
-    """Return the failure cause of a request's exception: HTTP status and error code, a stream's error event, or
-    the connection error."""
+    """Return the failure cause of a request's exception: HTTP status and error code, a stream's error event (its
+    code, else its message with numbers as N), or the connection error."""
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code} {exc.code or ''}".strip()
     if isinstance(exc, openai.APITimeoutError):
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return f"connection: {type(exc.__cause__).__name__ if exc.__cause__ else 'APIConnectionError'}"
-    if isinstance(exc, openai.APIError):
-        return f"stream error: {exc.code or exc.message[:60]}"
+    if isinstance(exc, openai.APIError):  # the error event of a stream
+        return f"stream error: {exc.code or re.sub(r'[0-9]+', 'N', exc.message)[:CAUSE_CHARS]}"
     return f"client: {type(exc).__name__}"
 
 

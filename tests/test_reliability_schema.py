@@ -35,9 +35,10 @@ from matrixstack.portal.store import open_portal_database
 
 pytestmark = pytest.mark.slow
 
-MAX_EXAMPLES = 25  # per operation; derandomized, so every run sends the same cases
+MAX_EXAMPLES = 20  # per operation; derandomized, so every run sends the same cases
 MAX_EXAMPLES_WITHOUT_KEY = 5  # per operation and kind of bad key: each must be a 401 whatever the rest
 SERVED = "tiny"  # the catalog entry the engine serves
+ENGINE_ARGS = ("--max-model-len", "32", "--num-kv-blocks", "32", "--max-num-seqs", "8")  # short answers: a quick run
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 OPEN_ROUTES = {("GET", "/health"), ("GET", "/metrics")}  # answered without an API key
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -48,7 +49,7 @@ BOUNDED = {"derandomize": True, "deadline": None, "database": None, "suppress_he
 def portal(engine_process, tmp_path_factory):
     """Yield a running portal over a fresh SQLite file with one entry on the engine and an admin key
     (`portal.admin_key`)."""
-    upstream = engine_process("--max-model-len", "128", "--num-kv-blocks", "64", "--max-num-seqs", "8")[1]
+    upstream = engine_process(*ENGINE_ARGS)[1]
     db_url = f"sqlite:///{tmp_path_factory.mktemp('schema') / 'portal.db'}"
     with open_portal_database(db_url) as svc:
         admin_key = svc.write(lambda session: create_key(session, "ops", name="admin", admin=True))[1]
