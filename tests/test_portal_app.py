@@ -426,4 +426,4 @@ def test_openapi_schema_lists_the_routes(portal):
         assert path in paths, path
     assert set(paths["/admin/catalog/{name}"]) == {"get", "patch", "delete"}
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
-    assert httpx.get(f"{portal.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{portal.url}/health").json() == {"status": "ok", "deployments": {}}

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from matrixstack.errors import SpecError, UserError
 from matrixstack.fabric.loader import load_fabric
 from matrixstack.matrix.database import Database, open_database
-from matrixstack.matrix.pools import create_pool
-from matrixstack.matrix.slices import alloc_slice
+from matrixstack.matrix.pools import create_pool, show_pool
+from matrixstack.matrix.slices import alloc_slice, free_slice
 from matrixstack.matrix.spec import SliceRequest
 from matrixstack.matrix.tenants import create_tenant
 from matrixstack.portal.catalog_service import (
@@ -381,6 +381,25 @@ def test_deployments_register_list_remove(svc, db_url):
     assert svc.read(list_deployments) == []
     with pytest.raises(UserError, match="no deployment 'tiny'"):
         svc.write(lambda session: remove_deployment(session, "tiny"))
+
+
+def test_removing_a_deployment_frees_its_slice_in_the_same_transaction(svc, db_url):
+    with open_database(db_url) as matrix:
+        matrix.write(lambda session: create_pool(session, "p", [load_fabric("cloudmatrix384")]))
+        held = matrix.write(lambda session: alloc_slice(session, "p", "acme", SliceRequest(devices=4)))
+        other = matrix.write(lambda session: alloc_slice(session, "p", "acme", SliceRequest(devices=4)))
+        svc.write(
+            lambda session: register_deployment(session, "a", "engine", "http://h/v1", pool="p", slice_id=held.id)
+        )
+        svc.write(
+            lambda session: register_deployment(session, "b", "engine", "http://h/v1", pool="p", slice_id=other.id)
+        )
+        removed = svc.write(lambda session: remove_deployment(session, "a"))
+        assert (removed["slice_id"], removed["slice_freed"]) == (held.id, True)
+        assert [s.id for s in matrix.read(lambda session: show_pool(session, "p").slices)] == [other.id]
+        matrix.write(lambda session: free_slice(session, other.id))  # freed by hand before the deployment goes
+        assert svc.write(lambda session: remove_deployment(session, "b"))["slice_freed"] is False
+        assert svc.read(list_deployments) == []
 
 
 # --- usage --------------------------------------------------------------------------------------------------

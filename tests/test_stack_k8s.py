@@ -3,6 +3,7 @@ and the `kubernetes` client's models (strictly: unknown keys, missing required f
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 
 from matrixstack.errors import UserError
 from matrixstack.fabric.loader import load_fabric
+from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.k8s import render_k8s
 from matrixstack.stack.k8s_topology import NODE_LABEL
 from matrixstack.stack.spec import load_shape, parse_shape
@@ -356,14 +358,39 @@ def test_portal_mounts_the_shape_and_references_secrets(cm384_render):
     assert volume["configMap"]["name"] == config["metadata"]["name"]
     (container,) = pod["containers"]
     assert any(m["name"] == volume["name"] for m in container["volumeMounts"])
-    (secret_env,) = [e for e in container["env"] if "valueFrom" in e]
-    assert secret_env["name"] == "DEEPSEEK_API_KEY"
-    assert secret_env["valueFrom"]["secretKeyRef"]["key"] == "DEEPSEEK_API_KEY"
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert secret_env == {
+        "DEEPSEEK_API_KEY": {"name": "matrixstack-upstream", "key": "DEEPSEEK_API_KEY"},
+        "MATRIXSTACK_SECRET_KEY": {"name": "matrixstack-data-key", "key": "MATRIXSTACK_SECRET_KEY"},  # derives
+    }  # the engines' secrets, which the portal sends them
     assert not of_kind(cm384_render, "Secret")
     assert {o["metadata"].get("namespace") for o in of_kind(cm384_render, "Service")} == {"ms-cm384"}
     assert {
         c["image"] for s in of_kind(cm384_render, "StatefulSet") for c in s["spec"]["template"]["spec"]["containers"]
     } == {"registry.example/matrixstack:1"}
+
+
+def test_every_engine_requires_its_secret_from_a_secret_object(cm384_render):
+    engines = {s["metadata"]["name"]: s for s in of_kind(cm384_render, "StatefulSet")}
+    assert len(engines) == 3
+    for name, sts in engines.items():
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        is_vllm = "vllm" in " ".join(container["command"])
+        variable = "VLLM_API_KEY" if is_vllm else "MATRIXSTACK_ENGINE_SECRET"
+        (secret,) = [e for e in container["env"] if e["name"] == variable]
+        assert secret == {"name": variable, "valueFrom": {"secretKeyRef": {"name": "matrixstack-engine", "key": name}}}
+        assert all("value" not in e for e in container["env"] if e["name"] == variable)  # a reference, no literal
+
+
+def test_deployment_secret_prints_what_the_portal_derives_under_the_same_key(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("MATRIXSTACK_HOME", str(tmp_path))
+    monkeypatch.setenv("MATRIXSTACK_SECRET_KEY", base64.urlsafe_b64encode(bytes(range(32))).decode())
+    shown = cli("deployment", "secret", "tiny-moe")
+    assert shown.exit_code == 0 and shown.output.strip() == engine_secret("tiny-moe")
+    assert cli("deployment", "secret", "tiny-moe-vllm").output.strip() != engine_secret("tiny-moe")
+    monkeypatch.setenv("MATRIXSTACK_SECRET_KEY", base64.urlsafe_b64encode(bytes(32)).decode())
+    assert cli("deployment", "secret", "tiny-moe").output.strip() != shown.output.strip()  # another portal's key
+    assert not list(tmp_path.iterdir())  # the key came from the environment: nothing written
 
 
 def test_builtin_engine_over_two_nodes_is_refused(tmp_path):
@@ -393,6 +420,8 @@ def test_cli_renders_refuses_to_overwrite_and_replaces(cli, tmp_path):
     assert result.exit_code == 0, result.output
     assert "HyperNode: 49" in result.output and "PodGroup: 3" in result.output
     assert "create secret generic matrixstack-upstream --from-literal=DEEPSEEK_API_KEY=" in result.output
+    assert "create secret generic matrixstack-data-key --from-literal=MATRIXSTACK_SECRET_KEY=" in result.output
+    assert '--from-literal=tiny-moe="$(matrixstack deployment secret tiny-moe)"' in result.output
     assert len(list(out.glob("10-deployment-*.yaml"))) == 3
     again = cli("stack", "render", "k8s", str(shape_path), "--out", str(out))
     assert again.exit_code == 2 and "--replace" in again.output
@@ -447,7 +476,8 @@ def test_vllm_pods_take_the_engine_args_and_the_cpu_settings(tmp_path):
     # no max_num_seqs in engine_args: the plan's decode batch, 16 per device on one device and one dp rank
     assert flag(command, "--max-num-seqs") == "16" and flag(command, "--tensor-parallel-size") == "1"
     assert "--data-parallel-size" not in command and "--enable-expert-parallel" not in command  # the plan's EP1
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VLLM_API_KEY"] is None  # from the engines' Secret (test_every_engine_requires_its_secret_...)
     # tiny-moe's KV of 1024 blocks x 16 tokens in float32 is far below a GiB: vLLM's smallest setting, 1 GiB
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
     # the packaged weights, exported by an init container into the pod's emptyDir, are where vLLM looks
@@ -466,7 +496,8 @@ def test_vllm_pods_take_the_engine_args_and_the_cpu_settings(tmp_path):
     command = container["command"]
     assert command[:4] == ["matrixstack", "engine", "serve", "tiny-moe"] and "--weights" not in command
     assert flag(command, "--dtype") == "float32" and flag(command, "--max-num-seqs") == "16"
-    assert "initContainers" not in engine and "volumes" not in engine and "env" not in container
+    assert "initContainers" not in engine and "volumes" not in engine
+    assert [e["name"] for e in container["env"]] == ["MATRIXSTACK_ENGINE_SECRET"]  # its secret, nothing else
 
 
 def test_vllm_on_npus_mounts_its_weights_folder_and_gets_no_cpu_settings(cm384_render):
@@ -478,7 +509,7 @@ def test_vllm_on_npus_mounts_its_weights_folder_and_gets_no_cpu_settings(cm384_r
     assert "vllm serve /models/tiny-moe " in script
     # the decode plan's 64 sequences per device x 16 devices over its 32 dp ranks (2 dies each); defaults otherwise
     assert "--max-num-seqs 32 --max-model-len 2048 --dtype float32" in script
-    assert "env" not in container and "initContainers" not in pod
+    assert [e["name"] for e in container["env"]] == ["VLLM_API_KEY"] and "initContainers" not in pod
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 
 from matrixstack.engine.launch import parse_launch
 from matrixstack.errors import UserError
+from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.local_site import LocalSite, engine_command
 from matrixstack.stack.site import STATUS_RESTARTING, STATUS_RUNNING, Launch
 from matrixstack.stack.spec import EngineArgs, SiteShape
@@ -64,7 +65,7 @@ def test_engine_runs_on_its_core_and_serves(running, home):
     assert os.getpgid(pid) == pid  # a session and process group of its own
     assert os.sched_getaffinity(pid) == {0}
     assert started[0].url.startswith("http://127.0.0.1:") and started[0].url.endswith("/v1")
-    client = openai.OpenAI(base_url=started[0].url, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=started[0].url, api_key=engine_secret(started[0].name), max_retries=0)
     reply = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
     )
@@ -137,7 +138,7 @@ def test_a_killed_engine_comes_back_on_its_own_and_stop_leaves_nothing(home):
         second = site.pids["crashy"]
         assert second != first and not group_alive(first)
         assert os.getpgid(second) == second and os.sched_getaffinity(second) == {0}
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url, api_key=engine_secret(name), max_retries=0)
         reply = client.chat.completions.create(
             model="crashy", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
         )

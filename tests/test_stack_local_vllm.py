@@ -20,6 +20,7 @@ import pytest
 
 from matrixstack.lanes.vllm_env import VENV_SETTING
 from matrixstack.perf.spec import InstancePlan
+from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.local_site import LocalSite
 from matrixstack.stack.site import Launch
 from matrixstack.stack.spec import EngineArgs, SiteShape
@@ -59,7 +60,9 @@ def test_local_site_serves_tiny_moe_on_vllm_bound_to_its_core(installed_vllm_ven
         (started,) = site.start([lane])
         assert started.url.startswith("http://127.0.0.1:") and started.url.endswith("/v1")
         assert httpx.get(started.url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
-        client = openai.OpenAI(base_url=started.url, api_key="unused", max_retries=0)
+        refused = httpx.get(f"{started.url}/models", timeout=10)  # vLLM requires the secret (VLLM_API_KEY)
+        assert refused.status_code == 401, refused.text
+        client = openai.OpenAI(base_url=started.url, api_key=engine_secret(started.name), max_retries=0)
         reply = client.chat.completions.create(
             model="tiny-vllm", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0
         )

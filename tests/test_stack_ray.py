@@ -28,6 +28,7 @@ import matrixstack.stack as stack_pkg  # noqa: E402
 from matrixstack.errors import UserError  # noqa: E402
 from matrixstack.perf.spec import InstancePlan  # noqa: E402
 from matrixstack.portal.catalog_service import add_entry  # noqa: E402
+from matrixstack.portal.deployment_service import engine_secret  # noqa: E402
 from matrixstack.portal.key_service import create_key  # noqa: E402
 from matrixstack.portal.server import PortalThread  # noqa: E402
 from matrixstack.portal.spec import EntrySpec  # noqa: E402
@@ -185,7 +186,7 @@ def test_engine_actor_in_its_placement_group_serves_through_the_portal(ray_head,
         (pids,) = site.engine_pids().values()
         assert alive(pids[0]) and pids[0] != os.getpid()
 
-        direct = chat(started.url, "unused", "tiny-ray")
+        direct = chat(started.url, engine_secret("tiny-ray"), "tiny-ray")
         assert direct.model == "tiny-ray" and direct.usage.completion_tokens == 4
 
         db_url = f"sqlite:///{tmp_path / 'portal.db'}"
@@ -195,7 +196,14 @@ def test_engine_actor_in_its_placement_group_serves_through_the_portal(ray_head,
                 lambda session: add_entry(
                     session,
                     EntrySpec(
-                        name="tiny", level="L0", backend={"kind": "engine", "url": started.url, "model": "tiny-ray"}
+                        name="tiny",
+                        level="L0",
+                        backend={
+                            "kind": "engine",
+                            "url": started.url,
+                            "model": "tiny-ray",
+                            "api_key": engine_secret("tiny-ray"),
+                        },
                     ),
                 )
             )
@@ -244,12 +252,14 @@ def test_expert_parallel_ranks_are_ray_actors_one_per_bundle(ray_head):
             assert where["node_id"] == table["bundles_to_node_id"][rank]
             assert where["resources"] == {"CPU": 1.0}, where  # one core: its bundle's, not the other rank's
 
-        answer = chat(started.url, "unused", "tiny-ep")
+        answer = chat(started.url, engine_secret("tiny-ep"), "tiny-ep")
         assert answer.usage.completion_tokens == 4
 
         ray.kill(ray.get_actor(names[1], namespace=NAMESPACE))  # a rank's actor dies between requests ...
         assert not wait_gone([pids[2]])
-        again = chat(started.url, "unused", "tiny-ep")  # ... the engine starts fresh rank actors in the bundles
+        again = chat(
+            started.url, engine_secret("tiny-ep"), "tiny-ep"
+        )  # ... the engine starts fresh rank actors in the bundles
         assert again.choices[0].message.content == answer.choices[0].message.content
         (restarted,) = site.engine_pids().values()
         assert restarted[0] == pids[0] and not set(restarted[1:]) & set(pids[1:]), (pids, restarted)
@@ -290,7 +300,7 @@ def test_a_cuda_slice_takes_gpu_bundles(ray_head):
     try:
         (started,) = site.start([launch("tiny-gpu", device_kind="cuda")])
         assert placement_group_table(site.placement_groups()["tiny-gpu"])["bundles"] == {0: {"GPU": 1.0}}
-        assert chat(started.url, "unused", "tiny-gpu").usage.completion_tokens == 4
+        assert chat(started.url, engine_secret("tiny-gpu"), "tiny-gpu").usage.completion_tokens == 4
     finally:
         site.stop()
 
@@ -344,7 +354,7 @@ def test_vllm_runs_in_bundle_0_of_its_placement_group_restarts_and_stops(ray_hea
         log = ray_node_home / "logs" / "tiny-vllm.log"
         assert Path(os.readlink(f"/proc/{server_pid}/fd/1")) == log  # the node-local log file
 
-        reply = chat(started.url, "unused", "tiny-vllm")
+        reply = chat(started.url, engine_secret("tiny-vllm"), "tiny-vllm")
         assert reply.model == "tiny-vllm" and 1 <= reply.usage.completion_tokens <= 4
 
         os.killpg(server_pid, signal.SIGKILL)  # vLLM crashes: its actor starts it again, the driver is told
@@ -354,7 +364,7 @@ def test_vllm_runs_in_bundle_0_of_its_placement_group_restarts_and_stops(ray_hea
         (restarted_actor, restarted_server) = site.engine_pids()["tiny-vllm"]
         assert restarted_actor == actor_pid and restarted_server != server_pid
         servers += group_members(restarted_server)
-        again = chat(started.url, "unused", "tiny-vllm")
+        again = chat(started.url, engine_secret("tiny-vllm"), "tiny-vllm")
         assert again.choices[0].message.content == reply.choices[0].message.content  # greedy: same tokens
     finally:
         site.stop()

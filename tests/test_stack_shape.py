@@ -434,7 +434,8 @@ def test_the_portal_routes_to_the_deployments_current_url(tmp_path, engine_proce
         record_started(shape, [Started("tiny-moe", DEAD_URL)], url)  # moved: the portal follows it
         with pytest.raises(openai.InternalServerError) as err:
             call()
-        assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
+        assert err.value.status_code == 503 and err.value.code == "deployment_not_running"  # it answers no more
+        assert err.value.response.headers["retry-after"]
 
         record_started(shape, [Started("tiny-moe", engine_url)], url)
         assert call().usage.completion_tokens >= 1
@@ -449,7 +450,8 @@ def test_the_portal_routes_to_the_deployments_current_url(tmp_path, engine_proce
 
 def test_a_crashed_deployment_is_503_at_the_second_request_whatever_the_cache(tmp_path):
     """A site's on_status records a crash (`restarting`); the portal, which cached the deployment's URL a minute
-    long, drops that resolution at the first 502 and answers 503 from the next request on."""
+    long, answers 503 with Retry-After when the URL does not answer, drops that resolution, and answers 503 from
+    the deployment's status from the next request on."""
     url = db(tmp_path, "crash")
     shape = parse_shape(tiny_data(), "tiny")
     applied = apply_shape(shape, url)
@@ -460,11 +462,13 @@ def test_a_crashed_deployment_is_503_at_the_second_request_whatever_the_cache(tm
         record_status(shape, "tiny-moe", STATUS_RUNNING, DEAD_URL, url)  # running, then its engine dies
         with pytest.raises(openai.InternalServerError) as err:
             client.chat.completions.create(model="tiny-moe-faq", messages=messages, max_tokens=4)
-        assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
+        assert err.value.status_code == 503 and "cannot be reached" in err.value.message
+        assert err.value.response.headers["retry-after"]
         record_status(shape, "tiny-moe", STATUS_RESTARTING, DEAD_URL, url)  # what the site's watcher records
         with pytest.raises(openai.InternalServerError) as err:
             client.chat.completions.create(model="tiny-moe-faq", messages=messages, max_tokens=4)
         assert err.value.status_code == 503 and "restarting" in err.value.message
+        assert err.value.response.headers["retry-after"]
     with open_portal_database(url) as portal_db:
         (row,) = portal_db.read(list_deployments)
         assert (row["status"], row["url"]) == (STATUS_RESTARTING, DEAD_URL)

@@ -363,12 +363,23 @@ def deployment_list(db: str | None = DbOption, as_json: bool = JsonOption) -> No
 @deployment_app.command("remove")
 @user_errors_exit_2
 def deployment_remove(name: str = typer.Argument(..., help="Deployment name."), db: str | None = DbOption) -> None:
-    """Remove a deployment."""
+    """Remove a deployment and free the slice it holds."""
     from matrixstack.portal.deployment_service import remove_deployment
 
     with _database(db) as database:
-        database.write(lambda session: remove_deployment(session, name))
-    console.print(f"removed deployment [bold]{name}[/]", highlight=False)
+        removed = database.write(lambda session: remove_deployment(session, name))
+    freed = f", freed its slice {removed['slice_id']}" if removed["slice_freed"] else ""
+    console.print(f"removed deployment [bold]{name}[/]{freed}", highlight=False)
+
+
+@deployment_app.command("secret")
+@user_errors_exit_2
+def deployment_secret(name: str = typer.Argument(..., help="Deployment name.")) -> None:
+    """Print the secret deployment NAME's engine requires (derived from the data key: $MATRIXSTACK_SECRET_KEY or
+    the data directory's key file); for the Secret a k8s site's engine reads."""
+    from matrixstack.portal.deployment_service import engine_secret
+
+    print(engine_secret(name))
 
 
 # --- usage -----------------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ def render_k8s_cmd(
     """
     import yaml
 
+    from matrixstack.datakey import KEY_ENV
     from matrixstack.stack.k8s import render_k8s
-    from matrixstack.stack.k8s_topology import NODE_LABEL
-    from matrixstack.stack.k8s_workloads import UPSTREAM_SECRET
+    from matrixstack.stack.k8s_topology import NODE_LABEL, dns_label
+    from matrixstack.stack.k8s_workloads import DATA_KEY_SECRET, ENGINE_SECRET, UPSTREAM_SECRET
     from matrixstack.stack.spec import load_shape
 
     spec = load_shape(shape)
@@ -60,12 +61,18 @@ def render_k8s_cmd(
         highlight=False,
         soft_wrap=True,
     )
+    create = f"  kubectl -n {spec.site.namespace} create secret generic"
+    engines = " ".join(
+        f'--from-literal={dns_label(d.name)}="$(matrixstack deployment secret {d.name})"' for d in spec.deployments
+    )
+    lines = [
+        f"  kubectl apply -f {out / written[0].name}",
+        f"  export {KEY_ENV}=... (32 random bytes in urlsafe base64; keep it: it unseals the portal's secrets)",
+        f'{create} {DATA_KEY_SECRET} --from-literal={KEY_ENV}="${KEY_ENV}"',
+        f"{create} {ENGINE_SECRET} {engines}",
+    ]
     if secrets:
-        literals = " ".join(f"--from-literal={v}=..." for v in secrets)
-        console.print(f"  kubectl apply -f {out / written[0].name}", highlight=False, soft_wrap=True)
-        console.print(
-            f"  kubectl -n {spec.site.namespace} create secret generic {UPSTREAM_SECRET} {literals}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        lines.append(f"{create} {UPSTREAM_SECRET} {' '.join(f'--from-literal={v}=...' for v in secrets)}")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"  kubectl apply -f {out}", highlight=False, soft_wrap=True)

@@ -10,7 +10,9 @@ imports nothing heavy at the top for that reason.
 `serve_engine` is the one code path behind both this entry point and `matrixstack engine serve`: it binds the
 socket (a taken port fails before the model loads), builds the deployment, prints
 `serving MODEL (N worker[s]) on http://HOST:PORT/v1 — Ctrl-C stops it` (the local site reads the URL from this line),
-serves until SIGINT or SIGTERM, then closes the deployment and prints `stopped`. A user error (bad spec, unknown
+serves until SIGINT or SIGTERM, then closes the deployment and prints `stopped`. When `$MATRIXSTACK_ENGINE_SECRET`
+(`ENGINE_SECRET_ENV`) is set, every /v1 call must send it as `Authorization: Bearer SECRET` (a site sets it to its
+deployment's secret; by environment, never argv, which `ps` shows). A user error (bad spec, unknown
 arch, limits that do not fit) is `error: ...` on stderr and exit code 2, as on the CLI.
 """
 
@@ -28,6 +30,7 @@ from matrixstack.errors import UserError
 from matrixstack.specio import Strict, format_validation_error
 
 ENTRY_MODULE = "matrixstack.engine.launch"  # run with `python -m`
+ENGINE_SECRET_ENV = "MATRIXSTACK_ENGINE_SECRET"  # when set, the API key every /v1 call must send
 
 
 class EngineLaunch(Strict):
@@ -92,7 +95,13 @@ def serve_engine(launch: EngineLaunch, console: Console) -> None:
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends serving; the deployment still closes
-            serve_socket(deployment.engine, deployment.model_id, sock, log_level=launch.log_level)
+            serve_socket(
+                deployment.engine,
+                deployment.model_id,
+                sock,
+                log_level=launch.log_level,
+                api_key=os.environ.get(ENGINE_SECRET_ENV) or None,
+            )
     finally:
         deployment.close()
         sock.close()

@@ -15,6 +15,10 @@ OpenAI exactly (`openai.endpoints`). Errors are OpenAI's `{"error": {"message", 
 fails the request (a worker died). A stream that fails after it started sends one `data: {"error": ...}` event
 and closes.
 
+Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
+request sends `Authorization: Bearer SECRET`; /health, /openapi.json and /docs stay open. Without `api_key` (a
+`matrixstack engine serve` by hand) the engine asks for nothing.
+
 Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
 streamed or not: the request's one watcher of its client (`openai.disconnect`) ends the wait or the stream, which
 closes the engine stream.
@@ -31,6 +35,7 @@ without importing torch.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +43,7 @@ from typing import Any
 
 import pydantic
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
@@ -265,14 +270,32 @@ class CompletionServing(OpenAIServing):
         return self.server.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt or [])
 
 
-def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
-    """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`."""
+def secret_check(api_key: str | None):
+    """Return the dependency that refuses a /v1 request without `Authorization: Bearer <api_key>` (401
+    `invalid_api_key`); it lets everything through when `api_key` is None."""
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None or not request.url.path.startswith("/v1"):
+            return
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, expected):
+            raise OpenAIError(401, "this engine needs its deployment's secret: 'Authorization: Bearer ...'",
+                              code="invalid_api_key")  # fmt: skip
+
+    return check
+
+
+def create_app(engine: AsyncEngine, model_id: str, api_key: str | None = None) -> FastAPI:
+    """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`, its /v1 routes
+    requiring `api_key` when one is given."""
     server = OpenAIServer(engine, model_id)
     chat, completion = ChatServing(server), CompletionServing(server)
     app = FastAPI(
         title="MatrixStack engine",
         description=f"OpenAI-compatible API of one MatrixStack engine deployment serving `{model_id}`.",
         version="1",
+        dependencies=[Depends(secret_check(api_key))],
     )
     app.state.server = server
 
@@ -309,9 +332,12 @@ def create_app(engine: AsyncEngine, model_id: str) -> FastAPI:
     return app
 
 
-def serve_socket(engine: AsyncEngine, model_id: str, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
-    uvicorn_server(create_app(engine, model_id), log_level).run(sockets=[sock])
+def serve_socket(
+    engine: AsyncEngine, model_id: str, sock: socket.socket, log_level: str = "info", api_key: str | None = None
+) -> None:
+    """Serve the deployment on an already-bound socket until Ctrl-C (uvicorn, in the foreground), its /v1 routes
+    requiring `api_key` when one is given."""
+    uvicorn_server(create_app(engine, model_id, api_key), log_level).run(sockets=[sock])
 
 
 # ---- one deployment: model + runner + engine, as `matrixstack engine serve` builds it ----------------------------

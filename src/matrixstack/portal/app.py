@@ -6,14 +6,16 @@
 - `POST /v1/chat/completions`, `POST /v1/completions`: resolved, limited, forwarded and metered by the `Gateway`
   (portal/gateway.py), streamed (SSE) or not, usage in every response, `model` = the catalog entry;
 - `/admin/...`: the admin API (portal/admin_api.py), for admin keys;
-- `GET /metrics` (Prometheus, no key), `GET /health`, `GET /openapi.json`, `GET /docs`;
+- `GET /metrics` (Prometheus, no key), `GET /health` (each deployment's status: 200 `ok` / `degraded`, 503
+  `unavailable` only when nothing can serve; portal/lane_health.py), `GET /openapi.json`, `GET /docs`;
 - `GET /dashboard` and `/dashboard/state` (portal/dashboard.py).
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 401 `invalid_api_key` without a valid
 key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model_not_found`, 429
-`rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 400 naming the param for an invalid body or a
-user error, a backend's own error as it sent it. The OpenAPI schema documents each route's error statuses with
-that body (`openai.error_doc`; no 422: validation errors are 400s).
+`rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 503 `deployment_not_running` (with
+`Retry-After` while it restarts), 400 naming the param for an invalid body or a user error, a backend's own error
+as it sent it. The OpenAPI schema documents each route's error statuses with that body (`openai.error_doc`; no
+422: validation errors are 400s).
 
 Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): a key revoked or an entry changed by
 another process (the CLI) takes effect within that time; through this app's admin API, at once. Usage goes to
@@ -54,6 +56,7 @@ from matrixstack.portal.dashboard import dashboard_router, dashboard_state
 from matrixstack.portal.encoding import JsonResponse
 from matrixstack.portal.gateway import DEFAULT_CACHE_TTL_S, Gateway, openai_error
 from matrixstack.portal.key_service import KeyInfo
+from matrixstack.portal.lane_health import health_report
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
 from matrixstack.portal.resolve import RangeError
@@ -339,9 +342,13 @@ def create_portal_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/health", summary="Liveness", tags=["ops"])
+    unavailable = {503: {"description": "unavailable: no deployment runs and no other backend can serve"}}
+
+    @app.get("/health", summary="Each deployment's status; 503 only when nothing can serve", tags=["ops"],
+             responses=unavailable)  # fmt: skip
     async def health() -> Response:
-        return JsonResponse({"status": "ok"})
+        status_code, body = await run_in_threadpool(db.read, health_report)
+        return JsonResponse(body, status_code=status_code)
 
     _document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
     without_validation_responses(app)

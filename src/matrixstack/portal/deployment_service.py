@@ -1,5 +1,9 @@
 """Deployments: named engines (the builtin engine or vLLM) at a URL, optionally on a matrix slice, and routing a
-resolved entry to the current URL of the deployment its L0 names.
+resolved entry to the current URL of the deployment its L0 names, with the deployment's secret as its API key.
+
+`engine_secret(name)` is a deployment's engine secret: derived from the data key (`datakey.derive_secret`), the
+same in every process that holds that key, stored nowhere; a site gives it to the engine, the portal sends it.
+Removing a deployment frees the slice it holds in the same unit of work.
 
 The functions take the caller's session and never commit (`matrix.database`).
 """
@@ -12,12 +16,20 @@ from urllib.parse import urlparse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from matrixstack.datakey import derive_secret
 from matrixstack.errors import UserError
+from matrixstack.matrix.slices import free_slice
 from matrixstack.matrix.store import PoolRow, SliceRow, iso
 from matrixstack.portal.resolve import DeploymentNotRunning, Resolved
 from matrixstack.portal.store import DeploymentRow
 
 DEPLOYMENT_KINDS = ("engine", "vllm")
+LIVE_SLICE_STATES = ("active", "degraded")  # a slice in these states holds devices
+
+
+def engine_secret(name: str) -> str:
+    """Return deployment `name`'s engine secret (64 hex digits; see the module docstring)."""
+    return derive_secret(f"engine:{name}")
 
 
 def register_deployment(
@@ -67,18 +79,24 @@ def list_deployments(session: Session) -> list[dict[str, Any]]:
 
 
 def remove_deployment(session: Session, name: str) -> dict[str, Any]:
-    """Remove a deployment and return it as it was; UserError when there is none of that name."""
+    """Remove a deployment, free the slice it holds (in the same unit of work) and return it as it was, with
+    `slice_freed` saying whether a live slice was freed; UserError when there is none of that name."""
     row = _deployment_row(session, name)
     if row is None:
         raise UserError(f"no deployment {name!r}; see `matrixstack deployment list`")
     out = _deployment(row)
+    held = None if row.slice_id is None else session.get(SliceRow, row.slice_id)
+    out["slice_freed"] = held is not None and held.state in LIVE_SLICE_STATES
+    if out["slice_freed"]:
+        free_slice(session, held.id)
     session.delete(row)
     return out
 
 
 def routed(session: Session, resolved: Resolved) -> Resolved:
-    """Return `resolved` sent to its deployment's current URL when its backend names a registered deployment
-    (unchanged otherwise); DeploymentNotRunning when that deployment's status is not `running`."""
+    """Return `resolved` sent to its deployment's current URL with the deployment's secret as API key when its
+    backend names a registered deployment (unchanged otherwise); DeploymentNotRunning when that deployment's status
+    is not `running`."""
     name = resolved.backend.deployment
     if name is None:
         return resolved
@@ -87,7 +105,8 @@ def routed(session: Session, resolved: Resolved) -> Resolved:
         return resolved
     if row.status != "running":
         raise DeploymentNotRunning(name, row.status)
-    resolved.backend = resolved.backend.model_copy(update={"url": row.url.rstrip("/")})
+    update = {"url": row.url.rstrip("/"), "api_key": engine_secret(name)}
+    resolved.backend = resolved.backend.model_copy(update=update)
     return resolved
 
 

@@ -5,9 +5,9 @@
   CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
   changes through this portal's admin API; a resolution whose deployment cannot be reached (a crashed engine,
-  which its site restarts and records `restarting`) is dropped at the first 502, so the next request reads the
-  deployment's status (503 while it is down) instead of the stale URL; one that comes back is routed to again
-  within the cache period;
+  which its site restarts and records `restarting`) is answered 503 with Retry-After (`lane_health.LaneDown`)
+  and dropped, so the next request reads the deployment's status (503 while it is down) instead of the stale URL;
+  one that comes back is routed to again within the cache period;
 - one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
   connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs);
 - `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
@@ -51,6 +51,7 @@ from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps
 from matrixstack.portal.key_service import KeyInfo, authenticate
 from matrixstack.portal.keys import hash_key
+from matrixstack.portal.lane_health import LaneDown
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
@@ -169,7 +170,7 @@ class Gateway:
             raise openai_error(404, f"The model `{entry}` does not exist or you do not have access to it.",
                                "model_not_found", "model")  # fmt: skip
         if isinstance(resolved, DeploymentNotRunning):
-            raise openai_error(503, str(resolved), "deployment_not_running")
+            raise LaneDown(resolved.deployment, resolved.status)
         return resolved
 
     async def visible_entries(self, key: KeyInfo) -> list[EntrySpec]:
@@ -287,6 +288,9 @@ class Gateway:
             m.status, m.error = _status_of(exc)
             if m.status == UNREACHABLE and m.resolved and resolved.backend.deployment is not None:
                 self.catalog.forget(("resolve", m.entry, key.tenant, key.is_admin))  # its status may have changed
+                down = LaneDown(resolved.backend.deployment, "unreachable")
+                m.status, m.error = down.status_code, down.message
+                raise down from exc
             raise
         finally:
             if not streaming:

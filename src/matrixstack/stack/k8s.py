@@ -49,6 +49,11 @@ tier: Volcano packs the gang as low in the tree as it can, but places it anyway 
 
 Secrets: an upstream catalog entry's `api_key_env` becomes an environment variable of the portal read from the
 Secret `k8s_workloads.UPSTREAM_SECRET` (key = the variable's name); the manifests hold the reference, never the value.
+Every engine requires its deployment's secret (`site.engine_secret_env`): MATRIXSTACK_ENGINE_SECRET (builtin) or
+VLLM_API_KEY (vLLM) read from the Secret `ENGINE_SECRET` (key = the deployment's DNS name), and the portal derives
+the same secrets from its data key, $MATRIXSTACK_SECRET_KEY read from the Secret `DATA_KEY_SECRET`; `matrixstack
+stack render k8s` prints the commands that create both (`matrixstack deployment secret NAME` prints a
+deployment's secret under the data key in $MATRIXSTACK_SECRET_KEY).
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ from typing import Any
 
 import yaml
 
+from matrixstack.datakey import KEY_ENV
+from matrixstack.engine.launch import ENGINE_SECRET_ENV
 from matrixstack.fabric.spec import FabricSpec
 from matrixstack.stack.k8s_topology import LABEL_PREFIX, dns_label
+from matrixstack.stack.site import VLLM_API_KEY_ENV
 from matrixstack.stack.spec import DeploymentShape, Shape
 
 ENGINE_PORT = 8000
@@ -21,6 +24,8 @@ PORTAL_PORT = 8080
 VLLM_RPC_PORT = 13345
 PORTAL_NAME = "matrixstack-portal"
 UPSTREAM_SECRET = "matrixstack-upstream"
+DATA_KEY_SECRET = "matrixstack-data-key"  # the portal's data key (datakey.KEY_ENV): it derives engine secrets
+ENGINE_SECRET = "matrixstack-engine"  # each engine's secret (`matrixstack deployment secret NAME`), key = its name
 CONFIG_DIR = "/etc/matrixstack"
 DATA_DIR = "/var/lib/matrixstack"
 MODELS_DIR = "/models"  # where site.models_claim is mounted
@@ -113,6 +118,9 @@ def engine_objects(
         container.pop("readinessProbe")  # headless pods serve no HTTP; pod 0's readiness is the Service's
     pod: dict[str, Any] = {"schedulerName": "volcano", "containers": [container]}
     _add_model_files(pod, layout, shape.site.image, shape.site.models_claim)
+    variable = VLLM_API_KEY_ENV if d.engine == "vllm" else ENGINE_SECRET_ENV
+    secret = {"name": variable, "valueFrom": {"secretKeyRef": {"name": ENGINE_SECRET, "key": layout.name}}}
+    container["env"] = [*container.get("env", []), secret]
     stateful_set = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -209,6 +217,7 @@ def portal_objects(shape: Shape, layouts: list[EngineLayout]) -> list[dict[str, 
     secrets = sorted({e.backend.api_key_env for e in shape.catalog if e.backend and e.backend.api_key_env})
     env = [{"name": "MATRIXSTACK_HOME", "value": DATA_DIR}]
     env += [{"name": v, "valueFrom": {"secretKeyRef": {"name": UPSTREAM_SECRET, "key": v}}} for v in secrets]
+    env += [{"name": KEY_ENV, "valueFrom": {"secretKeyRef": {"name": DATA_KEY_SECRET, "key": KEY_ENV}}}]
     volumes = [
         {"name": "shape", "configMap": {"name": PORTAL_NAME}},
         {"name": "data", "emptyDir": {}},

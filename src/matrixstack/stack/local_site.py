@@ -3,8 +3,9 @@
 engine serve`) or vLLM (its OpenAI server in vLLM's own venv, `stack.vllm_launch`: the model's Hugging Face folder,
 the plan's parallel degrees, the deployment's engine_args).
 
-Each engine runs in a session (and so a process group) of its own, on a port of its own on loopback, bound to its
-slice's devices: CPU cores (device kind "cpu") become the process's CPU affinity, which every process it starts
+Each engine runs in a session (and so a process group) of its own, on a port of its own on loopback, requiring its
+deployment's secret (`site.engine_secret_env`), dying with the process that started it (`stack.supervise`), bound
+to its slice's devices: CPU cores (device kind "cpu") become the process's CPU affinity, which every process it starts
 inherits (the builtin engine's expert-parallel workers, vLLM's engine core and workers; vLLM also binds its OpenMP
 threads to them, one group of cores per rank); GPUs (device kind "cuda") become its CUDA_VISIBLE_DEVICES. The
 affinity is set by the child itself before it imports the runtime or forks (the spec's `cpus`; for vLLM a tiny
@@ -12,10 +13,14 @@ affinity is set by the child itself before it imports the runtime or forks (the 
 as it does under a progress display. Its output goes to `data_dir()/logs/NAME.log` (replaced at each start of the
 site, appended to at a restart; `matrixstack logs NAME` shows it), and the site waits for `/health` to answer.
 
-Once all answer, each is supervised (`stack.supervise`): an engine that exits unexpectedly is started again with
-backoff, and `on_status` is told `restarting`, then `running` with its URL. `stop()` ends the supervision, sends
-SIGTERM to each process group, SIGKILL to what is left after `STOP_TIMEOUT_S`, and returns once no process of the
-groups is alive, workers included.
+Once all answer, each is supervised (`stack.supervise`): an engine that exits or stops answering /health is started
+again with backoff, and `on_status` is told `restarting`, then `running` with its URL (or `failed` when its restarts
+keep failing). `stop()` ends the supervision, sends SIGTERM to each process group, SIGKILL to what is left after
+`STOP_TIMEOUT_S`, and returns once no process of the groups is alive, workers included.
+
+What it runs is recorded in the data directory (`stack.leftovers.RunRecord`, `data_dir()/run/`), rewritten at each
+(re)start and removed by `stop()`; `start` first stops the leftovers of an earlier site whose process was killed
+without its tear-down (`stack.leftovers.stop_leftovers`), saying so on stderr.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from matrixstack.errors import UserError
 from matrixstack.lanes.vllm import vllm_available
 from matrixstack.lanes.vllm_env import missing_vllm_message, vllm_venv
 from matrixstack.paths import data_dir
-from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started, StatusCallback
+from matrixstack.stack.leftovers import RunRecord, run_dir, stop_leftovers
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started, StatusCallback, engine_secret_env
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, SiteShape
 from matrixstack.stack.supervise import STOP_TIMEOUT_S, Backoff, SupervisedProcess, log_tail, stop_all
 from matrixstack.stack.vllm_launch import check_vllm_model, vllm_command, vllm_env, vllm_launcher, vllm_model_folder
@@ -78,9 +84,9 @@ def engine_command(launch: Launch, port: int) -> list[str]:
 
 
 def engine_env(launch: Launch) -> dict[str, str]:
-    """Return the environment of `launch`'s builtin engine: unbuffered output, and CUDA_VISIBLE_DEVICES for GPU
-    slices."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Return the environment of `launch`'s builtin engine: unbuffered output, its deployment's secret, and
+    CUDA_VISIBLE_DEVICES for GPU slices."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **engine_secret_env(launch)}
     if launch.device_kind == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in launch.devices)
     return env
@@ -122,9 +128,12 @@ class LocalSite:
         start_timeout_s: float = ENGINE_START_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
         backoff: Backoff = Backoff(),
+        run_folder: Path | None = None,
     ):
         self.site = site
         self.log_dir = log_dir or engine_log_dir()
+        self.run_folder = run_folder or run_dir()
+        self._record = RunRecord(self.run_folder)
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.backoff = backoff
@@ -142,6 +151,9 @@ class LocalSite:
         on each is restarted when it exits, and `on_status` told (see the module docstring)."""
         for launch in launches:
             check_launch(launch)
+        stopped = stop_leftovers(self.run_folder)
+        if stopped:
+            self._console.print(f"stopped what an earlier run left running: {', '.join(stopped)}", highlight=False)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         engines = {launch.name: self._supervised(launch, on_status) for launch in launches}
         try:
@@ -165,7 +177,7 @@ class LocalSite:
             def command(port: int) -> list[str]:
                 return vllm_command(launch, vllm_launcher(launch, port, ENGINE_HOST, log_path))
 
-            env = {**os.environ, **vllm_env(launch)}
+            env = {**os.environ, **vllm_env(launch), **engine_secret_env(launch)}
         else:
 
             def command(port: int) -> list[str]:
@@ -182,6 +194,7 @@ class LocalSite:
             backoff=self.backoff,
             start_timeout_s=self.start_timeout_s,
             stop_timeout_s=self.stop_timeout_s,
+            on_spawn=lambda _: self._record.save(self.pids),
         )
 
     def _wait_ready(self, launches: list[Launch], engines: dict[str, SupervisedProcess]) -> None:
@@ -215,6 +228,7 @@ class LocalSite:
         kernel, after another stop timeout). Safe to call more than once."""
         engines, self._engines = list(self._engines.values()), {}
         stop_all(engines)
+        self._record.remove()
 
 
 def _placement(launch: Launch) -> str:

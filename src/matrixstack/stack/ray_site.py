@@ -36,8 +36,11 @@ there (`stack.supervise`: restarted with backoff when it exits). GPUs are the on
 vLLM's thread binding). vLLM runs on one node: a vllm slice spanning several nodes (a PACK or SPREAD launch) is
 refused, naming the fix. Its output goes to the node's `data_dir()/logs/NAME.log`, whose end a failed start
 reports. A restart is told to the driver, which tells `start`'s `on_status` (`restarting`, then `running`).
-The server is in a process group of its own, which `close()` stops whole; an actor killed without it (its
-driver killed with SIGKILL) leaves its server running. A builtin engine actor that dies is not restarted.
+The server is in a process group of its own, which `close()` stops whole, and dies with its actor
+(`stack.supervise`: the parent-death signal). A builtin engine actor that dies is not restarted.
+
+Every engine requires its deployment's secret on /v1 (`site.engine_secret_env`): derived here on the driver, which
+holds the data key, and handed to the actor's `start` (the builtin engine's app checks it; vLLM gets VLLM_API_KEY).
 
 The actor serves on a free port of its node's IP; `start` returns `Started(name, http://NODE_IP:PORT/v1)` once
 the URL's `/health` answers from here. `stop()` closes the engines (vLLM: its server and every process it started),
@@ -70,7 +73,8 @@ from matrixstack.errors import UserError
 from matrixstack.lanes.vllm import VLLM_START_TIMEOUT_S, vllm_available
 from matrixstack.lanes.vllm_env import VENV_SETTING, missing_vllm_message, vllm_venv
 from matrixstack.paths import data_dir
-from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started, StatusCallback
+from matrixstack.portal.deployment_service import engine_secret
+from matrixstack.stack.site import ENGINE_DEVICE_KINDS, Launch, Started, StatusCallback, engine_secret_env
 from matrixstack.stack.spec import WEIGHTS_PACKAGED, WEIGHTS_RANDOM, SiteShape
 from matrixstack.stack.supervise import SupervisedProcess
 from matrixstack.stack.vllm_launch import check_vllm_model, vllm_command, vllm_env, vllm_launcher, vllm_model_folder
@@ -177,9 +181,9 @@ class EngineActor:
         self.deployment = None
         self.server = None
 
-    def start(self) -> str:
-        """Build the deployment (its EP ranks as Ray actors), serve it on a free port of this node and return its
-        OpenAI base URL (…/v1)."""
+    def start(self, secret: str) -> str:
+        """Build the deployment (its EP ranks as Ray actors), serve it on a free port of this node, its /v1 routes
+        requiring `secret`, and return its OpenAI base URL (…/v1)."""
         launch = self.launch
         from matrixstack.engine.config import EngineConfig
         from matrixstack.engine.ep_launch import TcpLauncher
@@ -213,7 +217,7 @@ class EngineActor:
             random_weights=launch.weights == WEIGHTS_RANDOM,
             ep_options=ep_options,
         )
-        app = create_app(self.deployment.engine, self.deployment.model_id)
+        app = create_app(self.deployment.engine, self.deployment.model_id, api_key=secret)
         self.server = ServerThread(app, host=node_ip, port=0).start()
         return f"{self.server.url}/v1"
 
@@ -242,15 +246,16 @@ class VllmActor:
         self.process: SupervisedProcess | None = None
         self.statuses: queue.Queue[tuple[str, str] | None] = queue.Queue()  # None: closed
 
-    def start(self) -> str:
-        """Spawn vLLM on a free port of this node's IP (see the module docstring) and return its OpenAI base URL
-        (…/v1) without waiting for it; UserError when its model or plan cannot run on vLLM."""
+    def start(self, secret_env: dict[str, str]) -> str:
+        """Spawn vLLM on a free port of this node's IP (see the module docstring), `secret_env` (its secret) added to
+        its environment, and return its OpenAI base URL (…/v1) without waiting for it; UserError when its model or
+        plan cannot run on vLLM."""
         launch = self.launch
         host = ray.util.get_node_ip_address()
         log_path = data_dir() / "logs" / f"{launch.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         vllm_model_folder(launch)  # export packaged weights (once per node) before the server starts
-        env = {**os.environ, **vllm_env(launch)}
+        env = {**os.environ, **vllm_env(launch), **secret_env}
         if launch.device_kind == "cuda":  # the GPUs Ray gave this actor, not the slice's indices on its fabric
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
 
@@ -448,7 +453,7 @@ class RaySite:
             .remote(launch, group, token)
         )
         running.actors.append(engine)
-        url = self._get(launch, engine.start.remote())
+        url = self._get(launch, engine.start.remote(engine_secret(launch.name)))
         self._await_health(launch, url)
         return Started(launch.name, url)
 
@@ -468,7 +473,7 @@ class RaySite:
             .remote(launch)
         )
         running.actors.append(actor)
-        url = self._get(launch, actor.start.remote())
+        url = self._get(launch, actor.start.remote(engine_secret_env(launch)))
         self._get(launch, actor.wait_ready.remote(VLLM_START_TIMEOUT_S), VLLM_START_TIMEOUT_S + CLOSE_TIMEOUT_S)
         self._await_health(launch, url)
         self._get(launch, actor.watch.remote())

@@ -11,9 +11,14 @@ than once. `stack.sites.open_site` picks the site a shape names.
 After `start` returns, a site keeps its engines up: one that exits unexpectedly is started again (with backoff,
 `stack.supervise`), and each change is told to the `on_status` callback given to `start` as
 `(deployment name, status, url)`: `STATUS_RESTARTING` while it is down, `STATUS_RUNNING` (with its URL, which may
-have changed) once it answers again. `matrixstack up` records these in the portal's database
-(`stack.apply.record_status`), which routes only to running deployments. The first start is not told: it is what
-`start` returns.
+have changed) once it answers again, `STATUS_FAILED` when the site gave up restarting it. `matrixstack up`
+records these in the portal's database (`stack.apply.record_status`), which routes only to running deployments.
+The first start is not told: it is what `start` returns.
+
+Every engine a site starts requires its deployment's secret on each /v1 call (`engine_secret_env(launch)`: the
+builtin engine reads `MATRIXSTACK_ENGINE_SECRET`, vLLM `VLLM_API_KEY`), the portal's
+`deployment_service.engine_secret(name)`, which the portal sends as the backend's API key: a stray engine is not an
+open door. It goes by environment variable, never on a command line (which `ps` shows).
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from matrixstack.engine.launch import ENGINE_SECRET_ENV
 from matrixstack.perf.spec import InstancePlan
+from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.spec import EngineArgs
 
 ENGINE_DEVICE_KINDS = ("cpu", "cuda")  # what the builtin engine and vLLM run on here: CPU cores or CUDA GPUs
 STATUS_RUNNING = "running"  # answering its health check (the portal routes to it)
-STATUS_RESTARTING = "restarting"  # exited unexpectedly; being started again (the portal answers 503)
+STATUS_RESTARTING = "restarting"  # exited or hung; being started again (the portal answers 503 with Retry-After)
+STATUS_FAILED = "failed"  # its restarts kept failing; the site gave up on it (the portal answers 503)
+VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's OpenAI server requires this key on /v1 when it is set
 StatusCallback = Callable[[str, str, str], None]  # (deployment name, status, its OpenAI base URL)
 
 
@@ -71,3 +80,9 @@ class Site(Protocol):
     def stop(self) -> None:
         """Stop every engine this site started (idempotent)."""
         ...
+
+
+def engine_secret_env(launch: Launch) -> dict[str, str]:
+    """Return the environment variable that gives `launch`'s engine its deployment's secret: VLLM_API_KEY for vLLM,
+    MATRIXSTACK_ENGINE_SECRET for the builtin engine."""
+    return {VLLM_API_KEY_ENV if launch.engine == "vllm" else ENGINE_SECRET_ENV: engine_secret(launch.name)}

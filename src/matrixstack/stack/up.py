@@ -4,9 +4,12 @@ The steps, in order: bind the portal's port (a taken port fails before anything 
 the shape to the database (`stack.apply`: pools, slices, plans, catalog, tenants; idempotent), print the keys it
 created (only now: the database keeps their hashes), start the engines (the builtin engine or vLLM, as each
 deployment says), record them running, then serve the portal in the foreground and print where it is and what
-to try. While it serves, the site restarts an engine that crashes and each change is recorded
-(`stack.apply.record_status`: `restarting`, then `running` at its URL), so the portal answers 503 for that
-deployment while it is down and `matrixstack deployment list` and the dashboard show it. SIGINT or SIGTERM
+to try. While it serves, the site restarts an engine that crashes or hangs and each change is recorded
+(`stack.apply.record_status`: `restarting`, then `running` at its URL, or `failed` once the site gives up), so
+the portal answers 503 (with Retry-After while it restarts) for that deployment while it is down and `matrixstack
+deployment list`, the portal's /health and the dashboard show it. Each engine requires its deployment's secret,
+which the portal sends; each dies with this process, even when it is killed with SIGKILL, and what a killed run
+left behind is stopped by the next (`stack.leftovers`). SIGINT or SIGTERM
 stops the portal, then every engine the site started, then records them stopped; a signal while the engines
 start does the same. A second run on the same database finds everything in place: no new key, the old ones
 work, usage and slices are kept.
