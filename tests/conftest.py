@@ -8,6 +8,7 @@ every test that starts a process or a server is marked `slow` here or at its def
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
 import itertools
 import json
@@ -62,6 +63,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _starts_a_process_or_server(item):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _throwaway_data_key():
+    """Seal the secrets tests store with a throwaway data key ($MATRIXSTACK_SECRET_KEY, which the processes tests
+    start inherit), never with the key file of the user's data directory; a test may unset it to use a key file of
+    its own data directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MATRIXSTACK_SECRET_KEY", base64.urlsafe_b64encode(os.urandom(32)).decode())
+        yield
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from matrixstack.matrix.simulate import resize_pod
 from matrixstack.matrix.slices import alloc_slice
 from matrixstack.matrix.spec import SliceRequest
 from matrixstack.portal.catalog_service import add_entries
+from matrixstack.portal.gateway import UNKNOWN_ENTRY
 from matrixstack.portal.key_service import create_key, list_keys
 from matrixstack.portal.metrics import METRIC_NAMES
 from matrixstack.portal.server import PortalThread
@@ -288,11 +289,11 @@ def test_usage_rows_land_in_the_database_per_tenant_key_and_entry(portal):
     assert portal.portal.writer.flush()
     rows = portal.portal.db.read(lambda session: usage_report(session, group_by=("tenant", "key", "entry")))
     mine = {r["entry"]: r for r in rows if r["tenant"] == "initech"}
-    assert set(mine) == {"tiny", "tiny-finance", "acme-notes"}
+    assert set(mine) == {"tiny", "tiny-finance", UNKNOWN_ENTRY}  # another tenant's private entry: not for initech
     assert {r["key"] for r in mine.values()} == {plaintext[:12]}
     assert mine["tiny"]["prompt_tokens"] == a.usage.prompt_tokens and mine["tiny"]["completion_tokens"] == 2
     assert mine["tiny-finance"]["total_tokens"] == b.usage.total_tokens and mine["tiny-finance"]["errors"] == 0
-    assert mine["acme-notes"]["errors"] == 1 and mine["acme-notes"]["total_tokens"] == 0
+    assert mine[UNKNOWN_ENTRY]["errors"] == 1 and mine[UNKNOWN_ENTRY]["total_tokens"] == 0
 
 
 def test_metrics_carry_the_names_and_the_entry_label(portal):

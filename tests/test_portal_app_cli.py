@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from matrixstack.cli.portal_serve_cmd import portal_app
+from matrixstack.portal.gateway import UNKNOWN_ENTRY
 from matrixstack.portal.key_service import create_key
 from matrixstack.portal.store import open_portal_database
 from matrixstack.portal.usage_service import usage_report
@@ -73,7 +74,14 @@ def test_portal_serve_runs_logs_json_and_stops_on_ctrl_c(tmp_path):
     assert line["tenant"] == "acme" and line["entry"] == "nope" and line["status"] == 404
     with open_portal_database(db_url) as svc:  # the writer wrote its last batch on the way out
         assert svc.read(lambda session: usage_report(session, group_by=("entry",))) == [
-            {"entry": "nope", "requests": 1, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "errors": 1}
+            {
+                "entry": UNKNOWN_ENTRY,
+                "requests": 1,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+                "errors": 1,
+            }  # an unknown name is stored in the one unknown bucket, never verbatim
         ]
 
 

@@ -70,14 +70,34 @@ def test_tokens_per_minute_count_finished_requests():
     clock = Clock()
     limiter, key = KeyLimiter(clock), Key(tpm_limit=100)
     assert limiter.admit(key) is None
-    limiter.finish(key.id, 60)
+    limiter.settle(key.id, 0, 60)
     clock.now_s += 20
     assert limiter.admit(key) is None  # 60 < 100: in flight requests are not known yet
-    limiter.finish(key.id, 50)
+    limiter.settle(key.id, 0, 50)
     refusal = limiter.admit(key)
     assert refusal.code == RATE_LIMIT_EXCEEDED and refusal.retry_after_s == 40  # when the 60 leave, 50 remain
     clock.now_s += 40
     assert limiter.admit(key) is None
+
+
+def test_reservations_hold_room_until_settled_so_a_burst_overshoots_by_one_request_at_most():
+    clock = Clock()
+    limiter, key = KeyLimiter(clock), Key(tpm_limit=100, token_quota=150)
+    limiter.seed(key.id, 0)
+    granted = []
+    for _ in range(10):  # ten requests of at most 40 tokens each, all in flight at once
+        reserved, refusal = limiter.reserve(key, 40)
+        if refusal is None:
+            granted.append(reserved)
+        else:
+            assert reserved == 0 and refusal.code == RATE_LIMIT_EXCEEDED and refusal.retry_after_s == 1
+    assert granted == [40, 40, 40]  # 0, 40, 80 < 100: room left; at 120 there is none
+    for reserved in granted:
+        limiter.settle(key.id, reserved, 10)  # each used 10 of its 40
+    assert limiter.used_tokens(key.id) == 30
+    assert limiter.reserve(key, 40) == (40, None)  # the settled 30 left room again
+    limiter.settle(key.id, 40, 0)  # failed: its reservation is released, nothing charged
+    assert limiter.used_tokens(key.id) == 30 and limiter.admit(key) is None
 
 
 def test_lifetime_quota_is_seeded_once_and_grows():
@@ -87,7 +107,7 @@ def test_lifetime_quota_is_seeded_once_and_grows():
     assert not limiter.needs_seed(key.id)
     limiter.seed(key.id, 0)  # a second read does not reset the live count
     assert limiter.admit(key) is None
-    limiter.finish(key.id, 15)
+    limiter.settle(key.id, 0, 15)
     assert limiter.used_tokens(key.id) == 105
     refusal = limiter.admit(key)
     assert refusal.code == INSUFFICIENT_QUOTA and refusal.retry_after_s == QUOTA_RETRY_AFTER_S
@@ -99,7 +119,7 @@ def test_keys_without_limits_are_never_refused():
     limiter = KeyLimiter(Clock())
     for _ in range(1000):
         assert limiter.admit(Key()) is None
-        limiter.finish(1, 1000)
+        limiter.settle(1, 0, 1000)
 
 
 # ---- the TTL cache ----------------------------------------------------------------------------------------------

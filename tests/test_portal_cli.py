@@ -18,6 +18,7 @@ from matrixstack.errors import UserError
 from matrixstack.portal.catalog_service import get_entry
 from matrixstack.portal.key_service import authenticate, create_key
 from matrixstack.portal.store import open_portal_database
+from matrixstack.portal.upstream_secrets import backend_api_key
 from matrixstack.portal.usage_service import UsageRecord, record_usage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "catalog"
@@ -102,7 +103,7 @@ def test_show_json_added_back_with_replace_keeps_the_upstream_secret(run, db, tm
     assert run("catalog", "add", str(edited), "--replace").exit_code == 0
     with open_portal_database(db) as svc:
         entry = svc.read(lambda session: get_entry(session, "deepseek-r1"))
-    assert entry.description.startswith("edited") and entry.backend.api_key == DEEPSEEK_KEY
+    assert entry.description.startswith("edited") and backend_api_key(entry.backend) == DEEPSEEK_KEY
 
 
 def test_catalog_errors_exit_2_with_a_clear_message(run, tmp_path):
@@ -205,6 +206,11 @@ def test_usage_table_and_json(run, db):
     assert [r["key"] for r in _json(run("usage", "--by", "key", "--json"))] == sorted([a.prefix, b.prefix])
     table = run("usage", "--by", "entry", "--since", "7d")
     assert table.exit_code == 0 and "tiny-moe-python" in table.output and "usage by entry since" in table.output
+    pages = [_json(run("usage", "--by", "entry", "--limit", "1", "--offset", str(o), "--json")) for o in (0, 1, 2)]
+    assert [[r["entry"] for r in page] for page in pages] == [["tiny-moe"], ["tiny-moe-python"], []]
+    assert "--offset 1" in run("usage", "--by", "entry", "--limit", "1").output  # says where the next page starts
+    refused = run("usage", "--limit", "100000")
+    assert refused.exit_code == 2 and "limit" in refused.output
     assert "--since 'yesterday' is neither an ISO time" in _error(run("usage", "--since", "yesterday"))
     assert "group by model: unknown" in _error(run("usage", "--by", "tenant,model"))
 

@@ -10,6 +10,7 @@ every device and every catalog entry. The browser tests skip only when no Chromi
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -30,7 +31,7 @@ from matrixstack.matrix.tenants import create_tenant
 from matrixstack.openai.server import ServerThread
 from matrixstack.portal.app import create_portal_app
 from matrixstack.portal.catalog_service import add_entry, catalog_tree
-from matrixstack.portal.dashboard import DEPLOYMENT_COLOURS, dashboard_state
+from matrixstack.portal.dashboard import DEPLOYMENT_COLOURS, USAGE_ENTRIES, dashboard_state
 from matrixstack.portal.deployment_service import register_deployment
 from matrixstack.portal.key_service import create_key
 from matrixstack.portal.spec import BackendSpec, EntrySpec
@@ -260,6 +261,7 @@ def test_state_usage_sums_the_last_minute(world):
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "tokens_per_s": round((prompt + completion) / 60.0, 3),
+        "entries": 3,
         "by_entry": [
             {"entry": "finance-moe", "requests": 2, "total_tokens": 500},
             {"entry": "base-moe", "requests": 1, "total_tokens": 100},
@@ -386,7 +388,8 @@ def test_chromium_draws_the_matrix_catalog_and_usage(world, portal_url, tmp_path
         portal.write(
             lambda session: record_usage(
                 session,
-                [usage(world["user"], now, "legal-moe", 7, 9, 0), usage(world["user"], now, "quick-answer", 3, 4, 0)],
+                [usage(world["user"], now, "legal-moe", 7, 9, 0), usage(world["user"], now, "quick-answer", 3, 4, 0)]
+                + [usage(world["user"], now, f"quiet-{i:02}", 1, 0, 0) for i in range(USAGE_ENTRIES)],  # beyond the top
             )
         )
     dom = Dom(chromium(f"{portal_url}/dashboard#key={world['admin_key']}", tmp_path / "profile", "--dump-dom"))
@@ -413,7 +416,9 @@ def test_chromium_draws_the_matrix_catalog_and_usage(world, portal_url, tmp_path
     assert entries == ENTRIES
     assert "third-party" in dom.text["catalog"]
 
-    assert {"legal-moe", "quick-answer"} <= {a["data-entry"] for a in dom.with_class("usage-entry")}
+    shown = {a["data-entry"] for a in dom.with_class("usage-entry")}
+    assert {"legal-moe", "quick-answer"} <= shown and len(shown) == USAGE_ENTRIES  # the busiest only
+    assert re.fullmatch(r"and \d+ more entries with fewer tokens", dom.text["usage-more"])
     assert int(dom.text["usage-requests"].replace(",", "")) >= 2
     assert int(dom.text["usage-tokens"].replace(",", "")) >= 7 + 9 + 3 + 4
     assert float(dom.text["usage-tokens_per_s"].replace(",", "")) > 0

@@ -38,6 +38,7 @@ from matrixstack.portal.key_service import authenticate, create_key, list_keys, 
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry, load_entries, parse_entries
 from matrixstack.portal.store import CatalogEntryRow, open_portal_database
+from matrixstack.portal.upstream_secrets import backend_api_key
 from matrixstack.portal.usage_service import UsageRecord, record_usage, tokens_used, usage_report
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "catalog"
@@ -252,24 +253,19 @@ def test_the_tree_nests_the_lineage_with_the_l0_backend_kind(svc):
 
 def test_the_backend_secret_is_kept_but_never_shown(svc):
     svc.write(lambda session: add_entry(session, _l0()))
-    assert (
-        svc.read(lambda session: get_entry(session, "base")).backend.api_key == SECRET
-    )  # the operator's internal view, used to forward
-    assert svc.read(lambda session: resolve_entry(session, "base", None)).backend.api_key == SECRET
+    stored = svc.read(lambda session: get_entry(session, "base")).backend
+    assert stored.api_key.startswith("enc:v1:") and backend_api_key(stored) == SECRET  # sealed, opened to forward
+    assert backend_api_key(svc.read(lambda session: resolve_entry(session, "base", None)).backend) == SECRET
     view = svc.read(lambda session: get_entry(session, "base")).view()
     assert view["backend"]["api_key"] == "set" and SECRET not in str(view)
     assert SECRET not in repr(svc.read(lambda session: get_entry(session, "base"))) and SECRET not in str(
         svc.read(catalog_tree)
     )
     assert all(SECRET not in str(e.view()) for e in svc.read(lambda session: list_entries(session, admin=True)))
-    assert (
-        svc.write(
-            lambda session: update_entry(session, "base", {"backend": {"url": "https://other.example/v1"}})
-        ).backend.api_key
-        == SECRET
-    )
+    changed = svc.write(lambda session: update_entry(session, "base", {"backend": {"url": "https://other.example/v1"}}))
+    assert changed.backend.api_key == stored.api_key  # the same seal: an update leaves the key's row as it was
     shown = EntrySpec.model_validate(view)  # what `catalog show --json` printed, added back with --replace
-    assert svc.write(lambda session: add_entry(session, shown, replace=True)).backend.api_key == SECRET
+    assert backend_api_key(svc.write(lambda session: add_entry(session, shown, replace=True)).backend) == SECRET
     svc.write(
         lambda session: add_entry(
             session, _l0("plain").model_copy(update={"backend": BackendSpec(kind="vllm", url="http://h:1/v1")})

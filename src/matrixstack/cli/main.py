@@ -1,6 +1,12 @@
-"""The `matrixstack` command: one Typer app with a sub-command per layer."""
+"""The `matrixstack` command: one Typer app with a sub-command per layer.
+
+Every command runs with umask 077: the files and folders it creates (in the data directory: the database, the key
+file, engine logs, exported weights) are readable by their owner only.
+"""
 
 from __future__ import annotations
+
+import os
 
 import typer
 
@@ -24,6 +30,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+PRIVATE_UMASK = 0o077
+
+
+@app.callback()
+def _private_files() -> None:
+    """MatrixStack: what it writes (the database, the key, logs, exported weights) is its user's only."""
+    os.umask(PRIVATE_UMASK)
+
+
 app.add_typer(fabric_app, name="fabric")
 app.add_typer(arch_app, name="arch")
 app.add_typer(matrix_app, name="matrix")

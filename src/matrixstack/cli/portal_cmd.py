@@ -48,7 +48,7 @@ def _backend_text(entry: EntrySpec) -> str:
     b = entry.backend
     extra = f" model {b.model}" if b.model else ""
     extra += f" deployment {b.deployment}" if b.deployment else ""
-    extra += ", api_key set" if b.api_key else ""
+    extra += f", api_key {entry.view()['backend']['api_key']}" if b.api_key else ""  # "set" or the env: it names
     return f"{b.kind} {b.url}{extra}"
 
 
@@ -275,7 +275,7 @@ def key_revoke(
     db: str | None = DbOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Revoke an API key: it stops authenticating at once."""
+    """Revoke an API key: running portals refuse it within a second."""
     from matrixstack.portal.key_service import revoke_key
 
     with _database(db) as database:
@@ -403,16 +403,18 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 def usage(
     by: str = typer.Option("tenant", "--by", help="Group by tenant, key, entry, or several: tenant,entry."),
     since: str | None = typer.Option(None, "--since", help="Only since an ISO time or an age: 1h, 24h, 7d."),
+    limit: int = typer.Option(1000, "--limit", help="Groups to show (at most 1000)."),
+    offset: int = typer.Option(0, "--offset", help="Groups to skip (the pages before)."),
     db: str | None = DbOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Show usage (requests, tokens, errors) grouped by tenant, key or entry."""
+    """Show usage (requests, tokens, errors) grouped by tenant, key or entry, a page of groups at a time."""
     groups = [g.strip() for g in by.split(",") if g.strip()]
     start = parse_since(since) if since else None
     from matrixstack.portal.usage_service import usage_report
 
     with _database(db) as database:
-        rows = database.read(lambda session: usage_report(session, groups, start))
+        rows = database.read(lambda session: usage_report(session, groups, start, limit, offset))
     if as_json:
         print_json(rows)
         return
@@ -428,3 +430,5 @@ def usage(
             *(str(r[k]) for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "errors")),
         )
     console.print(table)
+    if len(rows) == limit:
+        console.print(f"the page is full; more groups may follow: --offset {offset + limit}")

@@ -1,6 +1,7 @@
 """`matrixstack portal serve`: run the unified portal (OpenAI-compatible API, admin API, metrics, dashboard).
 
 The request log (one JSON line per request) goes to stdout; the banner and uvicorn's own messages to stderr.
+`--metrics-token` (or $MATRIXSTACK_METRICS_TOKEN) is the token /metrics asks for (portal/scrape.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port to listen on (0: a free one)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level (the request log is always on)"),
     text_logs: bool = typer.Option(False, "--text-logs", help="request log lines as key=value instead of JSON"),
+    metrics_token: str | None = typer.Option(
+        None,
+        "--metrics-token",
+        envvar="MATRIXSTACK_METRICS_TOKEN",
+        show_envvar=True,
+        help="the token /metrics asks for as 'Authorization: Bearer TOKEN' (Prometheus: authorization.credentials); "
+        "without one, /metrics names no private entry except to an admin key",
+    ),
 ) -> None:
     """Serve the portal on HOST:PORT until Ctrl-C."""
     from matrixstack.openai.server import bind_socket
@@ -37,7 +46,7 @@ def serve(
 
     sock = bind_socket(host, port)  # a taken port fails fast
     try:
-        app = create_portal_app(db, log_json=not text_logs)
+        app = create_portal_app(db, log_json=not text_logs, metrics_token=metrics_token)
     except BaseException:
         sock.close()
         raise

@@ -12,11 +12,13 @@ before they read the state they decide on; these constraints are the last line o
 URLs: `sqlite:///PATH` (the default is `matrixstack.db` under the data directory: `$MATRIXSTACK_HOME`, else
 `$XDG_DATA_HOME/matrixstack`, else `~/.local/share/matrixstack`) or `postgresql+psycopg://USER@HOST:PORT/DB`
 (`postgresql://` is read as psycopg 3). SQLite runs in WAL mode with a 30 s busy timeout, and every write
-transaction starts with `BEGIN IMMEDIATE`, so two writers queue instead of failing late.
+transaction starts with `BEGIN IMMEDIATE`, so two writers queue instead of failing late. The SQLite file and its
+-wal and -shm are 0600, the data directory holding the default file 0700: only their owner reads the state.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.pool import StaticPool
 
+from matrixstack.datakey import private_dir
 from matrixstack.errors import UserError
 from matrixstack.paths import data_dir
 
@@ -222,15 +225,29 @@ def open_engine(url: str | None = None) -> Engine:
     return engine
 
 
+def _private_database_file(path: Path) -> None:
+    """Make the SQLite file `path` (created empty when missing) and its -wal and -shm files 0600 (those this user
+    owns), its folder 0700 when it is the data directory (another folder is made 0700 only when created here).
+    SQLite gives the -wal and -shm files it creates the database file's mode."""
+    if path.parent == data_dir():
+        private_dir(path.parent)
+    else:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDONLY, 0o600))
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        if file.exists() and file.stat().st_uid == os.getuid():  # another user's file keeps the mode they gave it
+            file.chmod(0o600)
+
+
 def _sqlite_engine(parsed) -> Engine:
     """Return a SQLite engine: WAL, busy timeout, foreign keys, BEGIN IMMEDIATE for write transactions."""
     database = parsed.database
     if database and database != ":memory:":
         path = Path(database).expanduser()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private_database_file(path)
         except OSError as exc:
-            raise UserError(f"cannot create the folder of database file {path}: {exc.strerror}") from None
+            raise UserError(f"cannot create database file {path} (or its folder): {exc.strerror}") from None
         engine = create_engine(parsed.set(database=str(path)), connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
         wal = True
     else:  # in memory: one connection shared by everyone, or each would see its own empty database

@@ -11,7 +11,8 @@ route's statuses are in the OpenAPI schema):
   "token_quota"}` (the answer carries the plaintext `key`, the only time it is shown),
   `PATCH /admin/keys/{prefix} {"rpm_limit"?, "tpm_limit"?, "token_quota"?}` (a given null removes a limit),
   `DELETE /admin/keys/{prefix}` revokes;
-- `GET /admin/usage?group_by=tenant,entry&since=ISO-8601`;
+- `GET /admin/usage?group_by=tenant,entry&since=ISO-8601&limit=100&offset=0`: one page of groups (`limit` at most
+  `usage_service.MAX_PAGE`; a page shorter than `limit` is the last);
 - `GET /admin/deployments`, `POST /admin/deployments {...}`, `DELETE /admin/deployments/{name}`.
 
 A backend's `api_key` is never returned: entries show it as "set" (or null). Catalog changes reach /v1 at once
@@ -36,6 +37,8 @@ from matrixstack.portal.gateway import Gateway, openai_error
 from matrixstack.portal.key_service import KeyInfo
 from matrixstack.portal.spec import parse_entries
 from matrixstack.specio import Strict
+
+USAGE_PAGE = 100  # groups in a page of /admin/usage when the request does not say
 
 
 class TenantCreate(Strict):
@@ -186,9 +189,11 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
     async def usage(
         group_by: str = Query("tenant", description="comma-separated: tenant, key, entry"),
         since: str | None = Query(None, description="ISO-8601 time; only requests since then"),
+        limit: int = Query(USAGE_PAGE, ge=1, le=usage_service.MAX_PAGE, description="groups in this page"),
+        offset: int = Query(0, ge=0, description="groups to skip (the pages before)"),
     ) -> list[dict[str, Any]]:
         groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
-        return await read(usage_service.usage_report, groups, parse_since(since))
+        return await read(usage_service.usage_report, groups, parse_since(since), limit, offset)
 
     # ---- deployments ----
 

@@ -6,19 +6,23 @@
 - `POST /v1/chat/completions`, `POST /v1/completions`: resolved, limited, forwarded and metered by the `Gateway`
   (portal/gateway.py), streamed (SSE) or not, usage in every response, `model` = the catalog entry;
 - `/admin/...`: the admin API (portal/admin_api.py), for admin keys;
-- `GET /metrics` (Prometheus, no key), `GET /health` (each deployment's status: 200 `ok` / `degraded`, 503
-  `unavailable` only when nothing can serve; portal/lane_health.py), `GET /openapi.json`, `GET /docs`;
+- `GET /metrics` (Prometheus: with the scrape token or an admin key every series; without a token configured,
+  anyone, private entries' names summed away: portal/scrape.py), `GET /health` (each deployment's status: 200
+  `ok` / `degraded`, 503 `unavailable` only when nothing can serve; portal/lane_health.py), `GET /openapi.json`,
+  `GET /docs`;
 - `GET /dashboard` and `/dashboard/state` (portal/dashboard.py).
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 401 `invalid_api_key` without a valid
 key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model_not_found`, 429
 `rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 503 `deployment_not_running` (with
-`Retry-After` while it restarts), 400 naming the param for an invalid body or a user error, a backend's own error
-as it sent it. The OpenAPI schema documents each route's error statuses with that body (`openai.error_doc`; no
-422: validation errors are 400s).
+`Retry-After` while it restarts), 400 naming the param for an invalid body or a user error; a backend's failure as
+the portal's own error (502 `upstream_error` / `upstream_auth_failed`, 503 `upstream_busy`, ...:
+portal/upstream_errors.py), never the backend's body. The OpenAPI schema documents each route's error statuses
+with that body (`openai.error_doc`; no 422: validation errors are 400s).
 
-Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): a key revoked or an entry changed by
-another process (the CLI) takes effect within that time; through this app's admin API, at once. Usage goes to
+Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): an entry changed by another process (the
+CLI) takes effect within that time, through this app's admin API at once; a key revoked or limited anywhere within
+a second (the gateway's key watch, started with the app's lifespan). Usage goes to
 the database through a background batch writer (`UsageWriter`), started and stopped (after a last flush) with
 the app's lifespan.
 """
@@ -60,6 +64,7 @@ from matrixstack.portal.lane_health import health_report
 from matrixstack.portal.limits import KeyLimiter
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
 from matrixstack.portal.resolve import RangeError
+from matrixstack.portal.scrape import metrics_response, scrape_token
 from matrixstack.portal.spec import EntrySpec, UnknownEntry
 from matrixstack.portal.store import open_portal_database
 from matrixstack.portal.usage_service import record_usage
@@ -243,11 +248,13 @@ def create_portal_app(
     log_json: bool = True,
     cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
     usage_interval_s: float = INTERVAL_S,
+    metrics_token: str | None = None,
 ) -> FastAPI:
     """Return the portal's FastAPI app on the database at `db_url` (None: the default SQLite file).
 
     `log_json` writes each request's log line as one JSON object (else `key=value` pairs); `cache_ttl_s` is how
-    long keys and resolved entries are cached; `usage_interval_s` how often the usage writer writes a batch.
+    long keys and resolved entries are cached; `usage_interval_s` how often the usage writer writes a batch;
+    `metrics_token` the token /metrics asks for (default $MATRIXSTACK_METRICS_TOKEN; none: see portal/scrape.py).
     """
     db = open_portal_database(db_url)
     metrics = PortalMetrics(lambda: db.read(pool_utilisation))
@@ -260,6 +267,7 @@ def create_portal_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         writer.start()
+        gateway.start()
         try:
             yield
         finally:
@@ -333,14 +341,12 @@ def create_portal_app(
 
     app.include_router(admin_router(gateway, require_admin))
 
-    @app.get("/metrics", summary="Prometheus metrics", tags=["ops"], response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        try:
-            await run_in_threadpool(metrics.refresh_utilisation)
-        except Exception:  # the matrix tables unreadable for a moment: serve the other metrics anyway
-            LOG.warning("reading matrix utilisation failed", exc_info=True)
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+    token = scrape_token(metrics_token)
+
+    @app.get("/metrics", summary="Prometheus metrics (scrape token or admin key: portal/scrape.py)", tags=["ops"],
+             response_class=PlainTextResponse, responses=error_responses(401, 403))  # fmt: skip
+    async def prometheus(request: Request) -> Response:
+        return await metrics_response(request, gateway, token)
 
     unavailable = {503: {"description": "unavailable: no deployment runs and no other backend can serve"}}
 

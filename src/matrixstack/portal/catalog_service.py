@@ -7,7 +7,8 @@ the rules leave no room for a cycle. An entry with children cannot be removed.
 
 Visibility: an entry with an owner is private to that tenant (created on first use by the matrix layer's
 `tenants`); to anyone else it does not exist (UnknownEntry, the same error as a name never added). `admin=True`
-sees everything. A backend's api_key is stored in the entry spec and shown by `EntrySpec.view()` only as "set".
+sees everything. A backend's api_key is stored in the entry spec sealed with the data key, or as an `env:NAME`
+reference (`portal.upstream_secrets`), never in clear, and shown by `EntrySpec.view()` only as "set".
 The functions take the caller's session and never commit (`matrix.database`).
 """
 
@@ -24,6 +25,7 @@ from matrixstack.portal.deployment_service import routed
 from matrixstack.portal.resolve import Resolved, resolve
 from matrixstack.portal.spec import PARENT_LEVELS, EntrySpec, UnknownEntry
 from matrixstack.portal.store import CatalogEntryRow
+from matrixstack.portal.upstream_secrets import sealed_backend
 from matrixstack.specio import validate_spec
 
 MAX_CHAIN = 3  # L0 -> L1 -> L2
@@ -33,14 +35,15 @@ def add_entry(session: Session, spec: EntrySpec, replace: bool = False) -> Entry
     """Add a catalog entry (or replace one of that name with `replace=True`) and return it as stored.
 
     Raises UserError when the name exists (without replace) or a rule between entries breaks (see the module
-    docstring). A replaced backend whose api_key is "set" (as shown by view()) keeps the stored key.
+    docstring). A backend's api_key is stored sealed (`upstream_secrets.stored_form`); one given as "set" (as shown
+    by view()) keeps the stored key.
     """
     row = session.scalars(select(CatalogEntryRow).where(CatalogEntryRow.name == spec.name)).first()
     if row is not None and not replace:
         raise UserError(f"entry {spec.name!r} exists already; replace it (catalog add --replace) or pick a new name")
-    if row is not None and spec.backend is not None and spec.backend.api_key == "set":
-        old = row.spec.get("backend") or {}
-        spec = spec.model_copy(update={"backend": spec.backend.model_copy(update={"api_key": old.get("api_key")})})
+    if spec.backend is not None:
+        stored = (row.spec.get("backend") or {}).get("api_key") if row is not None else None
+        spec = spec.model_copy(update={"backend": sealed_backend(spec.backend, stored)})
     parent_id = None
     if spec.parent is not None:
         parent = session.scalars(select(CatalogEntryRow).where(CatalogEntryRow.name == spec.parent)).first()
@@ -93,7 +96,7 @@ def remove_entry(session: Session, name: str) -> EntrySpec:
 
 
 def get_entry(session: Session, name: str) -> EntrySpec:
-    """Return an entry (the operator's view, secret included); UnknownEntry when there is none of that name."""
+    """Return an entry as stored (a backend key sealed or an `env:` reference); UnknownEntry when there is none."""
     return EntrySpec.model_validate(_entry_row(session, name).spec)
 
 

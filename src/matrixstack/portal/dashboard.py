@@ -5,7 +5,9 @@
   that holds it and the deployment registered on that slice, if any) or `failed`;
 - `deployments`: the portal's deployments, each with a fixed colour (the page colours a slice's devices with it);
 - `catalog`: `catalog_service.catalog_tree` (L0 -> L1 -> L2);
-- `usage`: requests and tokens over the last `usage_window_s` seconds, in all and per catalog entry.
+- `usage`: requests and tokens over the last `usage_window_s` seconds, in all, and for the `USAGE_ENTRIES`
+  busiest catalog entries (`entries` says how many were used): summed in SQL, so the state's size is bounded by
+  the pools and the catalog whatever the usage history.
 
 `dashboard_router(state_fn, authorize)` serves `GET /dashboard` (the page), `GET /dashboard/static/{file}` (its
 script and style sheet: no CDN, no build step) and `GET /dashboard/state` (the JSON, for an admin key only:
@@ -31,7 +33,7 @@ from matrixstack.matrix.pools import FAILED, FREE, list_pools, show_pool
 from matrixstack.openai.error_doc import BEARER, error_responses
 from matrixstack.portal.catalog_service import catalog_tree
 from matrixstack.portal.deployment_service import list_deployments
-from matrixstack.portal.usage_service import usage_report
+from matrixstack.portal.usage_service import busiest_entries
 
 # matplotlib's tab10 without its red (failed devices) and grey (free ones), then tab20's light halves of the same.
 DEPLOYMENT_COLOURS = (
@@ -53,6 +55,7 @@ DEPLOYMENT_COLOURS = (
     "#9edae5",
 )
 USAGE_WINDOW_S = 60.0
+USAGE_ENTRIES = 20  # the busiest entries the usage panel lists
 STATIC_FILES = {  # the only files /dashboard/static serves: name -> media type
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
@@ -133,32 +136,11 @@ def pool_states(session: Session, deployments: list[dict[str, Any]]) -> list[dic
 
 
 def usage_summary(session: Session, window_s: float, now: datetime) -> dict[str, Any]:
-    """Return requests and tokens of the `window_s` seconds up to `now`, in all and per catalog entry.
-
-    The usage report counts everything since a moment; what came at or after `now` (nothing, unless `now` is in
-    the past) is counted a second time and taken away, so the window is [now - window_s, now).
-    """
-    by_entry: dict[str, dict[str, int]] = {}
-    for since, sign in ((now - timedelta(seconds=window_s), 1), (now, -1)):
-        for row in usage_report(session, group_by=("entry",), since=since):
-            totals = by_entry.setdefault(row["entry"], {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
-            for name in totals:
-                totals[name] += sign * row[name]
-    by_entry = {entry: totals for entry, totals in by_entry.items() if totals["requests"] > 0}
-    prompt_tokens = sum(t["prompt_tokens"] for t in by_entry.values())
-    completion_tokens = sum(t["completion_tokens"] for t in by_entry.values())
-    rows = [
-        {"entry": entry, "requests": t["requests"], "total_tokens": t["prompt_tokens"] + t["completion_tokens"]}
-        for entry, t in by_entry.items()
-    ]
-    return {
-        "window_s": window_s,
-        "requests": sum(t["requests"] for t in by_entry.values()),
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "tokens_per_s": round((prompt_tokens + completion_tokens) / window_s, 3) if window_s > 0 else 0.0,
-        "by_entry": sorted(rows, key=lambda e: (-e["total_tokens"], -e["requests"], e["entry"])),
-    }
+    """Return requests and tokens of the window [now - window_s, now), in all and for its USAGE_ENTRIES busiest
+    entries (`usage_service.busiest_entries`), with the window and its tokens per second."""
+    usage = busiest_entries(session, now - timedelta(seconds=window_s), now, USAGE_ENTRIES)
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {"window_s": window_s, **usage, "tokens_per_s": round(tokens / window_s, 3) if window_s > 0 else 0.0}
 
 
 def static_text(name: str) -> str:

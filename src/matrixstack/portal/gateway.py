@@ -1,23 +1,32 @@
 """The portal's request path: authenticate, resolve the catalog entry, check limits, forward, meter.
 
 `Gateway` holds what the hot path needs in memory so that a request touches no database:
-- API keys by their sha256, cached `cache_ttl_s` seconds (`DEFAULT_CACHE_TTL_S`): a key revoked elsewhere (the
-  CLI, another portal process) stops working within that time; revoked through this portal's admin API, at once;
+- API keys by their sha256, cached `cache_ttl_s` seconds (`DEFAULT_CACHE_TTL_S`) and dropped at once when a key
+  changes: through this portal's admin API directly, and anywhere else (the CLI, another portal process) when the
+  watch started by `start()`, which reads `key_service.key_generation` every `KEY_POLL_S` on a worker thread, sees
+  it grow: a revoked key is refused within a second wherever it was revoked;
 - resolved catalog entries and model lists per tenant, cached the same way and dropped at once when the catalog
   changes through this portal's admin API; a resolution whose deployment cannot be reached (a crashed engine,
   which its site restarts and records `restarting`) is answered 503 with Retry-After (`lane_health.LaneDown`)
   and dropped, so the next request reads the deployment's status (503 while it is down) instead of the stale URL;
   one that comes back is routed to again within the cache period;
 - one backend client per (backend URL, api_key): an `Upstream` (`openai.client.upstream_client`: lean keep-alive
-  connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs);
-- `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database);
+  connections for plain-HTTP backends on the fabric, httpx for HTTPS ones, hosted APIs) with the backend's key
+  opened (sealed at rest or an `env:` reference) and its failures turned into the portal's own errors, never a
+  backend's body (`portal.upstream_errors`);
+- `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database; portal/limits.py);
 - usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
+  A usage record names the catalog entry the request resolved to, or `UNKNOWN_ENTRY` for every name that resolves
+  to nothing (the client's text is never stored); the log line's client texts are bounded (portal/bounds.py).
 
 Database reads on a cache miss run in a worker thread, never on the event loop.
 
-A completion request: resolve the entry for the key's tenant (404 `model_not_found` for an unknown entry or
-another tenant's private one), admit it against the key's limits (429 with Retry-After), apply the entry's
-settings (400 naming the param when a value is outside an L2 range), then forward it to the backend. A stream
+A completion request: once its key is checked, it is admitted against the key's limits (429 with Retry-After;
+from then on it counts against the key's rpm whatever its outcome); then its body is validated (400), its entry
+resolved for the key's tenant (400 `string_above_max_length` for a `model` over `bounds.MODEL_MAX_CHARS`, 404
+`model_not_found` for an unknown entry or another tenant's private one), the entry's settings applied (400 naming
+the param when a value is outside an L2 range), the request's most tokens reserved against the key's tpm limit and
+quota (429; settled with the real usage when the request ends, however it ends), and it is forwarded. A stream
 always asks the backend for `stream_options.include_usage` and always ends with a usage chunk, then
 `data: [DONE]`. The response's `model` is the catalog entry's name. A client that goes away cancels the
 backend request (streamed: closing the stream closes the upstream connection; not streamed: the request's client
@@ -26,6 +35,7 @@ watcher, `openai.disconnect`, cancels the wait for the backend's answer).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -40,29 +50,32 @@ from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
-from matrixstack.openai.client import Upstream, upstream_client
+from matrixstack.openai.client import Upstream
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import Endpoint
 from matrixstack.openai.errors import ClientGone, OpenAIError, UpstreamError, validation_error
 from matrixstack.openai.sse import EventStream
 from matrixstack.openai.types import SamplingFields, usage
+from matrixstack.portal.bounds import bounded, model_too_long
 from matrixstack.portal.cache import TtlCache
 from matrixstack.portal.catalog_service import list_entries, resolve_entry
 from matrixstack.portal.encoding import JsonResponse, dumps
-from matrixstack.portal.key_service import KeyInfo, authenticate
+from matrixstack.portal.key_service import KeyInfo, authenticate, key_generation
 from matrixstack.portal.keys import hash_key
 from matrixstack.portal.lane_health import LaneDown
-from matrixstack.portal.limits import KeyLimiter
+from matrixstack.portal.limits import KeyLimiter, request_tokens_bound
 from matrixstack.portal.metrics import PortalMetrics
 from matrixstack.portal.relay import CLIENT_CLOSED, Metered, StreamRelay
 from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolved
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
+from matrixstack.portal.upstream_errors import guarded_client
 from matrixstack.portal.usage_service import UsageRecord, tokens_used
 from matrixstack.portal.usage_writer import UsageWriter
 
 LOG = logging.getLogger("matrixstack.portal")
 T = TypeVar("T")
 DEFAULT_CACHE_TTL_S = 5.0
+KEY_POLL_S = 0.25  # how often the key watch reads the last key change: a revocation elsewhere holds at most this
 UNREACHABLE = 502  # the status of a backend that cannot be reached (or answers no HTTP/JSON)
 UNKNOWN_ENTRY = "(unknown)"
 
@@ -121,6 +134,7 @@ class Gateway:
         self._clients: dict[tuple[str, str | None], Upstream] = {}
         self._backend_models: dict[tuple[str, str | None], str] = {}
         self._seeds = TtlCache(cache_ttl_s)  # shares one database read among a new key's first requests
+        self._key_watch: asyncio.Task | None = None
 
     # ---- caches -------------------------------------------------------------------------------------------
 
@@ -131,8 +145,26 @@ class Gateway:
         self._backend_models.clear()
 
     def keys_changed(self) -> None:
-        """Forget cached keys (a key was revoked or its limits changed through this portal)."""
+        """Forget cached keys (a key was revoked or its limits changed)."""
         self.keys.clear()
+
+    def start(self) -> None:
+        """Start the key watch on the running event loop (see the module docstring); `aclose()` ends it."""
+        self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys())
+
+    async def _watch_keys(self) -> None:
+        """Forget cached keys whenever the last key change in the database is a new one, read every KEY_POLL_S."""
+        seen = None
+        while True:
+            try:
+                last = await self.read(key_generation)
+            except Exception:  # the database unreachable for a moment: keep the keys, try again
+                LOG.warning("reading key changes failed", exc_info=True)
+            else:
+                if seen is not None and last != seen:
+                    self.keys_changed()
+                seen = last
+            await asyncio.sleep(KEY_POLL_S)
 
     async def authenticate(self, authorization: str | None) -> KeyInfo:
         """Return the KeyInfo of the request's Bearer key; raise a 401 `invalid_api_key` when it is missing, unknown
@@ -156,6 +188,8 @@ class Gateway:
         503 `deployment_not_running` while the deployment its L0 names is registered but not running."""
         if not isinstance(entry, str) or not entry:
             raise openai_error(400, "'model' is a required property", param="model")
+        if too_long := model_too_long(entry):
+            raise openai_error(400, too_long, "string_above_max_length", "model")
 
         async def load() -> Resolved | str | DeploymentNotRunning:
             try:
@@ -198,11 +232,11 @@ class Gateway:
     # ---- backends -----------------------------------------------------------------------------------------
 
     def client(self, backend: BackendSpec) -> Upstream:
-        """Return the one client of (backend URL, api_key), made on first use."""
+        """Return the one client of (backend URL, api_key), made on first use (`upstream_errors.guarded_client`)."""
         ident = (backend.url, backend.api_key)
         client = self._clients.get(ident)
         if client is None:
-            client = self._clients[ident] = upstream_client(backend.url, backend.api_key)
+            client = self._clients[ident] = guarded_client(backend)
         return client
 
     async def backend_model(self, resolved: Resolved, client: Upstream) -> str:
@@ -222,7 +256,9 @@ class Gateway:
         return model
 
     async def aclose(self) -> None:
-        """Close every backend client."""
+        """End the key watch and close every backend client."""
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
@@ -237,6 +273,7 @@ class Gateway:
         except OpenAIError as exc:
             self.log_rejected(request, exc.status_code, exc.message)
             raise
+        await self.admit(request, key)
         raw = await request.body()
         try:
             body, parsed = endpoint.parse(raw)
@@ -245,6 +282,15 @@ class Gateway:
             self.log_rejected(request, error.status_code, error.message, key)
             raise error from None
         return await self.forward(request, key, endpoint, body, parsed)
+
+    async def admit(self, request: Request, key: KeyInfo) -> None:
+        """Count the authenticated request against `key`'s limits; raise (and log) the 429 when they refuse it."""
+        await self._seed_usage(key)
+        refusal = self.limiter.admit(key)
+        if refusal is not None:
+            self.metrics.observe((UNKNOWN_ENTRY, "", ""), 429, 0, 0)
+            self.log_rejected(request, 429, refusal.message, key)
+            raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
 
     async def forward(
         self, request: Request, key: KeyInfo, endpoint: Endpoint, body: dict[str, Any], parsed: SamplingFields
@@ -260,16 +306,15 @@ class Gateway:
             resolved = await self.resolve(m.entry, m.key)
             m.resolved = True
             m.lane, m.deployment = resolved.backend.kind, resolved.backend.deployment or ""
-            await self._seed_usage(m.key)
-            refusal = self.limiter.admit(m.key)
-            if refusal is not None:
-                raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
             try:
                 applied = resolved.apply(endpoint, body)
             except RangeError as exc:
                 raise openai_error(400, str(exc), param=exc.param) from None
             except UserError as exc:
                 raise openai_error(400, str(exc), param=endpoint.prompt_param) from None
+            m.reserved_tokens, refusal = self.limiter.reserve(m.key, request_tokens_bound(endpoint, applied))
+            if refusal is not None:
+                raise RateLimited(refusal.message, refusal.code, refusal.retry_after_s)
             client = self.client(resolved.backend)
             applied["model"] = await self.backend_model(resolved, client)
             if m.stream:
@@ -300,7 +345,7 @@ class Gateway:
         self, request: Request, client: Upstream, endpoint: Endpoint, body: dict[str, Any], m: Metered
     ) -> Response:
         """Return the SSE response relaying the backend's stream (waits for the first chunk, so a backend that
-        refuses the request answers with its own status)."""
+        refuses the request is answered with an error status, not a stream)."""
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         blocks = client.stream(endpoint, body)
         try:
@@ -316,18 +361,19 @@ class Gateway:
     # ---- metering ---------------------------------------------------------------------------------------
 
     def finish(self, m: Metered) -> None:
-        """Meter one finished request: limiter tokens, the usage record, metrics and the log line."""
+        """Meter one finished request: settle its reserved tokens, the usage record (under its catalog entry, or the
+        unknown bucket), metrics and the log line."""
         latency_s = time.perf_counter() - m.started_s
         self.metrics.queue_depth.dec()
         tokens = m.prompt_tokens + m.completion_tokens
         if m.key is not None:
-            self.limiter.finish(m.key.id, tokens)
+            self.limiter.settle(m.key.id, m.reserved_tokens, tokens)
             if m.entry:
                 self.writer.submit(
                     UsageRecord(
                         tenant_id=m.key.tenant_id,
                         key_id=m.key.id,
-                        entry=m.entry,
+                        entry=m.entry if m.resolved else UNKNOWN_ENTRY,  # never a client's unknown text
                         prompt_tokens=m.prompt_tokens,
                         completion_tokens=m.completion_tokens,
                         status_code=m.status,
@@ -348,7 +394,7 @@ class Gateway:
         if LOG.isEnabledFor(logging.INFO):
             m = Metered(request_id=new_request_id(), started_s=time.perf_counter(), key=key, status=status)
             m.error = message
-            m.extra["path"] = request.url.path
+            m.extra["path"] = bounded(request.url.path)
             self._log(m, 0.0)
 
     def _log(self, m: Metered, latency_s: float) -> None:
@@ -357,7 +403,7 @@ class Gateway:
             "request_id": m.request_id,
             "tenant": m.key.tenant if m.key else None,
             "key": m.key.prefix if m.key else None,
-            "entry": m.entry,
+            "entry": bounded(m.entry),
             "status": m.status,
             "stream": m.stream,
             "prompt_tokens": m.prompt_tokens,
@@ -366,7 +412,7 @@ class Gateway:
             "ttft_ms": None if m.ttft_s is None else round(m.ttft_s * 1000.0, 3),
         }
         if m.error:
-            line["error"] = m.error
+            line["error"] = bounded(m.error)
         line.update(m.extra)
         if self.log_json:
             LOG.info(dumps(line), extra={"portal": line})

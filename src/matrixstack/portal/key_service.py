@@ -1,7 +1,9 @@
 """API keys: create, authenticate, revoke, list and limit tenants' keys, and list tenants with their keys.
 
 Secrets: a key is stored as its sha256 hash with its first 12 characters for display; the plaintext is returned
-once, by `create_key`. A key's tenant is created on first use by the matrix layer's `tenants`, the tenants'
+once, by `create_key`. A revocation or a change of limits, from the CLI or the admin API alike, adds a row to
+`key_changes` in the same transaction; `key_generation` reads the last one, which every portal polls to drop its
+cached keys (portal.gateway). A key's tenant is created on first use by the matrix layer's `tenants`, the tenants'
 one owner. The functions take the caller's session and never commit (`matrix.database`).
 """
 
@@ -20,7 +22,7 @@ from matrixstack.matrix.store import TenantRow, iso, utcnow
 from matrixstack.matrix.tenants import check_name, tenant_id
 from matrixstack.portal.keys import hash_key, key_prefix, new_key
 from matrixstack.portal.spec import KeyLimits
-from matrixstack.portal.store import ApiKeyRow
+from matrixstack.portal.store import ApiKeyRow, KeyChangeRow
 from matrixstack.specio import format_validation_error
 
 
@@ -104,6 +106,7 @@ def revoke_key(session: Session, prefix_or_id: str | int) -> KeyInfo:
     row, tenant = _find_key(session, prefix_or_id)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        _changed(session, row)
     return _key_info(row, tenant)
 
 
@@ -128,7 +131,18 @@ def set_key_limits(
     row, tenant = _find_key(session, prefix_or_id)
     for column in given:
         setattr(row, column, getattr(limits, column))
+    _changed(session, row)
     return _key_info(row, tenant)
+
+
+def key_generation(session: Session) -> int:
+    """Return the id of the last key change (0 when none): a portal that sees it grow drops its cached keys."""
+    return session.scalar(select(func.max(KeyChangeRow.id))) or 0
+
+
+def _changed(session: Session, row: ApiKeyRow) -> None:
+    """Record that key `row` changed, in the caller's transaction: the one path by which every portal learns it."""
+    session.add(KeyChangeRow(key_id=row.id))
 
 
 def _limits(**values: int | None) -> KeyLimits:

@@ -17,16 +17,20 @@ both "" for a request whose entry did not resolve), so `sum by (lane)` compares 
 from the entry, so they add no series.
 
 A registry per `PortalMetrics` keeps several portals in one process (tests) from sharing counters.
+`render(named)` shows only the entries in `named` by name, the other entries' request series summed under entry and
+deployment `(private)`: what a scraper without the scrape token or an admin key gets (`portal.scrape`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from sqlalchemy.orm import Session
 
 from matrixstack.matrix.pools import list_pools, show_pool
@@ -36,6 +40,7 @@ UTILISATION_REFRESH_S = 5.0
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROUTE = ("entry", "lane", "deployment")  # the labels of every request metric: the entry and where it is served
+PRIVATE = "(private)"  # the entry and deployment of the series a scraper may not see by name, summed
 METRIC_NAMES = (
     "matrixstack_requests_total",
     "matrixstack_tokens_total",
@@ -142,6 +147,36 @@ class PortalMetrics:
                 if labels[0] not in values:
                     self.utilisation.remove(*labels)
 
-    def render(self) -> tuple[bytes, str]:
-        """Return (Prometheus text exposition, its content type)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, named: Collection[str] | None = None) -> tuple[bytes, str]:
+        """Return (Prometheus text exposition, its content type): every series, or with `named` the request series
+        of entries not in it summed under entry and deployment `(private)`."""
+        return generate_latest(self.registry if named is None else _Unnamed(self.registry, named)), CONTENT_TYPE_LATEST
+
+
+class _Unnamed:
+    """A view of a registry whose request series of entries not in `named` are summed under `PRIVATE`."""
+
+    def __init__(self, registry: CollectorRegistry, named: Collection[str]):
+        self._registry, self._named = registry, named
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the registry's metric families, the series of unnamed entries summed (`_created`: the earliest)."""
+        for family in self._registry.collect():
+            kept: list[Sample] = []
+            summed: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
+            for sample in family.samples:
+                if sample.labels.get("entry", "") in self._named or "entry" not in sample.labels:
+                    kept.append(sample)
+                    continue
+                labels = {**sample.labels, "entry": PRIVATE, "deployment": PRIVATE}
+                ident = (sample.name, tuple(labels.items()))
+                seen = summed.get(ident)
+                if seen is None:
+                    value = sample.value
+                elif sample.name.endswith("_created"):
+                    value = min(seen.value, sample.value)
+                else:
+                    value = seen.value + sample.value
+                summed[ident] = sample._replace(labels=labels, value=value, exemplar=None)
+            family.samples = kept + list(summed.values())
+            yield family

@@ -49,6 +49,7 @@ class Metered:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reserved_tokens: int = 0  # reserved against the key's limits at admission, settled when metered
     ttft_s: float | None = None
     tpot_s: float | None = None
     stream: bool = False

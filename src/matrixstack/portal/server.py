@@ -5,7 +5,8 @@ uvicorn until Ctrl-C; the app's lifespan starts the usage writer and, on the way
 holds. `PortalThread(db_url)` does the same on a daemon thread for tests and benchmarks (`start()` returns once
 it accepts connections, `stop()` after the last usage batch is written). `log_to_stdout()` sends the
 `matrixstack.portal` request log (one JSON line per request) to stdout from a thread that writes every 100 ms, so
-that the event loop never waits on the terminal.
+that the event loop never waits on the terminal. Both that log and uvicorn's pass a `ScrubFilter` (`portal.scrub`):
+no Bearer token, `sk-` key or backend key reaches them in clear.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from fastapi import FastAPI
 
 from matrixstack.openai.server import ServerThread, bind_socket, uvicorn_server
 from matrixstack.portal.app import Portal, create_portal_app
+from matrixstack.portal.scrub import ScrubFilter, scrub_handlers
 
 PORTAL_LOGGER = "matrixstack.portal"
+UVICORN_LOGGER = "uvicorn"  # uvicorn.error's records reach its handlers
 LOG_INTERVAL_S = 0.1
 
 
@@ -84,6 +87,7 @@ def log_to_stdout(stream: TextIO | None = None) -> BatchedStreamHandler:
     BatchedStreamHandler; return it (`stop()` it once the server stopped)."""
     handler = BatchedStreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(ScrubFilter())
     logger = logging.getLogger(PORTAL_LOGGER)
     logger.handlers = [handler]
     logger.setLevel(logging.INFO)
@@ -94,6 +98,7 @@ def log_to_stdout(stream: TextIO | None = None) -> BatchedStreamHandler:
 def serve_socket(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve the portal app on an already-bound socket until Ctrl-C (uvicorn, in the foreground)."""
     server = uvicorn_server(app, log_level)
+    scrub_handlers(logging.getLogger(UVICORN_LOGGER))  # uvicorn's handlers exist once its config is made
     # Objects created at start-up are never garbage; freezing them keeps full collections short.
     gc.collect()
     gc.freeze()

@@ -4,6 +4,8 @@ An entry is what a user calls (`model` in an OpenAI request). L0 is a foundation
 industry model derived from an L0 (system prompt, knowledge, adapter, parameters); L2 a scenario model derived
 from an L1 or an L0 (prompt, defaults, allowed ranges, stop strings). Each entry validates on its own here;
 the rules between entries (the parent exists and has the right level) are `catalog_service`'s, which sees them all.
+A backend's `api_key` is a secret as given, or `env:NAME` (how it is stored and used: `portal.upstream_secrets`);
+`EntrySpec.view()` never shows a key.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ Level = Literal["L0", "L1", "L2"]
 Provider = Literal["first-party", "third-party"]
 PARAMETERS = ("temperature", "top_p", "max_tokens", "presence_penalty", "frequency_penalty", "top_k", "seed")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ENV_PREFIX = "env:"  # an api_key `env:NAME` is the portal's environment variable NAME (portal.upstream_secrets)
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PARENT_LEVELS: dict[str, tuple[str, ...]] = {"L0": (), "L1": ("L0",), "L2": ("L1", "L0")}
 
 
@@ -37,7 +41,12 @@ class BackendSpec(Strict):
     kind: Literal["engine", "upstream", "vllm"] = Field(description="engine, upstream or vllm")
     url: str = Field(description="OpenAI base URL including /v1, e.g. http://127.0.0.1:8001/v1")
     model: str | None = Field(None, description="model id sent to the backend (default: see backend_model)")
-    api_key: str | None = Field(None, repr=False, description="the upstream's own secret; stored, never shown")
+    api_key: str | None = Field(
+        None,
+        repr=False,
+        description="the backend's own secret: stored sealed, never shown; or env:NAME, the portal's environment "
+        "variable NAME, read when it calls the backend",
+    )
     deployment: str | None = Field(None, description="engine/vllm: the deployment's name")
     adapters: bool = Field(False, description="the backend serves adapters by name (vLLM --enable-lora)")
 
@@ -48,6 +57,16 @@ class BackendSpec(Strict):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"url {url!r} is not an http(s) URL; give the OpenAI base URL, e.g. http://HOST:PORT/v1")
         return url.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _env_name(cls, api_key: str | None) -> str | None:
+        if api_key is not None and api_key.startswith(ENV_PREFIX):
+            if not ENV_NAME_PATTERN.match(api_key[len(ENV_PREFIX) :]):
+                raise ValueError(
+                    f"api_key {api_key!r}: after env: comes an environment variable's name, e.g. env:OPENAI_API_KEY"
+                )
+        return api_key
 
     @model_validator(mode="after")
     def _deployment_kind(self) -> BackendSpec:
@@ -116,10 +135,12 @@ class EntrySpec(Strict):
         return self
 
     def view(self) -> dict[str, Any]:
-        """Return the entry as JSON-ready data with the backend's api_key shown as "set" (or None), never itself."""
+        """Return the entry as JSON-ready data with the backend's api_key shown as "set" (or None, or the `env:NAME`
+        it refers to), never the key itself."""
         data = self.model_dump(mode="json")
         if data["backend"] is not None:
-            data["backend"]["api_key"] = "set" if self.backend and self.backend.api_key else None
+            key = self.backend.api_key if self.backend else None
+            data["backend"]["api_key"] = key if key is None or key.startswith(ENV_PREFIX) else "set"
         return data
 
 

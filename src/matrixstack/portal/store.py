@@ -1,6 +1,7 @@
 """Persisted state of the portal: SQLAlchemy tables beside the matrix tables, in the same database.
 
-Tables: `api_keys` (only the sha256 of each key is kept, with its first 12 characters for display),
+Tables: `api_keys` (only the sha256 of each key is kept, with its first 12 characters for display), `key_changes`
+(one row per revocation or change of limits, which every portal process polls: `key_service.key_generation`),
 `catalog_entries` (the entry spec as JSON; parent_id with ON DELETE RESTRICT, so an entry with children cannot
 be removed), `deployments` (named engines at a URL, optionally on a matrix slice) and `usage_records` (one row
 per request). Tenants are the matrix layer's `tenants` table.
@@ -39,6 +40,15 @@ class ApiKeyRow(PortalBase):
     token_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class KeyChangeRow(PortalBase):
+    """A change to an API key (revoked, limits changed); a portal that sees the last id grow drops its cached keys."""
+
+    __tablename__ = "key_changes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey(ApiKeyRow.id), index=True)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class CatalogEntryRow(PortalBase):
@@ -89,10 +99,14 @@ class UsageRow(PortalBase):
 
 def open_portal_database(url: str | None = None) -> Database:
     """Return the database at `url` (default: the matrix layer's SQLite file) with every matrix and portal table
-    created, to run units of work on (`matrix.database`).
+    created and any backend key an earlier version stored in clear sealed (`upstream_secrets.seal_clear_keys`), to
+    run units of work on (`matrix.database`).
 
     Raises a UserError (from the matrix layer) when the URL is malformed or the database cannot be reached.
     """
+    from matrixstack.portal.upstream_secrets import seal_clear_keys  # it reads these tables: imported once defined
+
     database = open_database(url)
     PortalBase.metadata.create_all(database.engine)
+    seal_clear_keys(database)
     return database

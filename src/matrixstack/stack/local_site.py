@@ -10,8 +10,9 @@ inherits (the builtin engine's expert-parallel workers, vLLM's engine core and w
 threads to them, one group of cores per rank); GPUs (device kind "cuda") become its CUDA_VISIBLE_DEVICES. The
 affinity is set by the child itself before it imports the runtime or forks (the spec's `cpus`; for vLLM a tiny
 `-c` program that binds, then execs the server) — no `preexec_fn`, which is unsafe while the parent runs threads,
-as it does under a progress display. Its output goes to `data_dir()/logs/NAME.log` (replaced at each start of the
-site, appended to at a restart; `matrixstack logs NAME` shows it), and the site waits for `/health` to answer.
+as it does under a progress display. Its output goes to `data_dir()/logs/NAME.log` (in a 0700 folder; replaced at
+each start of the site, appended to at a restart; `matrixstack logs NAME` shows it), and the site waits for `/health`
+to answer.
 
 Once all answer, each is supervised (`stack.supervise`): an engine that exits or stops answering /health is started
 again with backoff, and `on_status` is told `restarting`, then `running` with its URL (or `failed` when its restarts
@@ -33,6 +34,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from matrixstack.datakey import private_dir
 from matrixstack.engine.launch import ENTRY_MODULE, EngineLaunch
 from matrixstack.errors import UserError
 from matrixstack.lanes.vllm import vllm_available
@@ -154,7 +156,7 @@ class LocalSite:
         stopped = stop_leftovers(self.run_folder)
         if stopped:
             self._console.print(f"stopped what an earlier run left running: {', '.join(stopped)}", highlight=False)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         engines = {launch.name: self._supervised(launch, on_status) for launch in launches}
         try:
             for engine in engines.values():

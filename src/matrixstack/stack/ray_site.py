@@ -69,6 +69,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from matrixstack.datakey import private_dir
 from matrixstack.errors import UserError
 from matrixstack.lanes.vllm import VLLM_START_TIMEOUT_S, vllm_available
 from matrixstack.lanes.vllm_env import VENV_SETTING, missing_vllm_message, vllm_venv
@@ -253,7 +254,7 @@ class VllmActor:
         launch = self.launch
         host = ray.util.get_node_ip_address()
         log_path = data_dir() / "logs" / f"{launch.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(log_path.parent)
         vllm_model_folder(launch)  # export packaged weights (once per node) before the server starts
         env = {**os.environ, **vllm_env(launch), **secret_env}
         if launch.device_kind == "cuda":  # the GPUs Ray gave this actor, not the slice's indices on its fabric

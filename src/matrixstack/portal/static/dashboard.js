@@ -337,6 +337,8 @@
     );
     const parts = [stats, sparkline()];
     parts.push(byEntry.length ? table : el("p", { class: "empty" }, `No requests in the last ${windowS} s.`));
+    const others = (usage.entries || 0) - byEntry.length;
+    if (others > 0) parts.push(el("p", { class: "muted", id: "usage-more" }, `and ${fmt(others)} more ${others === 1 ? "entry" : "entries"} with fewer tokens`));
     $("usage").replaceChildren(...parts);
     $("usage-summary").textContent = `last ${windowS} s`;
   }
