@@ -157,14 +157,15 @@ class Stack:
             self.sent += 1
         body = {"model": ENTRY, "prompt": "The matrix is", "max_tokens": max_tokens, "temperature": 0}
         try:
-            if stream:
-                chunks = list(self.client().completions.create(**body, stream=True, extra_body={"ignore_eos": True}))
-                if not chunks or chunks[-1].usage is None or chunks[-1].usage.completion_tokens != max_tokens:
-                    return f"short: {chunks[-1:]}"
-            else:
-                reply = self.client().completions.create(**body, extra_body={"ignore_eos": True})
-                if reply.usage is None or reply.usage.completion_tokens != max_tokens:
-                    return f"short: {reply}"
+            with self.client() as client:
+                if stream:
+                    chunks = list(client.completions.create(**body, stream=True, extra_body={"ignore_eos": True}))
+                    if not chunks or chunks[-1].usage is None or chunks[-1].usage.completion_tokens != max_tokens:
+                        return f"short: {chunks[-1:]}"
+                else:
+                    reply = client.completions.create(**body, extra_body={"ignore_eos": True})
+                    if reply.usage is None or reply.usage.completion_tokens != max_tokens:
+                        return f"short: {reply}"
         except (openai.APIConnectionError, httpx.HTTPError) as exc:
             return f"cut: {type(exc).__name__}: {exc}"
         except openai.APIError as exc:

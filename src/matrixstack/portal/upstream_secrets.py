@@ -14,7 +14,8 @@ database is opened; on SQLite with `secure_delete` and a truncating WAL checkpoi
 database file and its WAL, not only the row.
 
 `backend_api_key(backend)` returns the clear key to send (UserError naming the variable or the key file when it
-cannot), and tells the log scrubber (`portal.scrub`) to hide it.
+cannot), and tells the log scrubber (`portal.scrub`) to hide it. A key in clear there is a deployment's engine
+secret, which `deployment_service.routed` derives for each call and nothing stores.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def backend_api_key(backend: BackendSpec) -> str | None:
         clear = os.environ.get(name)
         if not clear:
             raise UserError(f"the key of backend {backend.url} is ${name}, unset in the portal's environment")
-    else:
+    elif is_sealed(value):
         clear = decrypt(value)
+    else:  # a deployment's engine secret, derived when the entry is routed (deployment_service.routed), never stored
+        clear = value
     remember_secret(clear)
     return clear
 
