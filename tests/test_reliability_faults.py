@@ -54,6 +54,7 @@ REQUEST_TIMEOUT_S = 120.0
 LOAD_REQUESTS = 8
 STREAM_TOKENS = 96  # long enough for a stream to be cut in its middle
 POLL_S = 0.2
+KILL_UP_LOAD = (False, False, True, True)  # clients sending back to back when `up` is killed: streamed or not
 
 
 # ---- the processes ------------------------------------------------------------------------------------------
@@ -328,12 +329,18 @@ def test_kill_9_of_the_engine_mid_stream_ends_each_stream_and_the_engine_restart
 def test_kill_9_of_up_leaves_no_process_behind(stack):
     stack.serves_again()
     killed = stack.up
-    with ThreadPoolExecutor(1) as pool:
-        load = pool.submit(stack.load, LOAD_REQUESTS, True, 32)
-        time.sleep(1.0)
+
+    def until_cut(stream: bool) -> None:  # requests back to back: some complete just before the kill
+        while not stack.request(stream, max_tokens=32 if stream else 4).startswith("cut: "):
+            pass
+
+    with ThreadPoolExecutor(len(KILL_UP_LOAD)) as pool:
+        loads = [pool.submit(until_cut, stream) for stream in KILL_UP_LOAD]
+        time.sleep(2.0)
         killed.process.kill()  # kill -9
         killed.process.wait()
-        load.result()
+        for load in loads:
+            load.result(timeout=REQUEST_TIMEOUT_S + 30)
     left = gone_within(lambda: marked(stack.markers[-1]))
     assert not left, f"processes of the killed `up` still run: {left}"
     check_database(stack.db_url)
