@@ -218,11 +218,11 @@ def postgres_server():
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """Return the URL of a fresh, empty database: a SQLite file, or a new database on the PostgreSQL server."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'matrix.db'}"
+def fresh_database_url(request: pytest.FixtureRequest, kind: str, folder: Path) -> str:
+    """Return the URL of a fresh, empty database of `kind`: a SQLite file in `folder` ("sqlite"), or a new database
+    on the session's PostgreSQL server ("postgresql"; skips the test where it cannot run)."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / 'matrix.db'}"
     import psycopg
 
     base = request.getfixturevalue("postgres_server")
@@ -230,3 +230,9 @@ def db_url(request, tmp_path):
     with psycopg.connect(base.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{base}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Return the URL of a fresh, empty database: a SQLite file, or a new database on the PostgreSQL server."""
+    return fresh_database_url(request, request.param, tmp_path)

@@ -22,8 +22,16 @@ def test_greedy_is_argmax():
     assert torch.equal(sample(logits, params, [None] * 6), logits.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=1), SamplingParams(top_p=1e-6, temperature=2.0)])
-def test_top_k_one_and_tiny_top_p_are_greedy(params):
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=1e-6, temperature=2.0),
+        SamplingParams(top_p=5e-324),  # 0 in float32: kept nothing, an index error (a 500 found by schemathesis)
+        SamplingParams(temperature=5e-324),  # 0 in float32: logits / 0 kept nothing either
+    ],
+)
+def test_top_k_one_and_tiny_top_p_or_temperature_are_greedy(params):
     logits = random_logits(8, seed=1)
     generators = [make_generator(i) for i in range(8)]
     assert torch.equal(sample(logits, [params] * 8, generators), logits.argmax(dim=-1))

@@ -48,14 +48,22 @@ def processes() -> dict[int, tuple[int, int, str]]:
 
 
 class UpRun:
-    """One `matrixstack up [SHAPE] --port 0` subprocess (SHAPE None: the embedded default): its output up to the ready
-    line, parsed, and a way to stop it."""
+    """One `matrixstack up [SHAPE] --port 0 [ARGS]` subprocess (SHAPE None: the embedded default; `env`: variables
+    added to this process's environment): its output up to the ready line, parsed, and a way to stop it."""
 
-    def __init__(self, home: Path, run: int, shape: Path | None = None, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(
+        self,
+        home: Path,
+        run: int,
+        shape: Path | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.stderr_path = home / f"up-{run}.stderr"
-        cmd = [sys.executable, "-c", "from matrixstack.cli.main import app; app()", "up", "--port", "0"]
+        cmd = [sys.executable, "-c", "from matrixstack.cli.main import app; app()", "up", "--port", "0", *args]
         cmd += [str(shape)] if shape is not None else []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         self.lines: list[str] = []

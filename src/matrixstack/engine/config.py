@@ -12,6 +12,7 @@ from matrixstack.openai.types import MAX_SEED
 from matrixstack.specio import Strict
 
 TOP_K_OFF = -1
+GREEDY_BELOW_TEMPERATURE = 1e-6  # a request this cold samples the argmax anyway (see SamplingParams.greedy)
 
 
 class EngineConfig(Strict, frozen=True):
@@ -51,7 +52,7 @@ class EngineConfig(Strict, frozen=True):
 class SamplingParams(Strict, frozen=True):
     """How one request picks its tokens and when it stops (the OpenAI / vLLM fields of the same names)."""
 
-    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 means greedy (argmax)")
+    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 (or below 1e-6) means greedy (argmax)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: keep the smallest top set with this mass")
     top_k: int = Field(TOP_K_OFF, description="keep the k most likely tokens; -1 keeps all")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="per-request random seed for reproducible sampling")
@@ -92,5 +93,6 @@ class SamplingParams(Strict, frozen=True):
 
     @property
     def greedy(self) -> bool:
-        """Return True when the request takes the most likely token every step."""
-        return self.temperature == 0.0
+        """Return True when the request takes the most likely token every step: temperature 0, or one below
+        GREEDY_BELOW_TEMPERATURE (sampling there is the argmax anyway, and logits / temperature overflow float32)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE

@@ -55,6 +55,7 @@ def _sample_rows(
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     keep &= mass_before < top_p[:, None]
+    keep[:, 0] = True  # a top_p that is 0 in float32 (5e-324) would keep nothing
     cdf = probs.masked_fill(~keep, 0.0).cumsum(dim=-1)
 
     targets = _uniforms(generators, device) * cdf[:, -1]

@@ -1,7 +1,8 @@
 """The portal's admin API (an admin API key only): catalog, tenants, keys, usage, deployments.
 
 Routes (all JSON; errors in OpenAI's format: 401 without a valid key, 403 with a key that is not an admin's,
-400 for a user error naming the field, 404 for an unknown catalog entry):
+400 for a user error naming the field (an unknown key or deployment too), 404 for an unknown catalog entry; each
+route's statuses are in the OpenAPI schema):
 - `GET /admin/catalog` every entry; `POST /admin/catalog[?replace=true]` one entry or `{"entries": [...]}`;
   `GET|PATCH|DELETE /admin/catalog/{name}` one entry (PATCH merges the given fields, a `backend` mapping into the
   stored backend); `GET /admin/catalog-tree` the L0 -> L1 -> L2 tree;
@@ -30,6 +31,7 @@ from pydantic import Field
 
 from matrixstack.errors import UserError
 from matrixstack.matrix import tenants
+from matrixstack.openai.error_doc import error_responses
 from matrixstack.portal import catalog_service, deployment_service, key_service, usage_service
 from matrixstack.portal.gateway import Gateway, openai_error
 from matrixstack.portal.key_service import KeyInfo
@@ -89,7 +91,9 @@ def parse_since(since: str | None) -> datetime | None:
 
 def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInfo]]) -> APIRouter:
     """Return the router of the admin API over `gateway.db`; `require_admin` is the app's admin dependency."""
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+    router = APIRouter(
+        prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=error_responses(401, 403)
+    )
     read, write = gateway.read, gateway.write  # each call one unit of work on a worker thread
 
     # ---- catalog ----
@@ -98,7 +102,11 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
     async def list_catalog() -> list[dict[str, Any]]:
         return [e.view() for e in await read(catalog_service.list_entries, None, True)]
 
-    @router.post("/catalog", summary="Add one entry, or {'entries': [...]} (parents before children)")
+    @router.post(
+        "/catalog",
+        summary="Add one entry, or {'entries': [...]} (parents before children)",
+        responses=error_responses(400),
+    )
     async def add_catalog(
         body: dict[str, Any] = Body(description="an EntrySpec, or {'entries': [EntrySpec, ...]}"),
         replace: bool = Query(False, description="replace entries of the same name"),
@@ -112,17 +120,19 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
     async def catalog_tree() -> list[dict[str, Any]]:
         return await read(catalog_service.catalog_tree)
 
-    @router.get("/catalog/{name}", summary="One catalog entry")
+    @router.get("/catalog/{name}", summary="One catalog entry", responses=error_responses(404))
     async def get_entry(name: str) -> dict[str, Any]:
         return (await read(catalog_service.get_entry, name)).view()
 
-    @router.patch("/catalog/{name}", summary="Change fields of an entry")
+    @router.patch("/catalog/{name}", summary="Change fields of an entry", responses=error_responses(400, 404))
     async def patch_entry(name: str, changes: dict[str, Any] = Body(description="the fields to change")) -> dict:
         entry = await write(catalog_service.update_entry, name, changes)
         gateway.catalog_changed()
         return entry.view()
 
-    @router.delete("/catalog/{name}", summary="Remove an entry (not one with children)")
+    @router.delete(
+        "/catalog/{name}", summary="Remove an entry (not one with children)", responses=error_responses(400, 404)
+    )
     async def delete_entry(name: str) -> dict[str, Any]:
         entry = await write(catalog_service.remove_entry, name)
         gateway.catalog_changed()
@@ -134,7 +144,7 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
     async def list_tenants() -> list[dict[str, Any]]:
         return await read(key_service.list_tenants)
 
-    @router.post("/tenants", summary="Create a tenant (nothing happens when it exists)")
+    @router.post("/tenants", summary="Create a tenant (nothing happens when it exists)", responses=error_responses(400))
     async def create_tenant(body: TenantCreate) -> dict[str, Any]:
         return {"name": await write(tenants.create_tenant, body.name)}
 
@@ -144,14 +154,20 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
     async def list_keys(tenant: str | None = None) -> list[dict[str, Any]]:
         return [k.to_dict() for k in await read(key_service.list_keys, tenant)]
 
-    @router.post("/keys", summary="Create an API key; the answer's `key` is the only time it is shown")
+    @router.post(
+        "/keys",
+        summary="Create an API key; the answer's `key` is the only time it is shown",
+        responses=error_responses(400),
+    )
     async def create_key(body: KeyCreate) -> dict[str, Any]:
         info, plaintext = await write(
             key_service.create_key, body.tenant, body.name, body.admin, body.rpm_limit, body.tpm_limit, body.token_quota
         )
         return info.to_dict() | {"key": plaintext}
 
-    @router.patch("/keys/{prefix}", summary="Change a key's limits (null removes a limit)")
+    @router.patch(
+        "/keys/{prefix}", summary="Change a key's limits (null removes a limit)", responses=error_responses(400)
+    )
     async def set_limits(prefix: str, body: KeyLimitsChange) -> dict[str, Any]:
         given = body.model_dump(exclude_unset=True)
         if not given:
@@ -161,7 +177,7 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
         gateway.keys_changed()
         return info.to_dict()
 
-    @router.delete("/keys/{prefix}", summary="Revoke a key")
+    @router.delete("/keys/{prefix}", summary="Revoke a key", responses=error_responses(400))
     async def revoke_key(prefix: str) -> dict[str, Any]:
         info = await write(key_service.revoke_key, prefix)
         gateway.keys_changed()
@@ -169,7 +185,7 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
 
     # ---- usage ----
 
-    @router.get("/usage", summary="Usage grouped by tenant, key and/or entry")
+    @router.get("/usage", summary="Usage grouped by tenant, key and/or entry", responses=error_responses(400))
     async def usage(
         group_by: str = Query("tenant", description="comma-separated: tenant, key, entry"),
         since: str | None = Query(None, description="ISO-8601 time; only requests since then"),
@@ -185,11 +201,13 @@ def admin_router(gateway: Gateway, require_admin: Callable[..., Awaitable[KeyInf
     async def list_deployments() -> list[dict[str, Any]]:
         return await read(deployment_service.list_deployments)
 
-    @router.post("/deployments", summary="Register a deployment (replacing one of the same name)")
+    @router.post(
+        "/deployments", summary="Register a deployment (replacing one of the same name)", responses=error_responses(400)
+    )
     async def register_deployment(body: DeploymentCreate) -> dict[str, Any]:
         return await write(deployment_service.register_deployment, **body.model_dump())
 
-    @router.delete("/deployments/{name}", summary="Remove a deployment")
+    @router.delete("/deployments/{name}", summary="Remove a deployment", responses=error_responses(400))
     async def remove_deployment(name: str) -> dict[str, Any]:
         return await write(deployment_service.remove_deployment, name)
 

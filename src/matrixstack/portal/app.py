@@ -19,9 +19,10 @@ carries `portal.headers`' anti-framing and no-sniff headers.
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 401 `invalid_api_key` without a valid
 key, 403 `permission_denied` for an admin route with a non-admin key, 404 `model_not_found`, 429
 `rate_limit_exceeded` / `insufficient_quota` with `Retry-After`, 503 `deployment_not_running` (with
-`Retry-After` while it restarts), 400 naming the param for an invalid body or a
-user error; a backend's failure as the portal's own error (502 `upstream_error` / `upstream_auth_failed`, 503
-`upstream_busy`, ...: portal/upstream_errors.py), never the backend's body.
+`Retry-After` while it restarts), 400 naming the param for an invalid body or a user error; a backend's failure as
+the portal's own error (502 `upstream_error` / `upstream_auth_failed`, 503 `upstream_busy`, ...:
+portal/upstream_errors.py), never the backend's body. The OpenAPI schema documents each route's error statuses
+with that body (`openai.error_doc`; no 422: validation errors are 400s).
 
 Keys and catalog entries are cached `cache_ttl_s` seconds (default 5): an entry changed by another process (the
 CLI) takes effect within that time, through this app's admin API at once; a key revoked or limited anywhere within
@@ -40,15 +41,17 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
 from matrixstack.openai.docs import install_docs
 from matrixstack.openai.endpoints import CHAT, COMPLETION, ENDPOINTS, Endpoint
+from matrixstack.openai.error_doc import error_responses, without_validation_responses
 from matrixstack.openai.errors import (
     ClientGone,
     OpenAIError,
@@ -191,12 +194,45 @@ class PortalApp(FastAPI):
 
 
 HOT_ROUTES: dict[str, Endpoint] = {f"/v1{endpoint.path}": endpoint for endpoint in ENDPOINTS}
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
+}
+STREAMED = {"description": "the completion: JSON, or server-sent events when `stream` is true",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}}}  # fmt: skip
+COMPLETION_RESPONSES = {200: STREAMED} | error_responses(400, 401, 404, 413, 429, 502, 503, 504)
+
+
+def _admin_only() -> OpenAIError:
+    """Return the 403 of an admin route called with a key that is not an admin's."""
+    return openai_error(403, "this route needs an admin API key", "permission_denied")
+
+
+async def _key_refusal(gateway: Gateway, request: Request) -> OpenAIError | None:
+    """Return the 401 (no valid key) or 403 (an admin route, a key that is not an admin's) of a request to a keyed
+    route, None when its key may call it. FastAPI reads and validates a body before the route's key dependency
+    runs; an invalid body must not answer 400 to a caller without a key."""
+    path = request.url.path
+    if not path.startswith(("/v1/", "/admin/")):
+        return None
+    try:
+        key = await gateway.authenticate(request.headers.get("authorization"))
+    except OpenAIError as exc:
+        return exc
+    return _admin_only() if path.startswith("/admin/") and not key.is_admin else None
 
 
 def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
     """Answer every error in OpenAI's format."""
 
     install_openai_error_handlers(app)
+    http_error = app.exception_handlers[StarletteHTTPException]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        refused = await _key_refusal(gateway, request) if exc.status_code == 400 else None  # a body FastAPI can't parse
+        return refused.response() if refused is not None else await http_error(request, exc)
 
     @app.exception_handler(UpstreamError)
     @app.exception_handler(UserError)
@@ -205,6 +241,9 @@ def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        refused = await _key_refusal(gateway, request)
+        if refused is not None:
+            return refused.response()
         error = validation_error(list(exc.errors()))
         if request.url.path.startswith("/v1/"):
             gateway.log_rejected(request, error.status_code, error.message, getattr(request.state, "key", None))
@@ -280,7 +319,7 @@ def create_portal_app(
 
     async def require_admin(request: Request, key: KeyInfo = Depends(caller)) -> KeyInfo:
         if not key.is_admin:
-            raise openai_error(403, "this route needs an admin API key", "permission_denied")
+            raise _admin_only()
         return key
 
     async def authorize_admin(request: Request) -> KeyInfo:
@@ -288,12 +327,14 @@ def create_portal_app(
 
     # ---- OpenAI API ----
 
-    @app.get("/v1/models", summary="The catalog entries the caller may use", tags=["openai"])
+    @app.get("/v1/models", summary="The catalog entries the caller may use", tags=["openai"],
+             responses=error_responses(401))  # fmt: skip
     async def list_models(key: KeyInfo = Depends(caller)) -> Response:
         entries = await gateway.visible_entries(key)
         return JsonResponse({"object": "list", "data": [model_card(e) for e in entries]})
 
-    @app.get("/v1/models/{model:path}", summary="One catalog entry", tags=["openai"])
+    @app.get("/v1/models/{model:path}", summary="One catalog entry", tags=["openai"],
+             responses=error_responses(401, 404))  # fmt: skip
     async def get_model(model: str, key: KeyInfo = Depends(caller)) -> Response:
         for entry in await gateway.visible_entries(key):
             if entry.name == model:
@@ -305,12 +346,12 @@ def create_portal_app(
     # document. They read and validate their bodies themselves (`Endpoint.parse`: the JSON parsed once, the dict
     # validated, after the key is checked); `_document_bodies` adds the body schemas.
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"],
-              openapi_extra=_body_doc(CHAT.body_model))  # fmt: skip
+              openapi_extra=_body_doc(CHAT.body_model), responses=COMPLETION_RESPONSES)  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         return await gateway.handle(request, CHAT)
 
     @app.post("/v1/completions", summary="Text completion (OpenAI)", tags=["openai"],
-              openapi_extra=_body_doc(COMPLETION.body_model))  # fmt: skip
+              openapi_extra=_body_doc(COMPLETION.body_model), responses=COMPLETION_RESPONSES)  # fmt: skip
     async def completions(request: Request) -> Response:
         return await gateway.handle(request, COMPLETION)
 
@@ -320,7 +361,8 @@ def create_portal_app(
 
     token = scrape_token(metrics_token)
 
-    @app.get("/metrics", summary="Prometheus metrics (scrape token or admin key: portal/scrape.py)", tags=["ops"])
+    @app.get("/metrics", summary="Prometheus metrics (scrape token or admin key: portal/scrape.py)", tags=["ops"],
+             response_class=PlainTextResponse, responses=error_responses(401, 403))  # fmt: skip
     async def prometheus(request: Request) -> Response:
         return await metrics_response(request, gateway, token)
 
@@ -333,6 +375,7 @@ def create_portal_app(
         return JsonResponse(body, status_code=status_code)
 
     _document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
+    without_validation_responses(app)
 
     # ---- dashboard (portal/dashboard.py) ----
     app.include_router(dashboard_router(lambda: db.read(dashboard_state), authorize_admin))

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.matrix.pools import FAILED, FREE, list_pools, show_pool
+from matrixstack.openai.error_doc import BEARER, error_responses
 from matrixstack.portal.catalog_service import catalog_tree
 from matrixstack.portal.deployment_service import list_deployments
 from matrixstack.portal.usage_service import busiest_entries
@@ -170,7 +171,12 @@ def dashboard_router(
             raise HTTPException(404, f"no dashboard file {name!r}; the files are {', '.join(STATIC_FILES)}")
         return Response(static_text(name), media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
-    @router.get("/dashboard/state", summary="Dashboard state (admin key)")
+    @router.get(
+        "/dashboard/state",
+        summary="Dashboard state (admin key)",
+        responses=error_responses(401, 403),
+        openapi_extra=BEARER,
+    )
     async def state(request: Request) -> JSONResponse:
         checked = authorize(request)
         if inspect.isawaitable(checked):
