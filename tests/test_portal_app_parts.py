@@ -26,7 +26,7 @@ from matrixstack.portal.limits import INSUFFICIENT_QUOTA, QUOTA_RETRY_AFTER_S, R
 from matrixstack.portal.metrics import PortalMetrics, pool_utilisation
 from matrixstack.portal.store import open_portal_database
 from matrixstack.portal.usage_service import UsageRecord, record_usage, usage_report
-from matrixstack.portal.usage_writer import UsageWriter
+from matrixstack.portal.usage_writer import UsageWriter, written
 
 
 class Clock:
@@ -238,6 +238,37 @@ def test_writer_keeps_a_failed_batch_and_writes_it_later(database):
     writer.stop()
     assert calls[0] == 5 and writer.failures == 1
     assert database.read(usage_report)[0]["requests"] == 5
+
+
+def test_writer_commit_is_done_only_once_its_record_is_written(database):
+    """A group commit: the futures of records committed together are done once their batch is in the database
+    (a round every 60 s would never come: `commit` wakes the writer), not while the database refuses the write."""
+    refuse = threading.Event()
+
+    def write(batch: list[UsageRecord]) -> None:
+        if refuse.is_set():
+            raise ConnectionError("database went away")
+        database.write(lambda session: record_usage(session, batch))
+
+    writer = UsageWriter(write, interval_s=60.0).start()
+    records = _records(database, 12)
+
+    async def commit_all(part: list[UsageRecord]) -> list[int]:
+        futures = [writer.commit(record) for record in part]
+        await asyncio.gather(*futures)
+        return [database.read(usage_report)[0]["requests"] for _ in futures]
+
+    assert asyncio.run(commit_all(records[:10])) == [10] * 10
+    refuse.set()
+
+    async def refused() -> tuple[bool, bool]:
+        future = writer.commit(records[10])
+        return await written(future, timeout_s=0.5), future.done()
+
+    assert asyncio.run(refused()) == (False, False)  # not written: the caller is not told it is
+    refuse.clear()
+    writer.stop()  # the kept batch is written at the stop
+    assert database.read(usage_report)[0]["requests"] == 11
 
 
 def test_writer_submit_from_many_threads(database):

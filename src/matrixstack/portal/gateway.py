@@ -15,7 +15,8 @@
   opened (sealed at rest or an `env:` reference) and its failures turned into the portal's own errors, never a
   backend's body (`portal.upstream_errors`);
 - `KeyLimiter` (rpm, tpm, lifetime quota seeded once per key from the database; portal/limits.py);
-- usage records go to the `UsageWriter` queue; metrics and one JSON log line per request are written at the end.
+- usage records go to the `UsageWriter` queue (a completed request's answer, or a stream's last piece, leaves only
+  once its record is written: a group commit); metrics and one JSON log line per request are written at the end.
   A usage record names the catalog entry the request resolved to, or `UNKNOWN_ENTRY` for every name that resolves
   to nothing (the client's text is never stored); the log line's client texts are bounded (portal/bounds.py).
 
@@ -70,7 +71,7 @@ from matrixstack.portal.resolve import DeploymentNotRunning, RangeError, Resolve
 from matrixstack.portal.spec import BackendSpec, EntrySpec, UnknownEntry
 from matrixstack.portal.upstream_errors import guarded_client
 from matrixstack.portal.usage_service import UsageRecord, tokens_used
-from matrixstack.portal.usage_writer import UsageWriter
+from matrixstack.portal.usage_writer import UsageWriter, written
 
 LOG = logging.getLogger("matrixstack.portal")
 T = TypeVar("T")
@@ -301,7 +302,7 @@ class Gateway:
         m.key = key
         m.entry = parsed.model
         self.metrics.queue_depth.inc()
-        streaming = False
+        streaming = metered = False
         try:
             resolved = await self.resolve(m.entry, m.key)
             m.resolved = True
@@ -328,6 +329,8 @@ class Gateway:
             m.completion_tokens = int(used.get("completion_tokens") or 0)
             if not answer.get("usage"):
                 answer["usage"] = usage(m.prompt_tokens, m.completion_tokens)
+            metered = True
+            await written(self.finish(m))  # billed before the client sees the answer
             return JsonResponse(answer, headers={"x-request-id": m.request_id})
         except BaseException as exc:
             m.status, m.error = _status_of(exc)
@@ -339,7 +342,7 @@ class Gateway:
                 raise down from exc
             raise
         finally:
-            if not streaming:
+            if not streaming and not metered:
                 self.finish(m)
 
     async def _stream(
@@ -361,34 +364,40 @@ class Gateway:
 
     # ---- metering ---------------------------------------------------------------------------------------
 
-    def finish(self, m: Metered) -> None:
+    def finish(self, m: Metered) -> asyncio.Future | None:
         """Meter one finished request: settle its reserved tokens, the usage record (under its catalog entry, or the
-        unknown bucket), metrics and the log line."""
+        unknown bucket), metrics and the log line. Return, for a completed request (status 200), the future of its
+        usage row's commit (`UsageWriter.commit`), which the caller awaits before the answer's last piece leaves;
+        None for any other (its record goes with the writer's next round)."""
+        durable = None
         latency_s = time.perf_counter() - m.started_s
         self.metrics.queue_depth.dec()
         tokens = m.prompt_tokens + m.completion_tokens
         if m.key is not None:
             self.limiter.settle(m.key.id, m.reserved_tokens, tokens)
             if m.entry:
-                self.writer.submit(
-                    UsageRecord(
-                        tenant_id=m.key.tenant_id,
-                        key_id=m.key.id,
-                        entry=m.entry if m.resolved else UNKNOWN_ENTRY,  # never a client's unknown text
-                        prompt_tokens=m.prompt_tokens,
-                        completion_tokens=m.completion_tokens,
-                        status_code=m.status,
-                        latency_ms=latency_s * 1000.0,
-                        ttft_ms=None if m.ttft_s is None else m.ttft_s * 1000.0,
-                        created_at=datetime.now(UTC),
-                    )
+                record = UsageRecord(
+                    tenant_id=m.key.tenant_id,
+                    key_id=m.key.id,
+                    entry=m.entry if m.resolved else UNKNOWN_ENTRY,  # never a client's unknown text
+                    prompt_tokens=m.prompt_tokens,
+                    completion_tokens=m.completion_tokens,
+                    status_code=m.status,
+                    latency_ms=latency_s * 1000.0,
+                    ttft_ms=None if m.ttft_s is None else m.ttft_s * 1000.0,
+                    created_at=datetime.now(UTC),
                 )
+                if m.status == 200:
+                    durable = self.writer.commit(record)
+                else:
+                    self.writer.submit(record)
         if m.key is not None:
             label = m.entry if m.resolved and m.entry else UNKNOWN_ENTRY  # random names must not make new series
             route = (label, m.lane, m.deployment)
             self.metrics.observe(route, m.status, m.prompt_tokens, m.completion_tokens, m.ttft_s, m.tpot_s)
         if LOG.isEnabledFor(logging.INFO):
             self._log(m, latency_s)
+        return durable
 
     def log_rejected(self, request: Request, status: int, message: str, key: KeyInfo | None = None) -> None:
         """Log the line of a /v1 request refused before it reached `forward` (no key, an invalid body)."""

@@ -21,6 +21,7 @@ backend's usage (or one per content string when the backend sent none), TTFT (to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -34,6 +35,7 @@ from matrixstack.openai.sse import DATA_PREFIX, EVENT_END, SSE_DONE, sse_event
 from matrixstack.openai.types import usage
 from matrixstack.portal.encoding import dumps_bytes, loads
 from matrixstack.portal.key_service import KeyInfo
+from matrixstack.portal.usage_writer import written
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status metered when a client goes away
 
@@ -74,13 +76,14 @@ class StreamRelay:
         first: bytes | None,
         endpoint: Endpoint,
         metered: Metered,
-        finish: Callable[[Metered], None],
+        finish: Callable[[Metered], asyncio.Future | None],
     ):
         self._blocks, self._first, self._endpoint, self._m, self._finish = blocks, first, endpoint, metered, finish
         self._model_field = b'"model":' + dumps_bytes(metered.entry)
         self._model_template = self._model_field.replace(b"\\", b"\\\\")  # as re.sub's replacement: literal
         self._token = TOKEN_FIELD[endpoint]
         self._closed = False
+        self._metered = False
         self._delivered = False  # events() wrote everything, [DONE] included
         self._content_chunks = 0
         self._first_token_s: float | None = None
@@ -143,6 +146,7 @@ class StreamRelay:
             created = (last or {}).get("created") or int(time.time())
             tail = sse_event(self._endpoint.usage_chunk(ident, m.entry, created, usage(*self._tokens())))
         self._delivered = True  # the response ends with this piece (EventStream closes the stream after [DONE])
+        await written(self._meter())  # billed before the client sees the stream complete
         yield (tail + SSE_DONE).encode()
 
     def _tokens(self) -> tuple[int, int]:
@@ -161,9 +165,17 @@ class StreamRelay:
             m.status, m.error = CLIENT_CLOSED, "client closed the stream"
         with contextlib.suppress(RuntimeError):
             await self._blocks.aclose()  # type: ignore[attr-defined]
+        self._meter()
+
+    def _meter(self) -> asyncio.Future | None:
+        """Meter the request once (tokens, timings, `finish`); return what `finish` returns (None the second time)."""
+        if self._metered:
+            return None
+        self._metered = True
+        m = self._m
         m.prompt_tokens, m.completion_tokens = self._tokens()
         if self._first_token_s is not None:
             m.ttft_s = self._first_token_s - m.started_s
             if m.completion_tokens > 1 and self._last_token_s is not None:
                 m.tpot_s = (self._last_token_s - self._first_token_s) / (m.completion_tokens - 1)
-        self._finish(m)
+        return self._finish(m)
