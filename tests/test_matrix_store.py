@@ -289,3 +289,38 @@ def test_a_process_killed_mid_allocation_leaves_no_half_slice(db_url, tmp_path):
         len(database.write(lambda session: alloc_slice(session, "p", "bob", _request(4))).devices) == 4
     )  # the dead writer's lock is gone
     database.close()
+
+
+def _count_rows(path: str) -> int:
+    """Count the rows of table t from another process's connection, closed at once (the last one to close)."""
+    import sqlite3
+
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute("SELECT count(*) FROM t").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_opening_the_database_again_in_one_process_keeps_its_writes(tmp_path):
+    """A process that opens its SQLite database a second time (the local site records a restarted engine's status
+    while the portal writes usage) must not drop the locks its connections hold: if it did, another process closing
+    its last connection would delete the WAL the first connection still writes to, and those writes would vanish."""
+    from sqlalchemy import text
+
+    from matrixstack.matrix.store import open_engine
+
+    path = str(tmp_path / "state.db")
+    engine = open_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+        connection.execute(text("INSERT INTO t VALUES (1)"))
+    open_engine(f"sqlite:///{path}").dispose()  # the second open, in this process
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        assert pool.apply(_count_rows, (path,)) == 1  # another process reads and closes
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO t VALUES (2)"))
+        assert pool.apply(_count_rows, (path,)) == 2
+    engine.dispose()
+    assert _count_rows(path) == 2

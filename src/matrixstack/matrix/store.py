@@ -18,6 +18,7 @@ transaction starts with `BEGIN IMMEDIATE`, so two writers queue instead of faili
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,7 +234,10 @@ def _private_database_file(path: Path) -> None:
         private_dir(path.parent)
     else:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_RDONLY, 0o600))
+    if not path.exists():  # never open an existing one: closing any descriptor of a SQLite file drops every POSIX
+        # lock this process's connections hold on it, and another process may then delete the WAL they write to
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
         if file.exists() and file.stat().st_uid == os.getuid():  # another user's file keeps the mode they gave it
             file.chmod(0o600)
