@@ -7,7 +7,8 @@
   counted as it arrives and refused as soon as the count passes the limit, so a huge body is never held whole;
 - a body declared with a content type that is not JSON (`text/plain`, a form) is refused with a 400 naming the
   fix, as OpenAI's API refuses it: every body these servers take is JSON. A request without a content type is
-  read as JSON (FastAPI's rule).
+  read as JSON (FastAPI's rule). A server whose routes take a key gives `caller_refusal(scope)` (its 401 / 403, or
+  None): a caller without a valid key gets that, not the 400, so a body never tells a stranger more than the key.
 
 A refusal closes the connection (`Connection: close`) and leaves the rest of the body unread: uvicorn would read
 and drop it (an endless chunked stream included) on the event loop, beside other requests. Clients still read the
@@ -66,9 +67,15 @@ def is_json(content_type: str) -> bool:
 class RequestGuard:
     """The ASGI middleware of the module docstring."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        caller_refusal: Callable[[Scope], Awaitable[OpenAIError | None]] | None = None,
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.caller_refusal = caller_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,7 +93,8 @@ class RequestGuard:
         elif content_type is not None and scope["method"] in BODY_METHODS:
             text = content_type.decode("latin-1")
             if not is_json(text):
-                refusal = not_json(text)
+                refused = await self.caller_refusal(scope) if self.caller_refusal is not None else None
+                refusal = refused or not_json(text)
         if refusal is None:
             body = await self._read(receive)
             if body is not None:

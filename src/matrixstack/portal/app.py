@@ -302,7 +302,9 @@ def create_portal_app(
     )
     app.state.portal = portal
     app.gateway = gateway
-    app.guard = RequestGuard(app.serve, max_body_bytes(max_body_mib))
+    app.guard = RequestGuard(
+        app.serve, max_body_bytes(max_body_mib), lambda scope: _key_refusal(gateway, Request(scope))
+    )
     install_docs(app)
     _install_error_handlers(app, gateway)
 
