@@ -36,7 +36,7 @@ import openai
 import pytest
 from conftest import fresh_database_url
 from sqlalchemy import func, inspect, select, text
-from test_stack_up import UpRun, processes
+from test_stack_up import UpRun, processes, zombies_of
 
 from matrixstack.matrix.store import PoolRow, SliceDeviceRow, SliceRow
 from matrixstack.portal.store import DeploymentRow, UsageRow, open_portal_database
@@ -95,11 +95,6 @@ def gone_within(pids_fn, deadline_s: float = GONE_S) -> list[int]:
         time.sleep(POLL_S)
         left = pids_fn()
     return left
-
-
-def zombies_of(pid: int) -> list[int]:
-    """Return the zombie children of `pid` (processes that died and nobody reaped)."""
-    return [p for p, (ppid, _, state) in processes().items() if ppid == pid and state == "Z"]
 
 
 # ---- the stack under test -----------------------------------------------------------------------------------

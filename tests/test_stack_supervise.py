@@ -15,9 +15,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+from test_stack_up import zombies_of
 
 from matrixstack.stack.local_site import engine_log_path
 from matrixstack.stack.site import STATUS_FAILED, STATUS_RESTARTING, STATUS_RUNNING
@@ -52,20 +52,6 @@ def health_server(port: int) -> list[str]:
     return [sys.executable, "-c", HEALTH_SERVER, str(port)]
 
 
-def zombies_of_this_process() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-            if state == "Z" and int(ppid) == os.getpid():
-                found.append(int(entry.name))
-    return found
-
-
 def supervised(name: str, command, told: queue.Queue, **options) -> SupervisedProcess:
     process = SupervisedProcess(
         name, command, dict(os.environ), engine_log_path(name), on_status=lambda *c: told.put(c), **options
@@ -91,7 +77,7 @@ def test_gives_up_after_n_failed_starts_says_why_and_leaves_no_zombie(home, cli)
         assert told.get(timeout=TOLD_TIMEOUT_S)[:2] == ("doomed", STATUS_RESTARTING)
         assert told.get(timeout=TOLD_TIMEOUT_S)[:2] == ("doomed", STATUS_FAILED)
         assert len(starts) == 1 + 3
-        assert not group_alive(first) and zombies_of_this_process() == []
+        assert not group_alive(first) and zombies_of(os.getpid()) == []
         shown = cli("logs", "doomed", "-n", "5")
         assert shown.exit_code == 0
         assert "gave up after 3 failed starts in a row" in shown.output

@@ -22,7 +22,7 @@ import pytest
 
 from matrixstack.portal.store import open_portal_database
 from matrixstack.portal.usage_service import usage_report
-from matrixstack.stack.supervise import group_alive
+from matrixstack.stack.supervise import group_alive, proc_stat
 from matrixstack.stack.up import READY_LINE
 
 START_TIMEOUT_S = 300.0
@@ -37,14 +37,16 @@ def processes() -> dict[int, tuple[int, int, str]]:
     """Return pid -> (parent pid, process group id, state) of every process on this machine."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None:
+            state, ppid, pgrp = fields[:3]
             found[int(entry.name)] = (int(ppid), int(pgrp), state)
     return found
+
+
+def zombies_of(pid: int) -> list[int]:
+    """Return the zombie children of `pid` (processes that died and nobody reaped)."""
+    return [p for p, (ppid, _, state) in processes().items() if ppid == pid and state == "Z"]
 
 
 class UpRun:

@@ -20,6 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+UNREACHABLE = "upstream_unreachable"  # the code of an upstream that cannot be reached (502)
+TIMED_OUT = "upstream_timeout"  # the code of an upstream that did not answer in time (504)
+
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     """Return an OpenAI error object: {"error": {"message", "type", "param", "code"}}."""
@@ -142,12 +145,8 @@ def non_json_error(url: str) -> UpstreamError:
 def transport_error(base_url: str, exc: httpx.TransportError) -> UpstreamError:
     """Return the error of an upstream that could not be reached (502) or did not answer in time (504)."""
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(
-            504, error_body(f"upstream {base_url} timed out: {exc}", "server_error", code="upstream_timeout")
-        )
-    return UpstreamError(
-        502, error_body(f"cannot reach upstream {base_url}: {exc}", "server_error", code="upstream_unreachable")
-    )
+        return UpstreamError(504, error_body(f"upstream {base_url} timed out: {exc}", "server_error", code=TIMED_OUT))
+    return UpstreamError(502, error_body(f"cannot reach upstream {base_url}: {exc}", "server_error", code=UNREACHABLE))
 
 
 def stream_error(chunk: dict[str, Any]) -> UpstreamError | None:

@@ -54,7 +54,7 @@ from matrixstack.matrix.database import Database
 from matrixstack.openai.client import Upstream
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import Endpoint
-from matrixstack.openai.errors import ClientGone, OpenAIError, UpstreamError, validation_error
+from matrixstack.openai.errors import UNREACHABLE, ClientGone, OpenAIError, UpstreamError, validation_error
 from matrixstack.openai.sse import EventStream
 from matrixstack.openai.types import SamplingFields, usage
 from matrixstack.portal.bounds import bounded, model_too_long
@@ -77,7 +77,6 @@ LOG = logging.getLogger("matrixstack.portal")
 T = TypeVar("T")
 DEFAULT_CACHE_TTL_S = 5.0
 KEY_POLL_S = 0.25  # how often the key watch reads the last key change: a revocation elsewhere holds at most this
-UNREACHABLE_CODE = "upstream_unreachable"  # a backend that cannot be reached (openai.errors.transport_error)
 UNKNOWN_ENTRY = "(unknown)"
 
 
@@ -334,7 +333,7 @@ class Gateway:
             return JsonResponse(answer, headers={"x-request-id": m.request_id})
         except BaseException as exc:
             m.status, m.error = _status_of(exc)
-            unreachable = isinstance(exc, UpstreamError) and exc.code == UNREACHABLE_CODE
+            unreachable = isinstance(exc, UpstreamError) and exc.code == UNREACHABLE
             if unreachable and m.resolved and resolved.backend.deployment is not None:
                 self.catalog.forget(("resolve", m.entry, key.tenant, key.is_admin))  # its status may have changed
                 down = LaneDown(resolved.backend.deployment, "unreachable")

@@ -29,7 +29,7 @@ from typing import Any
 from matrixstack.errors import UserError
 from matrixstack.openai.client import Upstream, upstream_client
 from matrixstack.openai.endpoints import Endpoint
-from matrixstack.openai.errors import UpstreamError, error_body
+from matrixstack.openai.errors import TIMED_OUT, UNREACHABLE, UpstreamError, error_body
 from matrixstack.portal.scrub import scrub
 from matrixstack.portal.spec import BackendSpec
 from matrixstack.portal.upstream_secrets import backend_api_key
@@ -38,7 +38,7 @@ DEPLOYMENT_KINDS = ("engine", "vllm")  # backends the portal runs: their client-
 CLIENT_FAULTS = (400, 413, 422)
 AUTH_FAILURES = (401, 403)
 MAX_MESSAGE_CHARS = 500
-TRANSPORT = {502: "upstream_unreachable", 504: "upstream_timeout"}  # what the client itself raises (openai.errors)
+TRANSPORT = {502: UNREACHABLE, 504: TIMED_OUT}  # what the client itself raises (openai.errors)
 
 
 def _cut(value: Any) -> Any:

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from matrixstack.paths import data_dir
-from matrixstack.stack.supervise import POLL_S, PROC, STOP_TIMEOUT_S, group_alive, signal_group
+from matrixstack.stack.supervise import POLL_S, STOP_TIMEOUT_S, group_alive, proc_stat, signal_group
 
 RUN_DIR = "run"
 STARTTIME_FIELD = 19  # /proc/PID/stat field 22 (starttime), counted after the ")" that ends the command name
@@ -40,11 +40,8 @@ def run_dir() -> Path:
 
 def start_time(pid: int) -> int | None:
     """Return when process `pid` started (clock ticks since boot, from /proc), None when it does not run."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[STARTTIME_FIELD])
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[STARTTIME_FIELD])
 
 
 def _is_same(pid: int, started: int | None) -> bool:

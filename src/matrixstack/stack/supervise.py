@@ -176,16 +176,20 @@ def group_members(pgid: int) -> list[int]:
         return []
     found = []
     for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             found.append(int(entry.name))
     return found
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """Return the fields of /proc/PID/stat after the command name (state, parent pid, process group, ...), None
+    when process `pid` does not run (or there is no /proc)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def group_alive(pgid: int) -> bool:
