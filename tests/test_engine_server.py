@@ -473,3 +473,96 @@ def test_a_prompt_being_tokenised_does_not_stall_another_request(client, deploym
         finally:
             release.set()
         assert large.result().usage.prompt_tokens > 100
+
+
+# ---- detokenising off the engine's step loop (issue 15, point 2) ------------------------------------------------
+
+
+@pytest.fixture
+def decode_threads(deployment, monkeypatch):
+    """Record the name of the thread of every call of the server tokenizer's decode (the real decode does the work)."""
+    tokenizer = deployment[1].engine.tokenizer
+    names: list[str] = []
+    real = tokenizer.decode
+
+    def decode(ids, *args, **kwargs):
+        names.append(threading.current_thread().name)
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", decode)
+    return names
+
+
+@pytest.mark.parametrize("stop", [None, ["e", "th"]], ids=["no-stop", "stop-strings"])
+def test_the_text_is_never_decoded_on_the_engine_step_loop(client, deployment, decode_threads, stop):
+    base = dict(model=MODEL_ID, temperature=0, max_tokens=12, stop=stop, extra_body=NO_EOS)
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    answers = [
+        client.completions.create(prompt="Once upon a time", **base).choices[0],
+        client.chat.completions.create(messages=messages, **base).choices[0],
+    ]
+    streams = [
+        list(client.completions.create(prompt="Once upon a time", stream=True, **base)),
+        list(client.chat.completions.create(messages=messages, stream=True, **base)),
+    ]
+    texts = [answers[0].text, answers[1].message.content]
+    assert texts[0] == "".join(c.choices[0].text for c in streams[0])
+    assert texts[1] == "".join(c.choices[0].delta.content or "" for c in streams[1] if c.choices)
+    assert any(texts), "no text came back: nothing was decoded"
+    if stop:
+        assert all(s not in text for s in stop for text in texts)
+    engine_thread = deployment[1]._thread.name
+    assert decode_threads and engine_thread not in decode_threads, set(decode_threads)
+
+
+def first_completing(tokenizer: Tokenizer, token_ids: list[int], stop: str) -> int:
+    """Return how many of `token_ids` it takes for their text to contain `stop`."""
+    return next(n for n in range(1, len(token_ids) + 1) if stop in tokenizer.decode(token_ids[:n]))
+
+
+def test_a_stop_string_aborts_the_request_frees_its_blocks_and_counts_tokens_up_to_it(deployment):
+    """The consumer lags behind the engine, which runs past the stop string meanwhile: those tokens are dropped,
+    usage counts the tokens up to the one that completed the stop string, and the request's KV blocks are freed."""
+    _, engine, runner = deployment
+    tokenizer = engine.engine.tokenizer
+    prompt = tokenizer.encode("In the beginning", add_bos=True)
+    max_tokens = MAX_MODEL_LEN - 16
+
+    async def run(params: SamplingParams, request_id: str, lag_steps: int = 0) -> list:
+        deltas = []
+        async for delta in engine.stream(prompt, params, request_id):
+            if not deltas and lag_steps:  # the engine runs on (or finishes) while nobody reads
+                target = runner.steps + lag_steps
+                deadline = time.monotonic() + DRAIN_TIMEOUT_S
+                while runner.steps < target and engine.engine.has_work() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            deltas.append(delta)
+        return deltas
+
+    whole = asyncio.run(run(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), "stop-whole"))
+    ids, text = [t for d in whole for t in d.token_ids], "".join(d.text for d in whole)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3, text
+    n = first_completing(tokenizer, ids, stop)
+    wait_idle(engine)
+    steps_before = runner.steps
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, stop=[stop])
+    cut = asyncio.run(run(params, "stop-cut", lag_steps=n + 4))
+    last = cut[-1]
+    assert last.finish_reason == "stop" and "".join(d.text for d in cut) == text[: text.index(stop)]
+    assert last.completion_tokens == n and [t for d in cut for t in d.token_ids] == ids[:n]
+    wait_idle(engine)  # no request left, every KV block free
+    assert runner.steps - steps_before < max_tokens // 2  # aborted at the stop string, not run to max_tokens
+
+
+def test_offline_generate_stops_at_a_stop_string_with_the_same_result(deployment):
+    model, tokenizer = deployment[2].runner.model, deployment[1].engine.tokenizer
+    engine = LLMEngine(ModelRunner(model, CONFIG), tokenizer, CONFIG)
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    [whole] = engine.generate(["In the beginning"], free)
+    stop = whole.text[len(whole.text) // 2 : len(whole.text) // 2 + 3]
+    n = first_completing(tokenizer, whole.token_ids, stop)
+    [cut] = engine.generate(["In the beginning"], free.model_copy(update={"stop": [stop], "max_tokens": 200}))
+    assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.index(stop)]
+    assert cut.token_ids == whole.token_ids[:n] and cut.completion_tokens == n
+    assert not engine.has_work() and engine.scheduler.block_manager.num_free_blocks == CONFIG.num_kv_blocks
