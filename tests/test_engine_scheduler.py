@@ -314,66 +314,6 @@ def test_without_max_tokens_a_sequence_stops_at_max_model_len():
     assert a.finish_reason == "length" and a.num_tokens == 12
 
 
-PIECES = {1: "Hel", 2: "lo", 3: " wo", 4: "rld", 5: "!", 6: " Wh", 7: "at", 8: "?", 10: "END"}
-
-
-def decode_pieces(token_ids: list[int]) -> str:
-    return "".join(PIECES.get(t, "") for t in token_ids)
-
-
-def text_seq(request_id: str, stop: list[str], max_tokens: int = 20) -> Sequence:
-    return Sequence(request_id, [10], SamplingParams(temperature=0, max_tokens=max_tokens, stop=stop), decode_pieces)
-
-
-def test_stop_string_across_token_boundaries_cuts_the_text_and_holds_back_the_stream():
-    sched = make_scheduler()
-    s = text_seq("a", stop=["o world"])
-    sched.add(s)
-    streamed = []
-    for token in [1, 2, 3, 4, 5]:
-        out = sched.schedule()
-        sched.postprocess(out, [token])
-        streamed.append(s.take_new_text())
-        if s.is_finished:
-            break
-    # "Hel" / "lo" (held: "o" may start "o world") / " wo" (held: "o wo") / "rld" -> stop found
-    assert streamed == ["Hel", "l", "", ""]
-    assert s.finish_reason == "stop" and s.text == "Hell" and "".join(streamed) == s.text
-    assert sched.block_manager.num_free_blocks == 64
-
-
-def test_held_back_text_is_released_when_the_prefix_does_not_complete():
-    s = text_seq("a", stop=["o world", "?!"])
-    chunks = []
-    for token in [1, 2, 3, 6, 8]:  # "Hel" "lo" " wo" " Wh" "?"
-        s.append_token(token)
-        chunks.append(s.take_new_text())
-    assert chunks == ["Hel", "l", "", "o wo Wh", ""]  # "?" held: it may start "?!"
-    s.finish("length")
-    assert s.take_new_text() == "?" and s.text == "Hello wo Wh?"
-
-
-def test_stop_string_inside_one_token_and_earliest_match_wins():
-    s = text_seq("a", stop=["ld", "rl"])
-    for token in [1, 3, 4]:
-        hit = s.append_token(token)
-    assert hit and s.text == "Hel wo"
-
-
-def test_incomplete_utf8_characters_are_not_streamed_until_complete():
-    byte_tokens = {100 + i: bytes([b]) for i, b in enumerate("é€".encode())}
-
-    def decode_bytes(ids: list[int]) -> str:
-        return b"".join(byte_tokens.get(t, b"x") for t in ids).decode("utf-8", errors="replace")
-
-    s = Sequence("u", [1], SamplingParams(max_tokens=10), decode_bytes)
-    chunks = []
-    for token in sorted(byte_tokens):
-        s.append_token(token)
-        chunks.append(s.take_new_text())
-    assert chunks == ["", "é", "", "", "€"] and s.text == "é€"
-
-
 def test_random_workload_under_pressure_keeps_blocks_consistent_and_outputs_exact():
     rng = random.Random(0)
     sched = make_scheduler(num_kv_blocks=12, max_model_len=48, max_num_batched_tokens=12, max_num_seqs=5)

@@ -1,11 +1,17 @@
-"""The loop: requests in, steps of schedule -> run -> postprocess, text out (offline and streaming).
+"""The loop: requests in, steps of schedule -> run -> postprocess, tokens out; text out (offline and streaming).
 
 `LLMEngine` is synchronous and single-threaded, like nano-vllm's: `add_request`, `step`, `abort`, `generate`.
+Its step reports token ids and the engine's finish reasons only (`TokenDelta`: stop tokens, end-of-sequence,
+max_tokens, the context length); the text and stop strings are the output side's (`engine.output_processor`),
+which `generate` runs inline between steps.
+
 `AsyncEngine` runs an `LLMEngine` on a background thread for a server: each request gets an asyncio queue of
-`Delta`s; new requests and aborts (the client went away) are handed to the engine thread, which takes them in
-before its next step (an abort frees the request's KV blocks there). A text prompt is tokenised on a worker thread
-before it is handed in, never on the engine thread. A step that fails fails every request in flight, each with
-an error that says what happened without naming the others (a `WorkerError`'s `cause`).
+`TokenDelta`s, which its stream turns into text `Delta`s on the consumer's event loop (a `RequestState`), so the
+engine thread never decodes a token; a stop string found there ends the stream and aborts the request in the
+engine. New requests and aborts (a stop string, or the client went away) are handed to the engine thread, which
+takes them in before its next step (an abort frees the request's KV blocks there). A text prompt is tokenised on a
+worker thread before it is handed in, never on the engine thread. A step that fails fails every request in flight,
+each with an error that says what happened without naming the others (a `WorkerError`'s `cause`).
 """
 
 from __future__ import annotations
@@ -20,23 +26,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from matrixstack.engine.config import EngineConfig, SamplingParams
+from matrixstack.engine.output_processor import Delta, OutputProcessor, RequestState
 from matrixstack.engine.scheduler import Scheduler
-from matrixstack.engine.sequence import Sequence
+from matrixstack.engine.sequence import Sequence, TokenDelta
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.errors import UserError
-
-
-@dataclass
-class Delta:
-    """New output of one request since the last delta: text, token ids, and the finish reason once done."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
 
 
 @dataclass
@@ -62,7 +56,7 @@ class StepStats:
 
 
 class LLMEngine:
-    """Continuous-batching engine over one runner: schedule, run the model, sample, stream text."""
+    """Continuous-batching engine over one runner: schedule, run the model, sample, report the tokens."""
 
     def __init__(self, runner, tokenizer: Tokenizer, config: EngineConfig):
         """`runner` has `run(SchedulerOutput) -> list[int]`: a ModelRunner or an expert-parallel deployment."""
@@ -84,7 +78,7 @@ class LLMEngine:
             raise UserError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.tokenizer.vocab_size - 1})"
             )
-        seq = Sequence(request_id or f"req-{next(self._ids)}", token_ids, params, self.tokenizer.decode)
+        seq = Sequence(request_id or f"req-{next(self._ids)}", token_ids, params)
         self.scheduler.add(seq)
         self._sent_tokens[seq.request_id] = 0
         return seq
@@ -98,8 +92,8 @@ class LLMEngine:
         """Return True while any request is waiting or running."""
         return self.scheduler.num_unfinished > 0
 
-    def step(self) -> list[Delta]:
-        """Run one step; return a delta for every request that produced text or finished."""
+    def step(self) -> list[TokenDelta]:
+        """Run one step; return a token delta for every request that produced a token or finished."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -121,44 +115,51 @@ class LLMEngine:
         deltas = []
         for seq in {id(s): s for s in [*out.sample_seqs, *finished]}.values():
             delta = self._delta(seq)
-            if delta.text or delta.token_ids or delta.finish_reason:
+            if delta.token_ids or delta.finish_reason:
                 deltas.append(delta)
         return deltas
 
-    def _delta(self, seq: Sequence) -> Delta:
+    def _delta(self, seq: Sequence) -> TokenDelta:
         sent = self._sent_tokens.get(seq.request_id, 0)
         new_tokens = seq.output_token_ids[sent:]
         self._sent_tokens[seq.request_id] = seq.num_output_tokens
         finish = seq.finish_reason if seq.is_finished else None
         if finish:
             self._sent_tokens.pop(seq.request_id, None)
-        return Delta(
-            seq.request_id,
-            seq.take_new_text(),
-            new_tokens,
-            finish,
-            seq.num_prompt_tokens,
-            seq.num_output_tokens,
-        )
+        return TokenDelta(seq.request_id, new_tokens, finish)
 
     def generate(
         self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Completion]:
-        """Run prompts to completion together (continuous batching) and return their completions in order."""
+        """Run prompts to completion together (continuous batching) and return their completions in order.
+
+        The output side runs inline (an `OutputProcessor`): a request a stop string ended is aborted before the
+        next step, so it computes nothing past its stop string."""
         all_params = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, all_params, strict=True)]
+        processor = OutputProcessor(self.tokenizer.decode)
+        for seq in seqs:
+            processor.add_request(seq.request_id, seq.prompt_token_ids, seq.params)
         texts = {s.request_id: "" for s in seqs}
+        token_ids: dict[str, list[int]] = {s.request_id: [] for s in seqs}
+        finish_reasons: dict[str, str] = {}
         while self.has_work():
-            for delta in self.step():
-                texts[delta.request_id] = texts.get(delta.request_id, "") + delta.text
+            deltas, stopped = processor.process(self.step())
+            for request_id in stopped:
+                self.abort(request_id)
+            for delta in deltas:
+                texts[delta.request_id] += delta.text
+                token_ids[delta.request_id] += delta.token_ids
+                if delta.finish_reason:
+                    finish_reasons[delta.request_id] = delta.finish_reason
         return [
             Completion(
                 s.request_id,
                 texts[s.request_id],
-                s.output_token_ids,
-                s.finish_reason or "abort",
+                token_ids[s.request_id],
+                finish_reasons.get(s.request_id, "abort"),
                 s.num_prompt_tokens,
-                s.num_output_tokens,
+                len(token_ids[s.request_id]),
             )
             for s in seqs
         ]
@@ -216,7 +217,7 @@ class AsyncEngine:
             else:
                 item.added.set_result(None)
 
-    def _publish(self, delta: Delta) -> None:
+    def _publish(self, delta: TokenDelta) -> None:
         target = self._queues.get(delta.request_id)
         if target is None:
             return
@@ -231,17 +232,21 @@ class AsyncEngine:
         for request_id in live:
             self.engine.abort(request_id)
         for request_id in live:
-            self._publish(Delta(request_id, "", [], "error", error=message))
+            self._publish(TokenDelta(request_id, [], "error", message))
 
     async def stream(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        """Yield the request's deltas until it finishes; abort it if the consumer stops early.
+        """Yield the request's text deltas until it finishes; abort it if the consumer stops early.
 
-        The first delta waits for the engine thread to take the request in: a request that can never run raises
-        its UserError there (`LLMEngine.add_request`), a reused `request_id` a ValueError."""
+        The engine thread sends token deltas; the text is decoded here, on the caller's event loop (a
+        `RequestState`): a stop string ends the stream there and aborts the request in the engine, dropping the
+        tokens it computed past it. The first delta waits for the engine thread to take the request in: a request
+        that can never run raises its UserError there (`LLMEngine.add_request`), a reused `request_id` a
+        ValueError."""
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         if isinstance(prompt, str):
             prompt = await asyncio.to_thread(self.engine.tokenizer.encode, prompt, True)
+        state = RequestState(request_id, prompt, params, self.engine.tokenizer.decode)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         add = _Add(prompt, params, request_id)
@@ -258,10 +263,12 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                delta = await queue.get()
+                delta = state.process(await queue.get())
+                if state.abort_in_engine:
+                    self.abort(request_id)  # a stop string: the engine still runs the request
+                finished = delta.finish_reason is not None
                 yield delta
-                if delta.finish_reason:
-                    finished = True
+                if finished:
                     return
         finally:
             if not finished:

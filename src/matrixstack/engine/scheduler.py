@@ -11,8 +11,10 @@ Each step, `schedule()` spends a budget of `max_num_batched_tokens` tokens and `
    batch is preempted (its blocks freed, its KV recomputed later from its tokens; it goes back to the front of
    the waiting queue); when there is none, the sequence itself is preempted.
 5. `postprocess()` records the computed tokens, appends the sampled token of every sequence whose uncomputed
-   tokens were all in the step (a decode, or a prefill's last chunk), checks stop conditions, and frees the
-   blocks of sequences that finished. `abort()` frees a sequence at once, waiting or running.
+   tokens were all in the step (a decode, or a prefill's last chunk), checks the stop conditions of tokens
+   (a stop token, end-of-sequence, max_tokens, the context length), and frees the blocks of sequences that
+   finished. Stop strings are text, which the scheduler never sees: the output side finds them and aborts the
+   request (`engine.output_processor`). `abort()` frees a sequence at once, waiting or running.
 
 Because the config guarantees one max_model_len sequence fits the whole cache, a step with work always schedules
 something: with nothing running every block is free for the head of the queue.
@@ -173,8 +175,8 @@ class Scheduler:
         is_stop_token = token_id in params.stop_token_ids or (
             not params.ignore_eos and self.eos_token_id is not None and token_id == self.eos_token_id
         )
-        hit_stop_string = seq.append_token(token_id, add_text=not is_stop_token)
-        if is_stop_token or hit_stop_string:
+        seq.token_ids.append(token_id)
+        if is_stop_token:
             return "stop"
         hit_max_tokens = params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens
         if hit_max_tokens or seq.num_tokens >= self.config.max_model_len:

@@ -19,7 +19,8 @@ over `max_body_mib` (`openai.guard`, default 4 MiB), 404 for an unknown model (c
 One request never stalls another: a prompt's length is checked before it is tokenised (its characters against
 `max_model_len` times the most characters a token spans: a prompt that cannot fit is refused without
 tokenising), and tokenising runs on a worker thread with the GIL released (`Tokenizer.encode`), never on the
-event loop or the engine's step loop.
+event loop or the engine's step loop. Detokenising and stop strings run in each request's stream on the event
+loop, a few tokens' decode per token (`engine.output_processor`), never on the engine's step loop.
 
 Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
 request sends `Authorization: Bearer SECRET`; /health, /openapi.json and /docs stay open. Without `api_key` (a
@@ -59,9 +60,10 @@ from matrixstack.arch import load_arch
 from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
 from matrixstack.engine.block_manager import check_request_fits
 from matrixstack.engine.config import TOP_K_OFF, EngineConfig, SamplingParams
-from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
+from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
+from matrixstack.engine.output_processor import Delta
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights
 from matrixstack.errors import UserError

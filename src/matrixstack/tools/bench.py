@@ -18,9 +18,10 @@ phases, both with every request submitted at once:
    tokens - 1), both averaged over requests.
 
 Step times are `LLMEngine.stats.step_seconds` (schedule excluded, model and sampling included). The output text
-is assembled as when serving; `bench/engine_vs_hf.py` turns it off (`run_phase(detokenize=False)`), as its peer
-returns token ids only. The KV cache is sized to hold every request at once (`bench_config`), the other limits
-are `EngineConfig`'s defaults. No figure here is asserted anywhere: they depend on the machine.
+is assembled as when serving, off the step (an `OutputProcessor` between steps: in the wall time, not the step
+times); `bench/engine_vs_hf.py` turns it off (`run_phase(detokenize=False)`), as its peer returns token ids only.
+The KV cache is sized to hold every request at once (`bench_config`), the other limits are `EngineConfig`'s
+defaults. No figure here is asserted anywhere: they depend on the machine.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from matrixstack.engine.config import EngineConfig, SamplingParams
+from matrixstack.engine.output_processor import OutputProcessor
 from matrixstack.errors import UserError
 
 PROMPT_TOKENS = (16, 256)  # uniform, inclusive
@@ -136,6 +138,7 @@ def run_phase(
     (`SamplingParams.detokenize`), as `generate` of Hugging Face does.
     """
     sequences = []
+    processor = OutputProcessor(engine.tokenizer.decode)
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -144,12 +147,15 @@ def run_phase(
         max_tokens = r.output_tokens if full_outputs else 1
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=detokenize)
         seq = engine.add_request(r.prompt_token_ids, params)
+        processor.add_request(seq.request_id, seq.prompt_token_ids, params)
         sequences.append(seq)
     prefill_s = decode_s = 0.0
     prefill_tokens = decode_tokens = steps = 0
     while engine.has_work():
         before = (engine.stats.prefill_tokens, engine.stats.decode_tokens, len(engine.stats.step_seconds))
-        deltas = engine.step()
+        deltas, stopped = processor.process(engine.step())
+        for request_id in stopped:
+            engine.abort(request_id)
         now = time.perf_counter()
         if len(engine.stats.step_seconds) == before[2]:
             continue
