@@ -552,6 +552,7 @@ def test_a_stop_string_aborts_the_request_frees_its_blocks_and_counts_tokens_up_
     assert last.finish_reason == "stop" and "".join(d.text for d in cut) == text[: text.index(stop)]
     assert last.completion_tokens == n and [t for d in cut for t in d.token_ids] == ids[:n]
     wait_idle(engine)  # no request left, every KV block free
+    assert runner.steps - steps_before > n + 1  # the engine computed tokens past the stop string: they were dropped
     assert runner.steps - steps_before < max_tokens // 2  # aborted at the stop string, not run to max_tokens
 
 
