@@ -45,7 +45,8 @@ class TokenStats:
 def base_tokenizer(base: str) -> Tokenizer:
     """Return the tokenizer of the base model `base` (tiny-moe's packaged one, or a registered model's); UserError
     when the model ships none or its tokenizer lacks MatrixStack's special tokens."""
-    folder = weights_or_packaged(base, None, "register it with `matrixstack model add` or pick tiny-moe")
+    how = "--base takes a model with weights and a tokenizer: tiny-moe, or one registered with `matrixstack model add`"
+    folder = weights_or_packaged(base, None, how)
     return Tokenizer.from_file(folder / TOKENIZER_FILE)
 
 
