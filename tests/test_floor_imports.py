@@ -122,6 +122,7 @@ MAY_IMPORT = {
     "engine": {"arch", "perf", "openai"},
     "lanes": {"perf", "openai"},
     "portal": {"matrix", "perf", "openai"},
+    "adapt": {"matrix", "engine"},
     "stack": {"fabric", "arch", "matrix", "perf", "openai", "engine", "lanes", "portal"},
     "tools": {"fabric", "arch", "matrix", "perf", "engine"},
 }

@@ -7,6 +7,7 @@ is an error (a typo must not pass silently).
 Bounded on hostile files: a spec file is read up to `MAX_SPEC_BYTES` (so /dev/zero or a huge file fails at once),
 must be UTF-8, and YAML is read by `safe_load`, yaml.safe_load refusing more than `MAX_YAML_ALIASES` aliases (a
 "billion laughs" file); a bad value is echoed shortened (`reprlib`), never whole. Each is a SpecError (exit 2).
+`read_bounded_text` is the same bounded UTF-8 read under another cap, for files that are not specs (datasets).
 """
 
 from __future__ import annotations
@@ -52,17 +53,21 @@ def looks_like_path(name_or_path: str) -> bool:
 def read_text(path: Path, source: str, missing_hint: str) -> str:
     """Return the text of the file `source` names at `path`; SpecError when it is missing (with `missing_hint`, how
     to fix it) or unreadable."""
+    return read_bounded_text(path, source, missing_hint, MAX_SPEC_BYTES, "far more than any spec; check the path")
+
+
+def read_bounded_text(path: Path, source: str, missing_hint: str, max_bytes: int, too_big_hint: str) -> str:
+    """Return the UTF-8 text of the file `source` names at `path`, read up to `max_bytes` (so /dev/zero fails at
+    once); SpecError when it is missing (with `missing_hint`), unreadable, larger (with `too_big_hint`) or not UTF-8."""
     try:
         with open(path, "rb") as file:
-            data = file.read(MAX_SPEC_BYTES + 1)
+            data = file.read(max_bytes + 1)
     except FileNotFoundError:
         raise SpecError(f"{source} does not exist; {missing_hint}") from None
     except OSError as exc:
         raise SpecError(f"cannot read {source}: {exc.strerror}") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(
-            f"{source} is larger than {MAX_SPEC_BYTES // 2**20} MiB, far more than any spec; check the path"
-        )
+    if len(data) > max_bytes:
+        raise SpecError(f"{source} is larger than {max_bytes // 2**20} MiB, {too_big_hint}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
