@@ -71,7 +71,7 @@ from matrixstack.openai.docs import install_docs
 from matrixstack.openai.endpoints import CHAT, COMPLETION, Endpoint
 from matrixstack.openai.error_doc import body_doc, document_bodies
 from matrixstack.openai.errors import OpenAIError, install_openai_error_handlers, validation_error
-from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB, RequestGuard, max_body_bytes
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB, RequestGuard, body_chunks, max_body_bytes
 from matrixstack.openai.server import uvicorn_server
 from matrixstack.openai.sse import SSE_DONE, EventStream, sse_event
 from matrixstack.openai.types import ChatCompletionRequest, CompletionRequest, model_card, now_s, usage
@@ -123,7 +123,7 @@ class OpenAIServing:
         """Return the response to the request, streamed or whole: its body validated and checked (`Admission`; a
         large body in a child process, `openai.body_pool`), then tokenised on a worker thread and run."""
         admit = functools.partial(self.server.admission.admit, self.endpoint, "content-type" in request.headers)
-        body, params = await self.server.bodies.run(admit, await request.body())
+        body, params = await self.server.bodies.run(admit, await body_chunks(request))
         prompt_ids = await asyncio.to_thread(self.prompt_ids, body)  # never on the event loop
         request_id, created = f"{self.endpoint.id_prefix}-{uuid.uuid4().hex}", now_s()
         first, deltas = await self.start(request, prompt_ids, params, request_id)

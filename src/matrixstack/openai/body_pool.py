@@ -6,11 +6,13 @@ not help): a 3 MiB chat body costs a server ~5-10 ms of its event loop, the same
 and every other request of the server waits meanwhile. `BodyPool(workers, threshold_bytes)` does that work
 elsewhere:
 
-- `await pool.run(job, raw)` returns `job(raw)` or raises what it raised. A body of at most `threshold_bytes`
+- `await pool.run(job, chunks)` returns `job(raw)`, `raw` the body whose pieces are `chunks` (as they arrived:
+  `openai.guard.body_chunks`), or raises what it raised. A body of at most `threshold_bytes`
   (`DEFAULT_THRESHOLD_BYTES`: below it, parsing inline costs the loop less than handing the body over,
   `bench/body_handoff.py`) runs inline. A larger one goes to one of `workers` child processes: the request waits
-  for a free child, a worker thread writes the body down the child's pipe and reads its answer (the interpreter
-  lock released while it waits), and only what the job returns comes back, so a job that checks a body (the
+  for a free child, a worker thread writes the pieces down the child's pipe (never joined here: a copy of a few MiB
+  costs milliseconds) and reads its answer (the interpreter lock released while it waits), and only what the job
+  returns comes back, so a job that checks a body (the
   engine's prompt length) and refuses it never sends the body back whole. The job's exception is raised here
   (an `OpenAIError` keeps its status, message, param and code). A job is picklable (a module-level function, a
   method of a picklable object, a `functools.partial` of either), needs nothing of the server's state, and so is
@@ -64,15 +66,15 @@ class _Child:
         command = [sys.executable, "-m", __name__, str(os.getpid()), *preload]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
-    def call(self, job: bytes, raw: bytes) -> tuple[str, Any]:
-        """Return the child's answer to (`job`, `raw`): ("ok", result) or ("raise", exception); ChildDied when the
-        child ended first."""
+    def call(self, job: bytes, chunks: Sequence[bytes], size: int) -> tuple[str, Any]:
+        """Return the child's answer to `job` on the body of `size` bytes in `chunks`: ("ok", result) or ("raise",
+        exception); ChildDied when the child ended first."""
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None and stdout is not None
         try:
-            stdin.write(HEADER.pack(len(job), len(raw)))
+            stdin.write(HEADER.pack(len(job), size))
             stdin.write(job)
-            stdin.write(raw)
+            stdin.writelines(chunks)
             stdin.flush()
             head = stdout.read(REPLY.size)
             if len(head) == REPLY.size:
@@ -128,16 +130,17 @@ class BodyPool:
         """Return the children's process ids."""
         return [child.process.pid for child in self._children]
 
-    async def run(self, job: Callable[[bytes], T], raw: bytes) -> T:
-        """Return `job(raw)`, run inline for a body of at most `threshold_bytes`, else in a child process; raise
-        what the job raised, or a 500 when its child died."""
-        if len(raw) <= self.threshold_bytes:
-            return job(raw)
+    async def run(self, job: Callable[[bytes], T], chunks: Sequence[bytes]) -> T:
+        """Return `job(raw)` of the body `raw` in `chunks`, run inline for a body of at most `threshold_bytes`, else
+        in a child process; raise what the job raised, or a 500 when its child died."""
+        size = sum(len(chunk) for chunk in chunks)
+        if size <= self.threshold_bytes:
+            return job(b"".join(chunks))
         self.start()
         assert self._idle is not None
         self.handed_off += 1
         child = await self._idle.get()
-        done = asyncio.get_running_loop().run_in_executor(None, child.call, pickle.dumps(job), raw)
+        done = asyncio.get_running_loop().run_in_executor(None, child.call, pickle.dumps(job), chunks, size)
         done.add_done_callback(lambda _: self._release(child, done))
         try:
             kind, value = await asyncio.shield(done)  # a cancelled request leaves the child to finish the body

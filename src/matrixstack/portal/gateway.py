@@ -57,6 +57,7 @@ from matrixstack.openai.client import Upstream
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import Endpoint
 from matrixstack.openai.errors import UNREACHABLE, ClientGone, OpenAIError, UpstreamError
+from matrixstack.openai.guard import body_chunks
 from matrixstack.openai.sse import EventStream
 from matrixstack.openai.types import SamplingFields, usage
 from matrixstack.portal.bounds import bounded, model_too_long
@@ -282,7 +283,7 @@ class Gateway:
             raise
         await self.admit(request, key)
         try:
-            body, parsed = await self.bodies.run(endpoint.parse, await request.body())
+            body, parsed = await self.bodies.run(endpoint.parse, await body_chunks(request))
         except OpenAIError as exc:
             self.log_rejected(request, exc.status_code, exc.message, key)
             raise
