@@ -16,26 +16,31 @@ over `max_body_mib` (`openai.guard`, default 4 MiB), 404 for an unknown model (c
 500 when the engine fails the request (a worker died). A stream that fails after it started sends one
 `data: {"error": ...}` event saying what happened to this request (never naming others), then `data: [DONE]`.
 
-One request never stalls another: a prompt's length is checked before it is tokenised (its characters against
-`max_model_len` times the most characters a token spans: a prompt that cannot fit is refused without
-tokenising), and tokenising runs on a worker thread with the GIL released (`Tokenizer.encode`), never on the
-event loop or the engine's step loop.
+One request never stalls another: the generation routes read their bodies themselves and check them
+(`engine.admission.Admission`: validated as FastAPI validates a route's body, with FastAPI's 400s; the model; the
+fields; the prompt's length in characters against `max_model_len` times the most characters a token spans, so a
+prompt that cannot fit is refused without tokenising) inline for a small body, in a child process of
+`openai.body_pool` for one over 256 KiB, which answers only the verdict (a 3 MiB prompt that cannot fit costs the
+event loop its reading and the hand-over, not its parsing); tokenising runs on a worker thread with the GIL
+released (`Tokenizer.encode`), never on the event loop or the engine's step loop. The body pool's children start
+and stop with the app's lifespan.
 
 Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
-request sends `Authorization: Bearer SECRET`; /health, /openapi.json and /docs stay open. Without `api_key` (a
-`matrixstack engine serve` by hand) the engine asks for nothing.
+request sends `Authorization: Bearer SECRET` (checked before its body is parsed: a caller without it learns
+nothing of its body); /health, /openapi.json and /docs stay open. Without `api_key` (a `matrixstack engine serve`
+by hand) the engine asks for nothing.
 
 Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
 streamed or not: the request's one watcher of its client (`openai.disconnect`) ends the wait or the stream, which
 closes the engine stream.
 
-`OpenAIServer` holds the deployment and answers the model and health routes; each generation route is an
-`OpenAIServing` (SGLang's `OpenAIServingBase`): the steps both share — check the request, turn it into the engine's
-`SamplingParams`, start it, answer it streamed or whole — around the route's own prompt step, in `ChatServing` and
-`CompletionServing`. `create_app(engine, model_id)` builds the app; `serve_socket(...)` runs it in the foreground
-on a bound socket (`engine.launch`); `openai.server.ServerThread` runs it on a background thread (tests,
-embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn) is the `openai` floor's, which the portal shares
-without importing torch.
+`OpenAIServer` holds the deployment (its `Admission` and `BodyPool`) and answers the model and health routes; each
+generation route is an `OpenAIServing` (SGLang's `OpenAIServingBase`): the steps both share — check the request
+and turn it into the engine's `SamplingParams` (`Admission.admit`), start it, answer it streamed or whole — around
+the route's own prompt step, in `ChatServing` and `CompletionServing`. `create_app(engine, model_id)` builds the
+app; `serve_socket(...)` runs it in the foreground on a bound socket (`engine.launch`); `openai.server.ServerThread`
+runs it on a background thread (tests, embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn, the body
+pool) is the `openai` floor's, which the portal shares without importing torch.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class OpenAIServer:
 
 
 class OpenAIServing:
-    """One generation route of a deployment (see the module docstring): `handle(body, request)` answers it;
+    """One generation route of a deployment (see the module docstring): `handle(request)` answers it;
     a subclass gives the route's `endpoint` and its prompt step, `prompt_ids(body)`."""
 
     endpoint: Endpoint
