@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from matrixstack.openai.body_pool import BodyPool
+from matrixstack.openai.body_pool import SRC_DIR, BodyPool
 from matrixstack.openai.errors import OpenAIError
 from matrixstack.stack.supervise import proc_stat
 
@@ -110,7 +110,7 @@ def test_a_child_that_dies_is_replaced_and_close_ends_them_all():
 
 SERVER = """
 import asyncio, sys
-from matrixstack.openai.body_pool import BodyPool
+from matrixstack.openai.body_pool import SRC_DIR, BodyPool
 
 async def main():
     pool = BodyPool(workers=2)
@@ -123,7 +123,8 @@ asyncio.run(main())
 
 
 def test_the_children_die_with_their_server_killed_by_sigkill():
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": SRC_DIR}
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True, env=env)
     try:
         pids = [int(pid) for pid in server.stdout.readline().split()]
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
