@@ -51,6 +51,7 @@ STOP_TIMEOUT_S = 5.0
 HEADER = struct.Struct("<QQ")  # job bytes, body bytes
 REPLY = struct.Struct("<Q")  # reply bytes
 PR_SET_PDEATHSIG = 1
+CHILD_NICENESS = 19  # the lowest priority: on a busy machine the children wait, not the server's requests
 SRC_DIR = str(Path(__file__).resolve().parents[2])  # where `matrixstack` is imported from: the children's too
 
 
@@ -151,8 +152,10 @@ class BodyPool:
         return value
 
     def _release(self, child: _Child, done: asyncio.Future) -> None:
-        """Give `child` back to the idle ones once its call is over, or a new child when it died."""
-        assert self._idle is not None
+        """Give `child` back to the idle ones once its call is over, or a new child when it died (none once the
+        pool is closed)."""
+        if self._idle is None:
+            return  # closed meanwhile: `close` stopped the child
         if isinstance(done.exception(), ChildDied):
             self._children.remove(child)
             child.stop()
@@ -174,6 +177,7 @@ def main(argv: list[str]) -> None:
     if os.getppid() != int(argv[0]):
         return  # the parent is gone already
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C of the server's terminal: the server ends us
+    os.nice(CHILD_NICENESS)  # a large body takes the CPU the server's other requests leave
     for module in argv[1:]:
         importlib.import_module(module)
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
