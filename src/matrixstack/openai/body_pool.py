@@ -2,9 +2,8 @@
 them.
 
 Parsing JSON holds the interpreter lock (`json.loads`, orjson and pydantic's `validate_json` alike; a thread does
-not help): a 3 MiB chat body costs a server ~5-10 ms of its event loop, the same again to validate and check it,
-and every other request of the server waits meanwhile. `BodyPool(workers, threshold_bytes)` does that work
-elsewhere:
+not help): a 3 MiB chat body costs a server ~5-10 ms of its event loop, and every other request of the server
+waits meanwhile. `BodyPool(workers, threshold_bytes)` does that work elsewhere:
 
 - `await pool.run(job, chunks)` returns `job(raw)`, `raw` the body whose pieces are `chunks` (as they arrived:
   `openai.guard.body_chunks`), or raises what it raised. A body of at most `threshold_bytes`
@@ -12,11 +11,13 @@ elsewhere:
   `bench/body_handoff.py`) runs inline. A larger one goes to one of `workers` child processes: the request waits
   for a free child, a worker thread writes the pieces down the child's pipe (never joined here: a copy of a few MiB
   costs milliseconds) and reads its answer (the interpreter lock released while it waits), and only what the job
-  returns comes back, so a job that checks a body (the
-  engine's prompt length) and refuses it never sends the body back whole. The job's exception is raised here
-  (an `OpenAIError` keeps its status, message, param and code). A job is picklable (a module-level function, a
-  method of a picklable object, a `functools.partial` of either), needs nothing of the server's state, and so is
-  what it returns. `handed_off` counts the bodies a child parsed.
+  returns comes back, so a job that checks a body and refuses it (the engine's prompt length) never sends the body
+  back whole. The job's exception is raised here (an `OpenAIError` keeps its status, message, param and code). A
+  job is picklable (a module-level function, a method of a picklable object, a `functools.partial` of either),
+  needs nothing of the server's state, and so is what it returns. `handed_off` counts the bodies a child parsed.
+- The children run at the lowest CPU priority (nice 19): moving a parse off the event loop does not help when the
+  cores are what the other requests wait for (a model step on a small machine), so a large body takes the CPU
+  they leave; under load its own answer comes later, never theirs.
 - Memory is bounded: a child holds one body at a time (at most the server's body limit) and drops it before
   reading the next; requests waiting for a child hold only the body the server has read already.
 - The children (`python -m matrixstack.openai.body_pool`) are started by `start()` (the server's lifespan; else the
