@@ -36,7 +36,7 @@ import openai
 import pytest
 from conftest import fresh_database_url
 from sqlalchemy import func, inspect, select, text
-from test_stack_up import UpRun, processes, zombies_of
+from test_stack_up import UpRun, engines_of, processes, zombies_of
 
 from matrixstack.matrix.store import PoolRow, SliceDeviceRow, SliceRow
 from matrixstack.portal.store import DeploymentRow, UsageRow, open_portal_database
@@ -135,8 +135,7 @@ class Stack:
         """Return the pid (and process group) of the deployment's engine, once there is exactly one."""
         deadline = time.monotonic() + RECOVER_S
         while True:
-            found = [pid for pid, (ppid, _, state) in processes().items() if ppid == self.up.process.pid
-                     and state != "Z"]  # fmt: skip
+            found = engines_of(self.up.process.pid)
             if len(found) == 1:
                 return found[0]
             assert time.monotonic() < deadline, f"engines of `up`: {found}\n{self.up.output()}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_stack_up import EP_WORKERS, UpRun, chat, processes
+from test_stack_up import EP_WORKERS, UpRun, chat, engines_of
 
 from matrixstack.portal.deployment_service import engine_secret
 from matrixstack.stack.leftovers import RunRecord, start_time, stop_leftovers
@@ -57,7 +57,7 @@ def wait_back(run: UpRun, portal: openai.OpenAI) -> int:
             assert exc.status_code == 503 and time.monotonic() < deadline, exc
             time.sleep(0.5)
             continue
-        return next(pid for pid, (ppid, _, state) in processes().items() if ppid == run.process.pid and state != "Z")
+        return engines_of(run.process.pid)[0]
 
 
 @pytest.fixture

@@ -44,6 +44,12 @@ def processes() -> dict[int, tuple[int, int, str]]:
     return found
 
 
+def engines_of(pid: int) -> list[int]:
+    """Return the engines `up` (process `pid`) runs: its live children that lead a process group of their own (a
+    site starts each engine in a session of its own; the portal's body pool children share `up`'s group)."""
+    return [p for p, (ppid, pgrp, state) in processes().items() if ppid == pid and pgrp == p and state != "Z"]
+
+
 def zombies_of(pid: int) -> list[int]:
     """Return the zombie children of `pid` (processes that died and nobody reaped)."""
     return [p for p, (ppid, _, state) in processes().items() if ppid == pid and state == "Z"]
@@ -83,7 +89,7 @@ class UpRun:
         self.base_url = next(m.group(1) for m in map(PORTAL_LINE.search, self.lines) if m)
         start = next(i for i, line in enumerate(self.lines) if line.startswith("try next"))
         self.try_next = "\n".join(self.lines[start + 1 : self.lines.index(READY_LINE)])
-        self.engine_pids = [pid for pid, (ppid, _, _) in processes().items() if ppid == self.process.pid]
+        self.engine_pids = engines_of(self.process.pid)
 
     def _read_rest(self) -> None:
         for line in self.process.stdout:

@@ -16,41 +16,45 @@ over `max_body_mib` (`openai.guard`, default 4 MiB), 404 for an unknown model (c
 500 when the engine fails the request (a worker died). A stream that fails after it started sends one
 `data: {"error": ...}` event saying what happened to this request (never naming others), then `data: [DONE]`.
 
-One request never stalls another: a prompt's length is checked before it is tokenised (its characters against
-`max_model_len` times the most characters a token spans: a prompt that cannot fit is refused without
-tokenising), and tokenising runs on a worker thread with the GIL released (`Tokenizer.encode`), never on the
-event loop or the engine's step loop. Detokenising and stop strings run in each request's stream on the event
-loop, a few tokens' decode per token (`engine.output_processor`), never on the engine's step loop.
+One request never stalls another: the generation routes read their bodies themselves and check them
+(`engine.admission.Admission`: validated as FastAPI validates a route's body, with FastAPI's 400s; the model; the
+fields; the prompt's length in characters against `max_model_len` times the most characters a token spans, so a
+prompt that cannot fit is refused without tokenising) inline for a small body, in a child process of
+`openai.body_pool` for one over 256 KiB, which answers only the verdict (a 3 MiB prompt that cannot fit costs the
+event loop its reading and the hand-over, not its parsing); tokenising runs on a worker thread with the GIL
+released (`Tokenizer.encode`), never on the event loop or the engine's step loop. The body pool's children start
+and stop with the app's lifespan. Detokenising and stop strings run in each request's stream on
+the event loop, a few tokens' decode per token (`engine.output_processor`), never on the engine's step loop.
 
 Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
-request sends `Authorization: Bearer SECRET`; /health, /openapi.json and /docs stay open. Without `api_key` (a
-`matrixstack engine serve` by hand) the engine asks for nothing.
+request sends `Authorization: Bearer SECRET` (checked before its body is parsed: a caller without it learns
+nothing of its body); /health, /openapi.json and /docs stay open. Without `api_key` (a `matrixstack engine serve`
+by hand) the engine asks for nothing.
 
 Cancellation: a request whose client goes away is aborted in the engine, freeing its KV blocks at once —
 streamed or not: the request's one watcher of its client (`openai.disconnect`) ends the wait or the stream, which
 closes the engine stream.
 
-`OpenAIServer` holds the deployment and answers the model and health routes; each generation route is an
-`OpenAIServing` (SGLang's `OpenAIServingBase`): the steps both share — check the request, turn it into the engine's
-`SamplingParams`, start it, answer it streamed or whole — around the route's own prompt step, in `ChatServing` and
-`CompletionServing`. `create_app(engine, model_id)` builds the app; `serve_socket(...)` runs it in the foreground
-on a bound socket (`engine.launch`); `openai.server.ServerThread` runs it on a background thread (tests,
-embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn) is the `openai` floor's, which the portal shares
-without importing torch.
+`OpenAIServer` holds the deployment (its `Admission` and `BodyPool`) and answers the model and health routes; each
+generation route is an `OpenAIServing` (SGLang's `OpenAIServingBase`): the steps both share — check the request
+and turn it into the engine's `SamplingParams` (`Admission.admit`), start it, answer it streamed or whole — around
+the route's own prompt step, in `ChatServing` and `CompletionServing`. `create_app(engine, model_id)` builds the
+app; `serve_socket(...)` runs it in the foreground on a bound socket (`engine.launch`); `openai.server.ServerThread`
+runs it on a background thread (tests, embedding). The HTTP plumbing (errors, SSE, sockets, uvicorn, the body
+pool) is the `openai` floor's, which the portal shares without importing torch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
-import math
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pydantic
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,8 +62,9 @@ from fastapi.responses import JSONResponse, Response
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
+from matrixstack.engine.admission import Admission
 from matrixstack.engine.block_manager import check_request_fits
-from matrixstack.engine.config import TOP_K_OFF, EngineConfig, SamplingParams
+from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
@@ -67,36 +72,29 @@ from matrixstack.engine.output_processor import Delta
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.engine.weights import load_weights
 from matrixstack.errors import UserError
+from matrixstack.openai.body_pool import BodyPool
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.docs import install_docs
 from matrixstack.openai.endpoints import CHAT, COMPLETION, Endpoint
+from matrixstack.openai.error_doc import body_doc, document_bodies
 from matrixstack.openai.errors import OpenAIError, install_openai_error_handlers, validation_error
-from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB, RequestGuard, max_body_bytes
+from matrixstack.openai.guard import DEFAULT_MAX_BODY_MIB, RequestGuard, body_chunks, max_body_bytes
 from matrixstack.openai.server import uvicorn_server
 from matrixstack.openai.sse import SSE_DONE, EventStream, sse_event
-from matrixstack.openai.types import ChatCompletionRequest, CompletionRequest, SamplingFields, model_card, now_s, usage
+from matrixstack.openai.types import ChatCompletionRequest, CompletionRequest, model_card, now_s, usage
 
 
 class OpenAIServer:
     """One deployment behind the API: a model id over an AsyncEngine, and the routes that are not generation."""
 
-    def __init__(self, engine: AsyncEngine, model_id: str):
+    def __init__(self, engine: AsyncEngine, model_id: str, bodies: BodyPool):
         self.engine = engine
         self.model_id = model_id
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
-        self.max_token_chars = self.tokenizer.max_token_chars
+        self.admission = Admission(model_id, self.max_model_len, self.tokenizer.max_token_chars)
+        self.bodies = bodies
         self.created = now_s()
-
-    def check_model(self, model: str) -> None:
-        """Raise a 404 unless `model` is this deployment's id."""
-        if model != self.model_id:
-            raise OpenAIError(
-                404,
-                f"The model `{model}` does not exist: this server serves `{self.model_id}` (see GET /v1/models)",
-                "model",
-                "model_not_found",
-            )
 
     def models(self) -> dict[str, Any]:
         """Return the answer of GET /v1/models: the list with this deployment's one model card."""
@@ -104,7 +102,7 @@ class OpenAIServer:
 
     def model(self, model: str) -> dict[str, Any]:
         """Return the answer of GET /v1/models/{model}: the model card; a 404 unless `model` is this deployment's."""
-        self.check_model(model)
+        self.admission.check_model(model)
         return model_card(self.model_id, self.created, self.max_model_len)
 
     def health(self) -> Response:
@@ -116,7 +114,7 @@ class OpenAIServer:
 
 
 class OpenAIServing:
-    """One generation route of a deployment (see the module docstring): `handle(body, request)` answers it;
+    """One generation route of a deployment (see the module docstring): `handle(request)` answers it;
     a subclass gives the route's `endpoint` and its prompt step, `prompt_ids(body)`."""
 
     endpoint: Endpoint
@@ -128,32 +126,11 @@ class OpenAIServing:
         """Return the token ids of the request's prompt; a 400 naming the prompt's field when it has none."""
         raise NotImplementedError
 
-    def prompt_size(self, body: Any) -> tuple[int, int]:
-        """Return (characters, token ids) of the request's prompt as sent: text counts as characters, token ids
-        as ids."""
-        raise NotImplementedError
-
-    def check_prompt_fits(self, body: SamplingFields) -> None:
-        """Raise a 400 `context_length_exceeded` when the prompt cannot fit the context whatever its tokens: at
-        least one token per `max_token_chars` characters, before anything is tokenised."""
-        chars, ids = self.prompt_size(body)
-        max_model_len = self.server.max_model_len
-        least = ids + math.ceil(chars / self.server.max_token_chars)
-        if least >= max_model_len:
-            size = f"{chars} characters, at least {least} tokens," if chars else f"{ids} tokens"
-            raise OpenAIError(
-                400,
-                f"the prompt is {size} but this model's context is max_model_len={max_model_len} tokens for prompt "
-                f"and output together; shorten the prompt",
-                self.endpoint.prompt_param,
-                "context_length_exceeded",
-            )
-
-    async def handle(self, body: SamplingFields, request: Request) -> Response:
-        """Return the response to the request `body` (validated by the route's body model), streamed or whole."""
-        self.server.check_model(body.model)
-        params = self.sampling_params(body)
-        self.check_prompt_fits(body)
+    async def handle(self, request: Request) -> Response:
+        """Return the response to the request, streamed or whole: its body validated and checked (`Admission`; a
+        large body in a child process, `openai.body_pool`), then tokenised on a worker thread and run."""
+        admit = functools.partial(self.server.admission.admit, self.endpoint, "content-type" in request.headers)
+        body, params = await self.server.bodies.run(admit, await body_chunks(request))
         prompt_ids = await asyncio.to_thread(self.prompt_ids, body)  # never on the event loop
         request_id, created = f"{self.endpoint.id_prefix}-{uuid.uuid4().hex}", now_s()
         first, deltas = await self.start(request, prompt_ids, params, request_id)
@@ -165,26 +142,6 @@ class OpenAIServing:
         return JSONResponse(
             self.endpoint.response(request_id, body.model, created, text, last.finish_reason or "stop", usage_)
         )
-
-    def sampling_params(self, body: SamplingFields) -> SamplingParams:
-        """Return the request's SamplingParams (the route's default max_tokens when it sets none); a 400 naming the
-        field for anything refused."""
-        for param, message in body.unsupported_fields():
-            raise OpenAIError(400, message, param)
-        max_tokens = body.requested_max_tokens
-        try:
-            return SamplingParams(
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=TOP_K_OFF if body.top_k in (None, 0) else body.top_k,
-                seed=body.seed,
-                max_tokens=self.endpoint.default_max_tokens if max_tokens is None else max_tokens,
-                stop=body.stop or [],
-                stop_token_ids=body.stop_token_ids or [],
-                ignore_eos=body.ignore_eos,
-            )
-        except pydantic.ValidationError as exc:
-            raise validation_error(exc.errors()) from None
 
     async def start(
         self, request: Request, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -296,10 +253,6 @@ class ChatServing(OpenAIServing):
             raise OpenAIError(400, str(exc), "messages") from None
         return tokenizer.encode(prompt)  # the template starts with <|bos|> itself
 
-    def prompt_size(self, body: ChatCompletionRequest) -> tuple[int, int]:
-        """Return (characters of the messages' contents, 0)."""
-        return sum(len(m.text()) for m in body.messages), 0
-
 
 class CompletionServing(OpenAIServing):
     """`POST /v1/completions`: the prompt as text (encoded after <|bos|>) or as token ids."""
@@ -310,11 +263,6 @@ class CompletionServing(OpenAIServing):
         """Return the token ids of the one prompt."""
         prompt = body.single_prompt()
         return self.server.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt or [])
-
-    def prompt_size(self, body: CompletionRequest) -> tuple[int, int]:
-        """Return (characters, 0) of a text prompt, (0, ids) of a token-id prompt."""
-        prompt = body.single_prompt()
-        return (len(prompt), 0) if isinstance(prompt, str) else (0, len(prompt or []))
 
 
 def secret_check(api_key: str | None):
@@ -338,8 +286,17 @@ def create_app(
 ) -> FastAPI:
     """Return the OpenAI-compatible FastAPI app serving `engine` under the model id `model_id`, refusing request
     bodies over `max_body_mib` MiB, its /v1 routes requiring `api_key` when one is given."""
-    server = OpenAIServer(engine, model_id)
+    server = OpenAIServer(engine, model_id, BodyPool(preload=(Admission.__module__,)))
     chat, completion = ChatServing(server), CompletionServing(server)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.bodies.start()
+        try:
+            yield
+        finally:
+            server.bodies.close()
+
     app = FastAPI(
         title="MatrixStack engine",
         description=f"OpenAI-compatible API of one MatrixStack engine deployment serving `{model_id}`.",
@@ -347,6 +304,7 @@ def create_app(
         docs_url=None,  # FastAPI's pages load their scripts from a CDN: `install_docs` serves one without
         redoc_url=None,
         dependencies=[Depends(secret_check(api_key))],
+        lifespan=lifespan,
     )
     app.state.server = server
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes(max_body_mib))
@@ -374,13 +332,16 @@ def create_app(
     def model(model: str) -> dict[str, Any]:
         return server.model(model)
 
-    @app.post("/v1/completions", summary="Text completion (OpenAI)")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await completion.handle(body, request)
+    # the generation routes read and validate their bodies themselves (`OpenAIServing.handle`)
+    @app.post("/v1/completions", summary="Text completion (OpenAI)", openapi_extra=body_doc(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        return await completion.handle(request)
 
-    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await chat.handle(body, request)
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", openapi_extra=body_doc(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        return await chat.handle(request)
+
+    document_bodies(app, (CompletionRequest, ChatCompletionRequest))
 
     return app
 

@@ -9,6 +9,7 @@ MatrixStack above `matrixstack.errors`.
 - `disconnect`: a request's client going away (`until_disconnect`);
 - `server`: a socket, uvicorn (with a header-read timeout), a server thread;
 - `guard`: what a server checks before any route: the body's size (413) and content type (400);
+- `body_pool`: child processes that parse (and check) large request bodies off the event loop;
 - `docs`: `GET /docs`, the routes as a page that loads nothing from elsewhere;
 - `transport`, `keepalive_client`, `httpx_client`, `client`: calling an upstream (`upstream_client(url)` gives an
   `Upstream`).

@@ -6,7 +6,10 @@ how a system prompt goes into a request, and the shapes of its responses and str
 the portal and the upstream clients take one and never branch on the route (as SGLang's `OpenAIServingBase`
 has a chat and a completion subclass).
 
-- `parse(raw)`: the request body as sent (a dict, forwarded as is) and validated (its body model), parsed once;
+- `parse(raw)`: the request body as sent (a dict, forwarded as is) and validated (its body model), parsed once
+  (the portal's); `validate_as_route(raw, typed)`: the body validated exactly as FastAPI validates a route's body
+  model, its errors worded as FastAPI's (the engine's). Either raises the 400 (`validation_error`), and either is
+  a job for `openai.body_pool` (an endpoint pickles as the name of its module constant);
 - `with_system_prompt(body, prompt)`: the body with a system prompt put in front of its prompt;
 - `response(...)`, `chunk(...)`, `usage_chunk(...)`, `head_chunks(...)`: a non-streamed response, one stream
   chunk (`text=None`: the usage-only last chunk), and the chunks a stream starts with, in OpenAI's exact shapes.
@@ -14,10 +17,13 @@ has a chat and a completion subclass).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
+from matrixstack.openai.errors import OpenAIError, validation_error
 from matrixstack.openai.types import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -29,6 +35,7 @@ from matrixstack.openai.types import (
 class Endpoint:
     """One generation route (see the module docstring); `ChatEndpoint` and `CompletionEndpoint` give its parts."""
 
+    constant: str  # the name of its module constant (CHAT, COMPLETION): what it pickles as
     path: str  # under the API root (`/v1`)
     path_bytes: bytes
     body_model: type[SamplingFields]
@@ -40,9 +47,12 @@ class Endpoint:
     default_max_tokens: int | None  # when the request sets none (None: until the context is full)
     max_tokens_alias: str | None  # another name the route takes for max_tokens
 
+    def __reduce__(self) -> str:
+        return self.constant
+
     def parse(self, raw: bytes) -> tuple[dict[str, Any], SamplingFields]:
-        """Return (the JSON object `raw` as sent, the same validated as the body model); pydantic.ValidationError,
-        worded as pydantic's JSON mode words it, when it is not a valid request."""
+        """Return (the JSON object `raw` as sent, the same validated as the body model); a 400 naming the first bad
+        field, worded as pydantic's JSON mode words it, when it is not a valid request."""
         try:
             body = orjson.loads(raw)
             if type(body) is dict:
@@ -50,8 +60,28 @@ class Endpoint:
         except ValueError:  # not JSON, or not valid (pydantic's ValidationError is a ValueError)
             pass
         # the error path only: pydantic's JSON mode says what is wrong in its own words ("a valid array", ...)
-        model = self.body_model.model_validate_json(raw)
+        try:
+            model = self.body_model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
         return orjson.loads(raw), model  # valid JSON to pydantic but not to orjson (NaN): orjson's error, as before
+
+    def validate_as_route(self, raw: bytes, typed: bool) -> SamplingFields:
+        """Return the body `raw` validated as FastAPI validates a route's body of the body model (`typed`: the
+        request declared a content type, which the guard has checked is JSON; without one FastAPI reads no JSON);
+        the 400 FastAPI's errors make (`validation_error`) when it is not a valid request."""
+        if not raw:
+            raise validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+        body: Any = raw
+        if typed:
+            try:
+                body = orjson.loads(raw)  # faster; what it parses, it parses as `json.loads` does
+            except orjson.JSONDecodeError:
+                body = _fastapi_json(raw)  # FastAPI's verdict on what orjson refuses (NaN, UTF-16, bad JSON)
+        try:
+            return self.body_model.model_validate(body, from_attributes=True)
+        except ValidationError as exc:
+            raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
     def with_system_prompt(self, body: dict[str, Any], prompt: str) -> dict[str, Any] | None:
         """Return `body` (a copy of the request's, changed in place) with `prompt` in front of its prompt; None when
@@ -127,7 +157,7 @@ class Endpoint:
 class ChatEndpoint(Endpoint):
     """`POST /v1/chat/completions`: messages in, an assistant message out."""
 
-    path, path_bytes = "/chat/completions", b"/chat/completions"
+    constant, path, path_bytes = "CHAT", "/chat/completions", b"/chat/completions"
     body_model = ChatCompletionRequest
     prompt_param, text_field = "messages", "content"
     id_prefix, response_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
@@ -163,7 +193,7 @@ class ChatEndpoint(Endpoint):
 class CompletionEndpoint(Endpoint):
     """`POST /v1/completions`: a prompt in, its continuation out."""
 
-    path, path_bytes = "/completions", b"/completions"
+    constant, path, path_bytes = "COMPLETION", "/completions", b"/completions"
     body_model = CompletionRequest
     prompt_param, text_field = "prompt", "text"
     id_prefix, response_object, chunk_object = "cmpl", "text_completion", "text_completion"
@@ -189,6 +219,18 @@ class CompletionEndpoint(Endpoint):
     def delta_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         """Return the text choice of a chunk."""
         return self.choice(text, finish_reason)
+
+
+def _fastapi_json(raw: bytes) -> Any:
+    """Return `raw` parsed as FastAPI parses a body (`json.loads`), or its 400: FastAPI's `json_invalid` error, or
+    its words for a body that is not UTF-8."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {}}
+        raise validation_error([error]) from None
+    except ValueError:  # not UTF-8
+        raise OpenAIError(400, "There was an error parsing the body") from None
 
 
 def _prefixed(prompt: str, message: dict[str, Any]) -> str | list[Any]:

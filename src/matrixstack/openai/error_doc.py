@@ -1,10 +1,13 @@
-"""OpenAPI documentation of the errors an OpenAI-compatible server here answers, for its route declarations.
+"""OpenAPI documentation of the errors an OpenAI-compatible server here answers, for its route declarations, and of
+the bodies of routes that read their own.
 
 - `ErrorResponse` (with `ErrorObject`): OpenAI's `{"error": {"message", "type", "param", "code"}}` body
   (`errors.error_body`) as a pydantic model, so the schema says what every error looks like;
 - `error_responses(*statuses)`: a FastAPI `responses=` mapping documenting each status with that body and what it
   means (429 with its Retry-After header);
 - `BEARER`: the `openapi_extra` of a route that reads its key itself, so the schema says it takes one;
+- `body_doc(model)`: the `openapi_extra` of a route that reads and validates its JSON body itself (as `model`);
+  `document_bodies(app, models)` puts those models' schemas in the app's schema;
 - `without_validation_responses(app)`: FastAPI documents a 422 for every route with parameters, but these servers
   answer validation errors 400 (`errors.validation_error`); the app's schema then lists no 422 (nor its models).
 """
@@ -70,6 +73,29 @@ def without_validation_responses(app: FastAPI) -> None:
                     operation.get("responses", {}).pop("422", None)
             for name in VALIDATION_MODELS:
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """Return the OpenAPI fragment of a route whose JSON body is `model`."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Make `app.openapi()` carry the schemas of `models` (and the models they use) in its components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,7 +1,8 @@
 """OpenAI's error format, the errors this protocol floor raises, and the handlers that answer them.
 
 - `error_body(message, type_, param, code)`: the `{"error": {...}}` object OpenAI answers errors with;
-- `OpenAIError(status, message, param, code)`: an error answered in that format with a status;
+- `OpenAIError(status, message, param, code)`: an error answered in that format with a status (it pickles as an
+  `OpenAIError`, so a body pool's child can raise it: `openai.body_pool`);
   `validation_error(errors)` turns pydantic / FastAPI validation errors into a 400 naming the first bad field;
 - `ClientGone`: a request's client went away (answered 499, which nobody reads);
 - `install_openai_error_handlers(app)`: the handlers every OpenAI-compatible server here shares;
@@ -45,6 +46,9 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or _error_type(status_code)
+
+    def __reduce__(self) -> tuple[type[OpenAIError], tuple[Any, ...]]:
+        return OpenAIError, (self.status_code, self.message, self.param, self.code, self.type)
 
     def body(self) -> dict[str, Any]:
         """Return the OpenAI error object."""

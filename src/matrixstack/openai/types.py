@@ -69,6 +69,10 @@ class SamplingFields(BaseModel):
         """Return True when a streamed response ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def prompt_size(self) -> tuple[int, int]:
+        """Return (characters, token ids) of the prompt as sent: text counts as characters, token ids as ids."""
+        raise NotImplementedError
+
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """Return (field, message) for each field set to something this engine cannot do."""
         problems = []
@@ -108,6 +112,11 @@ class CompletionRequest(SamplingFields):
         if len(prompt) == 1:
             return prompt[0]  # type: ignore[return-value]
         return None
+
+    def prompt_size(self) -> tuple[int, int]:
+        """Return (characters, 0) of a text prompt, (0, ids) of a token-id prompt."""
+        prompt = self.single_prompt()
+        return (len(prompt), 0) if isinstance(prompt, str) else (0, len(prompt or []))
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """Return (field, message) for each field set to something this engine cannot do."""
@@ -174,6 +183,10 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         """Return the most tokens the request asks for: `max_completion_tokens`, else `max_tokens`."""
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    def prompt_size(self) -> tuple[int, int]:
+        """Return (characters of the messages' contents, 0)."""
+        return sum(len(m.text()) for m in self.messages), 0
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """Return (field, message) for each field set to something this engine cannot do."""

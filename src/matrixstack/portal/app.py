@@ -43,7 +43,6 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,7 +50,13 @@ from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
 from matrixstack.openai.docs import install_docs
 from matrixstack.openai.endpoints import CHAT, COMPLETION, ENDPOINTS, Endpoint
-from matrixstack.openai.error_doc import error_responses, without_validation_responses
+from matrixstack.openai.error_doc import (
+    BEARER,
+    body_doc,
+    document_bodies,
+    error_responses,
+    without_validation_responses,
+)
 from matrixstack.openai.errors import (
     ClientGone,
     OpenAIError,
@@ -108,32 +113,6 @@ def model_card(entry: EntrySpec) -> dict[str, Any]:
         "provider": entry.provider,
         "description": entry.description,
     }
-
-
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """Return the OpenAPI fragment of a route whose JSON body is `model` and which takes a Bearer key."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-        "security": [{"HTTPBearer": []}],
-    }
-
-
-def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
-    """Make `app.openapi()` carry the schemas of `models` (and the models they use) in its components."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _user_error(exc: UserError) -> OpenAIError:
@@ -346,14 +325,14 @@ def create_portal_app(
 
     # PortalApp answers the two hot routes before FastAPI's routing; these declarations put them in the OpenAPI
     # document. They read and validate their bodies themselves (`Endpoint.parse`: the JSON parsed once, the dict
-    # validated, after the key is checked); `_document_bodies` adds the body schemas.
+    # validated, after the key is checked); `document_bodies` adds the body schemas.
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", tags=["openai"],
-              openapi_extra=_body_doc(CHAT.body_model), responses=COMPLETION_RESPONSES)  # fmt: skip
+              openapi_extra=body_doc(CHAT.body_model) | BEARER, responses=COMPLETION_RESPONSES)  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         return await gateway.handle(request, CHAT)
 
     @app.post("/v1/completions", summary="Text completion (OpenAI)", tags=["openai"],
-              openapi_extra=_body_doc(COMPLETION.body_model), responses=COMPLETION_RESPONSES)  # fmt: skip
+              openapi_extra=body_doc(COMPLETION.body_model) | BEARER, responses=COMPLETION_RESPONSES)  # fmt: skip
     async def completions(request: Request) -> Response:
         return await gateway.handle(request, COMPLETION)
 
@@ -376,7 +355,7 @@ def create_portal_app(
         status_code, body = await run_in_threadpool(db.read, health_report)
         return JsonResponse(body, status_code=status_code)
 
-    _document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
+    document_bodies(app, tuple(endpoint.body_model for endpoint in ENDPOINTS))
     without_validation_responses(app)
 
     # ---- dashboard (portal/dashboard.py) ----

@@ -20,7 +20,9 @@
   A usage record names the catalog entry the request resolved to, or `UNKNOWN_ENTRY` for every name that resolves
   to nothing (the client's text is never stored); the log line's client texts are bounded (portal/bounds.py).
 
-Database reads on a cache miss run in a worker thread, never on the event loop.
+Database reads on a cache miss run in a worker thread, never on the event loop; a request body over
+`BodyPool.threshold_bytes` (256 KiB) is parsed and validated in a child process (`openai.body_pool`), so a large
+body costs the event loop (every other request) only its reading, forwarding and the return of the parsed body.
 
 A completion request: once its key is checked, it is admitted against the key's limits (429 with Retry-After;
 from then on it counts against the key's rpm whatever its outcome); then its body is validated (400), its entry
@@ -46,15 +48,16 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
+from matrixstack.openai.body_pool import BodyPool
 from matrixstack.openai.client import Upstream
 from matrixstack.openai.disconnect import until_disconnect
 from matrixstack.openai.endpoints import Endpoint
-from matrixstack.openai.errors import UNREACHABLE, ClientGone, OpenAIError, UpstreamError, validation_error
+from matrixstack.openai.errors import UNREACHABLE, ClientGone, OpenAIError, UpstreamError
+from matrixstack.openai.guard import body_chunks
 from matrixstack.openai.sse import EventStream
 from matrixstack.openai.types import SamplingFields, usage
 from matrixstack.portal.bounds import bounded, model_too_long
@@ -135,6 +138,7 @@ class Gateway:
         self._backend_models: dict[tuple[str, str | None], str] = {}
         self._seeds = TtlCache(cache_ttl_s)  # shares one database read among a new key's first requests
         self._key_watch: asyncio.Task | None = None
+        self.bodies = BodyPool()
 
     # ---- caches -------------------------------------------------------------------------------------------
 
@@ -149,8 +153,10 @@ class Gateway:
         self.keys.clear()
 
     def start(self) -> None:
-        """Start the key watch on the running event loop (see the module docstring); `aclose()` ends it."""
+        """Start the key watch on the running event loop (see the module docstring) and the body pool's children;
+        `aclose()` ends them."""
         self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys())
+        self.bodies.start()
 
     async def _watch_keys(self) -> None:
         """Forget cached keys whenever the last key change in the database is a new one, read every KEY_POLL_S."""
@@ -256,9 +262,10 @@ class Gateway:
         return model
 
     async def aclose(self) -> None:
-        """End the key watch and close every backend client."""
+        """End the key watch and the body pool's children, and close every backend client."""
         if self._key_watch is not None:
             self._key_watch.cancel()
+        self.bodies.close()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
@@ -267,20 +274,19 @@ class Gateway:
 
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         """Return the response to a /v1 completion request at `endpoint`: check the key (401), parse and validate
-        the JSON body (once: 400 naming the field), then `forward` it as the client sent it."""
+        the JSON body (once, a large one in a child process: 400 naming the field), then `forward` it as the client
+        sent it."""
         try:
             key = await self.authenticate(request.headers.get("authorization"))
         except OpenAIError as exc:
             self.log_rejected(request, exc.status_code, exc.message)
             raise
         await self.admit(request, key)
-        raw = await request.body()
         try:
-            body, parsed = endpoint.parse(raw)
-        except ValidationError as exc:
-            error = validation_error(exc.errors())
-            self.log_rejected(request, error.status_code, error.message, key)
-            raise error from None
+            body, parsed = await self.bodies.run(endpoint.parse, await body_chunks(request))
+        except OpenAIError as exc:
+            self.log_rejected(request, exc.status_code, exc.message, key)
+            raise
         return await self.forward(request, key, endpoint, body, parsed)
 
     async def admit(self, request: Request, key: KeyInfo) -> None:
