@@ -8,7 +8,7 @@ stacked experts) run only when no gradient is wanted (engine/model.py's contract
 takes the plain module path and every LoRA parameter gets its gradient; without gradients (evaluation, greedy
 decoding) the fast paths read the base weights only, which is why evaluation runs inside `merged(model)`: the
 deltas `scaling * B @ A` added to the base weights in place (the fused tensors see them: the linears' weights
-are views into them), restored bit for bit on exit.
+are views into them) and the wrappers passing the base output through, restored bit for bit on exit.
 
 Targets are PEFT's short names of the attention projections; a user writes `q,k,v,o` (or the full names). Routed
 experts are refused: the engine stacks them (engine/moe.py) and transformers' Glm4Moe, the HF export, holds them as
@@ -53,9 +53,13 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(cpu_a, a=KAIMING_A, generator=generator)
             self.lora_A.copy_(cpu_a)
         self.scaling = alpha / rank
+        self.merged = False  # True while `merged` has added the update to the base weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the base output plus the scaled low-rank update, same shape as `base(x)`."""
+        """Return the base output plus the scaled low-rank update (already in the base weight while merged), same
+        shape as `base(x)`."""
+        if self.merged:
+            return self.base(x)
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def delta(self) -> torch.Tensor:
@@ -164,9 +168,11 @@ def merged(wrappers: dict[str, LoraLinear]) -> Iterator[None]:
         for w in wrappers.values():
             saved.append(w.base.weight.detach().clone())
             w.base.weight.add_(w.delta().to(w.base.weight.dtype))
+            w.merged = True
     try:
         yield
     finally:
         with torch.no_grad():
             for w, original in zip(wrappers.values(), saved, strict=True):
                 w.base.weight.copy_(original)
+                w.merged = False
