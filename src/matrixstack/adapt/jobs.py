@@ -39,6 +39,7 @@ OPERATOR = "operator"  # the tenant that holds the slices of the operator's own 
 LIVE = ("queued", "running")
 RESUMABLE = ("failed",)
 STARTTIME_FIELD = 19  # /proc/PID/stat field 22 (starttime), counted after the ")" that ends the command name
+ZOMBIE = "Z"  # /proc/PID/stat state of a process that ended and awaits its parent's wait()
 STOP_WAIT_S = 10.0
 POLL_S = 0.05
 
@@ -73,12 +74,14 @@ class JobInfo:
 
 
 def process_start(pid: int) -> int | None:
-    """Return when process `pid` started (clock ticks since boot, /proc), None when no such process runs."""
+    """Return when process `pid` started (clock ticks since boot, /proc), None when no such process runs (a zombie,
+    dead and not yet reaped by its parent, runs no more)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(text[text.rindex(")") + 2 :].split()[STARTTIME_FIELD])
+    fields = text[text.rindex(")") + 2 :].split()
+    return None if fields[0] == ZOMBIE else int(fields[STARTTIME_FIELD])
 
 
 def runs(row: TuneJobRow) -> bool:
