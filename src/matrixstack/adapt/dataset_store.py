@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -31,8 +30,6 @@ DATASETS_DIR = "datasets"
 
 class AdaptBase(DeclarativeBase):
     """Declarative base of the adapt tables (created next to the matrix tables)."""
-
-    type_annotation_map = {dict[str, Any]: JSON, list[int]: JSON}
 
 
 class DatasetRow(AdaptBase):

@@ -12,6 +12,7 @@ import typer
 
 from matrixstack.cli.arch_cmd import arch_app
 from matrixstack.cli.calibrate_cmd import register as register_calibrate
+from matrixstack.cli.dataset_cmd import dataset_app
 from matrixstack.cli.engine_cmd import engine_app
 from matrixstack.cli.fabric_cmd import fabric_app
 from matrixstack.cli.logs_cmd import register as register_logs
@@ -50,6 +51,7 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(deployment_app, name="deployment")
+app.add_typer(dataset_app, name="dataset")
 app.add_typer(shape_app, name="shape")
 app.add_typer(stack_app, name="stack")
 app.add_typer(tune_app, name="tune")

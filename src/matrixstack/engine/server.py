@@ -3,7 +3,9 @@
 Routes:
 
 - `GET /health`: 200 `{"status": "ok"}` while the engine loop runs, 503 otherwise;
-- `GET /v1/models`, `GET /v1/models/{model}`: the deployment's one model id;
+- `GET /v1/models`, `GET /v1/models/{model}`: the deployment's model id and, as vLLM lists them, the LoRA adapters
+  it can serve (loaded or found in its adapter folder, `engine.lora_slots.AdapterDirectory`), each with `parent`
+  = the model id;
 - `POST /v1/completions`: one prompt (text or token ids), one choice, streamed (SSE) or not;
 - `POST /v1/chat/completions`: messages through the tokenizer's chat template, streamed or not;
 - `GET /openapi.json`, `GET /docs`: the schema (FastAPI's), and a page listing it (`openai.docs`: no CDN).
@@ -20,6 +22,11 @@ One request never stalls another: a prompt's length is checked before it is toke
 `max_model_len` times the most characters a token spans: a prompt that cannot fit is refused without
 tokenising), and tokenising runs on a worker thread with the GIL released (`Tokenizer.encode`), never on the
 event loop or the engine's step loop.
+
+Adapters: a request whose `model` names an adapter runs through it (`SamplingParams.lora`), batched with the
+other adapters' and the base's requests; an unknown adapter is a 404 `model_not_found`, an adapter whose folder is
+bad a 400 naming what is wrong, an adapter asked of an expert-parallel deployment (which serves none) a 400 saying
+to serve it with one worker.
 
 Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
 request sends `Authorization: Bearer SECRET`; /health, /openapi.json and /docs stay open. Without `api_key` (a
@@ -60,6 +67,7 @@ from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
 from matrixstack.engine.block_manager import check_request_fits
 from matrixstack.engine.config import TOP_K_OFF, EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import AsyncEngine, Delta, LLMEngine
+from matrixstack.engine.lora_slots import AdapterDirectory, UnknownAdapter
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.tokenizer import Tokenizer
@@ -85,25 +93,49 @@ class OpenAIServer:
         self.max_model_len = engine.engine.config.max_model_len
         self.max_token_chars = self.tokenizer.max_token_chars
         self.created = now_s()
+        self.lora = getattr(engine.engine.runner, "lora", None)  # LoraSlots; None: expert parallel, no adapters
+        self.adapters = self.lora.directory if self.lora is not None else AdapterDirectory.of(engine.engine.config)
 
-    def check_model(self, model: str) -> None:
-        """Raise a 404 unless `model` is this deployment's id."""
-        if model != self.model_id:
+    def check_model(self, model: str) -> str | None:
+        """Return the adapter `model` names (None for this deployment's id); a 404 when it is neither, a 400 when
+        it is an adapter and this deployment serves none (expert parallel)."""
+        if model == self.model_id:
+            return None
+        try:
+            self.adapters.folder(model)
+        except UnknownAdapter as exc:
             raise OpenAIError(
                 404,
-                f"The model `{model}` does not exist: this server serves `{self.model_id}` (see GET /v1/models)",
+                f"The model `{model}` does not exist: this server serves `{self.model_id}` and its adapters "
+                f"(see GET /v1/models); {exc}",
                 "model",
                 "model_not_found",
+            ) from None
+        if self.lora is None:
+            raise OpenAIError(
+                400,
+                f"`{model}` is a LoRA adapter, and this deployment runs expert parallel (--workers > 1), which serves "
+                "no adapters; serve the adapter on a deployment with --workers 1",
+                "model",
             )
+        return model
+
+    def adapter_card(self, name: str) -> dict[str, Any]:
+        """Return the model card of adapter `name`: parent = this deployment's model id, as vLLM lists adapters."""
+        return {**model_card(name, self.created, self.max_model_len), "parent": self.model_id}
 
     def models(self) -> dict[str, Any]:
-        """Return the answer of GET /v1/models: the list with this deployment's one model card."""
-        return {"object": "list", "data": [model_card(self.model_id, self.created, self.max_model_len)]}
+        """Return the answer of GET /v1/models: this deployment's model card, then its adapters' (those loaded and
+        those in its adapter folders)."""
+        names = sorted(set(self.adapters.names()) | set(self.lora.loaded() if self.lora is not None else []))
+        cards = [model_card(self.model_id, self.created, self.max_model_len), *map(self.adapter_card, names)]
+        return {"object": "list", "data": cards}
 
     def model(self, model: str) -> dict[str, Any]:
-        """Return the answer of GET /v1/models/{model}: the model card; a 404 unless `model` is this deployment's."""
-        self.check_model(model)
-        return model_card(self.model_id, self.created, self.max_model_len)
+        """Return the answer of GET /v1/models/{model}: the model's or adapter's card; a 404 for any other."""
+        if self.check_model(model) is None:
+            return model_card(self.model_id, self.created, self.max_model_len)
+        return self.adapter_card(model)
 
     def health(self) -> Response:
         """Return the answer of GET /health: 200 while the engine loop thread runs, 503 when it stopped."""
@@ -149,8 +181,7 @@ class OpenAIServing:
 
     async def handle(self, body: SamplingFields, request: Request) -> Response:
         """Return the response to the request `body` (validated by the route's body model), streamed or whole."""
-        self.server.check_model(body.model)
-        params = self.sampling_params(body)
+        params = self.sampling_params(body, self.server.check_model(body.model))
         self.check_prompt_fits(body)
         prompt_ids = await asyncio.to_thread(self.prompt_ids, body)  # never on the event loop
         request_id, created = f"{self.endpoint.id_prefix}-{uuid.uuid4().hex}", now_s()
@@ -164,9 +195,9 @@ class OpenAIServing:
             self.endpoint.response(request_id, body.model, created, text, last.finish_reason or "stop", usage_)
         )
 
-    def sampling_params(self, body: SamplingFields) -> SamplingParams:
-        """Return the request's SamplingParams (the route's default max_tokens when it sets none); a 400 naming the
-        field for anything refused."""
+    def sampling_params(self, body: SamplingFields, lora: str | None = None) -> SamplingParams:
+        """Return the request's SamplingParams through adapter `lora` (the route's default max_tokens when it sets
+        none); a 400 naming the field for anything refused."""
         for param, message in body.unsupported_fields():
             raise OpenAIError(400, message, param)
         max_tokens = body.requested_max_tokens
@@ -180,6 +211,7 @@ class OpenAIServing:
                 stop=body.stop or [],
                 stop_token_ids=body.stop_token_ids or [],
                 ignore_eos=body.ignore_eos,
+                lora=lora,
             )
         except pydantic.ValidationError as exc:
             raise validation_error(exc.errors()) from None

@@ -1,1 +1,2 @@
-"""Pictures (matplotlib Agg, no GUI) of the lower floors' data: `fabric`, `matrix` and `perf`, one module each."""
+"""Pictures (matplotlib Agg, no GUI) of the lower floors' data: `fabric`, `matrix`, `perf` and `adapt` (a dataset's
+row lengths), one module each."""
