@@ -13,6 +13,7 @@ import torch
 from matrixstack.adapt.examples import IGNORE, batch, to_example
 from matrixstack.adapt.lora import (
     MAX_RANK,
+    FrozenExperts,
     attach_lora,
     check_rank,
     load_adapter,
@@ -87,6 +88,32 @@ def test_merged_weights_give_the_lora_path_s_logits_and_are_restored_exactly():
     assert (lora_path - model.reference_forward(ids).detach()).abs().max() == 0
     assert torch.allclose(fast_path, lora_path, atol=LOGITS_ATOL)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_frozen_experts_run_grouped_give_the_module_loop_s_gradients():
+    model, tokenizer = load_model("tiny-moe")
+    wrappers = attach_lora(model, ATTENTION, 8, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.lora_B.normal_(std=0.02, generator=torch.Generator().manual_seed(3))
+    ids, labels = batch([to_example(tokenizer, row, 64) for row in ROWS[:6]], tokenizer.eos_id)
+    learned = labels != IGNORE
+
+    def gradients(executor) -> tuple[float, list[torch.Tensor]]:
+        model.expert_executor = executor
+        hidden = model(ids, torch.arange(ids.shape[1]), None, None)
+        loss = torch.nn.functional.cross_entropy(model.compute_logits(hidden[learned]), labels[learned])
+        loss.backward()
+        grads = [p.grad.clone() for p in lora_parameters(wrappers)]
+        for p in lora_parameters(wrappers):
+            p.grad = None
+        return float(loss), grads
+
+    loop_loss, loop = gradients(model.expert_executor)
+    grouped_loss, grouped = gradients(FrozenExperts(model))
+    assert abs(loop_loss - grouped_loss) < 1e-5
+    scale = max(float(g.abs().max()) for g in loop)
+    assert scale > 0 and all(torch.allclose(a, b, atol=1e-5 * scale) for a, b in zip(loop, grouped, strict=True))
 
 
 def test_examples_learn_the_answer_only():

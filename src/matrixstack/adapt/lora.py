@@ -15,6 +15,9 @@ experts are refused: the engine stacks them (engine/moe.py) and transformers' Gl
 fused 3-D parameters, which PEFT adapts only through `target_parameters`, not as the `lora_A`/`lora_B` modules of
 a standard adapter that PEFT and vLLM load.
 
+Routed experts stay frozen, and `FrozenExperts` runs them grouped during training (the engine's grouped path,
+differentiated through the hidden states) instead of the per-expert module loop the engine takes with gradients on.
+
 `adapter_of(model, name)` returns the trained adapter as engine/lora_adapter.py's `LoraAdapter` (weights keyed by
 engine module path, A [rank, in], B [out, rank]); `load_adapter(model, adapter)` puts an adapter's weights into
 attached wrappers (the PEFT-equivalence test runs the engine with an adapter read back from its folder).
@@ -32,6 +35,7 @@ from torch import nn
 
 from matrixstack.engine.lora_adapter import LoraAdapter, lora_modules
 from matrixstack.engine.model import MoETransformer
+from matrixstack.engine.moe import ExpertList
 from matrixstack.errors import UserError
 
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # short name -> PEFT's module name
@@ -65,6 +69,33 @@ class LoraLinear(nn.Module):
     def delta(self) -> torch.Tensor:
         """Return scaling * B @ A, [out, in]: what merging adds to the base weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class FrozenExperts:
+    """An expert executor for training with frozen experts: each MoE layer's routed experts run grouped
+    (`ExpertList.grouped`: one sort, two grouped GEMMs over the stacked weights, one scatter), with autograd through
+    the hidden states and routing weights only, in place of the engine's per-expert module loop, which it takes
+    whenever gradients are on so that expert weights get theirs. The stacked weights carry no gradient, so the
+    LoRA gradients are the loop's (within float round-off). A layer whose experts are not all held here, are stacked
+    on another device or were edited since stacking runs the engine's executor."""
+
+    def __init__(self, model: MoETransformer):
+        self.fallback = model.expert_executor
+        self.experts_by_layer = {
+            i: layer.mlp.experts
+            for i, layer in enumerate(model.layers)
+            if isinstance(getattr(layer.mlp, "experts", None), ExpertList)
+        }
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the weighted sum of the routed experts' outputs for `layer`, [T, H]."""
+        experts = self.experts_by_layer.get(layer)
+        stale = experts is None or experts.w13 is None or not experts.is_stacked()
+        if stale or not experts.holds_all or experts.w13.device != hidden.device:
+            return self.fallback(layer, hidden, topk_ids, topk_weights)
+        return experts.grouped(hidden, topk_ids, topk_weights)
 
 
 def parse_targets(text: str) -> list[str]:

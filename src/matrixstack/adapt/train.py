@@ -1,7 +1,8 @@
 """The training loop of a LoRA tune job: data-parallel over a slice's devices, checkpointed, resumable bit for bit.
 
 `train(spec, examples, placement, folder, on_checkpoint)` trains `spec.total_steps` AdamW steps (constant learning
-rate, gradients clipped to norm 1) of a LoRA adapter (adapt/lora.py) on the base model in float32 and returns the
+rate, gradients clipped to norm 1) of a LoRA adapter (adapt/lora.py) on the base model in float32, its frozen routed
+experts run grouped (`lora.FrozenExperts`) and the logits computed for the learned positions only, and returns the
 final `Checkpoint`. One process per device of the slice (`Placement`): with one device the calling process trains
 (pinned to its CPU core or on its GPU for the duration); with N, N processes are spawned
 (`torch.multiprocessing`, each dies with its parent: Linux's parent-death signal) and joined in a
@@ -41,7 +42,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from matrixstack.adapt.examples import IGNORE, Example, batch
-from matrixstack.adapt.lora import adapter_of, attach_lora, lora_parameters
+from matrixstack.adapt.lora import FrozenExperts, adapter_of, attach_lora, lora_parameters
 from matrixstack.adapt.spec import TuneSpec
 from matrixstack.engine.loading import load_model
 from matrixstack.engine.lora_adapter import LoraAdapter
@@ -171,7 +172,7 @@ def _rank_main(rank, spec, examples, placement, folder, port, on_checkpoint) -> 
                 world_size=world,
                 device_id=device if placement.kind == "cuda" else None,
             )
-        _Trainer(spec, examples, device, rank, world, folder, on_checkpoint).run()
+        Trainer(spec, examples, device, rank, world, folder, on_checkpoint).run()
     finally:
         if port is not None and dist.is_initialized():
             dist.destroy_process_group()
@@ -179,8 +180,10 @@ def _rank_main(rank, spec, examples, placement, folder, port, on_checkpoint) -> 
         torch.set_num_threads(threads)
 
 
-class _Trainer:
-    """One rank's training state and loop."""
+class Trainer:
+    """One rank's training state and loop, on `device` (set up by the caller: pinned core, process group): the
+    model with its adapter, the optimizer, the step reached (from the checkpoint in `folder` when there is one);
+    `run()` trains to the last step."""
 
     def __init__(self, spec, examples, device, rank, world, folder, on_checkpoint):
         self.spec, self.examples, self.device = spec, examples, device
@@ -191,6 +194,7 @@ class _Trainer:
         self.wrappers = attach_lora(
             self.model, spec.targets, spec.rank, spec.alpha, torch.Generator().manual_seed(spec.seed)
         )
+        self.model.expert_executor = FrozenExperts(self.model)
         self.params = lora_parameters(self.wrappers)
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=spec.weight_decay)
         self.total = spec.total_steps(len(examples))

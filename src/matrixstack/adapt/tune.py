@@ -34,20 +34,21 @@ from matrixstack.adapt.train import Placement, train
 from matrixstack.adapt.trainlog import draw_loss, write_log
 from matrixstack.engine.loading import load_model
 from matrixstack.engine.lora_adapter import write_peft
+from matrixstack.engine.lora_slots import ADAPTER_NAME, default_adapters_dir
 from matrixstack.errors import UserError
 from matrixstack.matrix.database import Database
 from matrixstack.matrix.pool_state import fabric_spec, pool_row
 from matrixstack.matrix.slices import SliceInfo
-from matrixstack.matrix.tenants import check_name
 from matrixstack.paths import data_dir
 
-ADAPTERS_DIR, JOBS_DIR = "adapters", "tune"
+JOBS_DIR = "tune"
 LOG_FILE, LOSS_PNG = "log.json", "loss.png"
 
 
 def adapter_dir(name: str) -> Path:
-    """Return the folder of adapter `name`: `adapters/NAME` in the data directory."""
-    return data_dir() / ADAPTERS_DIR / name
+    """Return the folder of adapter `name`: `adapters/NAME` in the data directory, where the builtin engine finds an
+    adapter by name (engine/lora_slots.py's `default_adapters_dir`)."""
+    return default_adapters_dir() / name
 
 
 def job_dir(job_id: int) -> Path:
@@ -57,7 +58,11 @@ def job_dir(job_id: int) -> Path:
 
 def check_spec(spec: TuneSpec) -> None:
     """Raise UserError when `spec` cannot train (module docstring); reads the base's weights to check them."""
-    check_name(spec.out, "adapter")
+    if not ADAPTER_NAME.match(spec.out):
+        raise UserError(
+            f"--out {spec.out!r} is not an adapter name: use 1-128 letters, digits, '.', '_' or '-', not starting "
+            "with '.' (the engine serves adapters by that name)"
+        )
     if adapter_dir(spec.out).exists():
         raise UserError(f"--out {spec.out}: adapter folder {adapter_dir(spec.out)} exists; pick another name")
     model, _ = load_model(spec.base)
