@@ -140,6 +140,16 @@ def test_data_order_is_a_function_of_seed_and_step_and_covers_each_epoch():
     assert batch_indices(10, 4, 7, 3) != epoch[0]  # the next epoch is shuffled again
 
 
+def test_a_job_runs_its_epochs_or_its_steps():
+    job = {"base": "tiny-moe", "dataset": "sums", "targets": ATTENTION, "out": "kw", "batch_size": 4}
+    assert TuneSpec(**job, epochs=2).total_steps(10) == 6  # 3 batches per epoch, the last one of 2 rows
+    assert TuneSpec(**job, steps=5).total_steps(10) == 5
+    with pytest.raises(ValueError, match="exactly one of --steps S or --epochs E"):
+        TuneSpec(**job, steps=5, epochs=1)
+    with pytest.raises(ValueError, match="below --devices 8"):
+        TuneSpec(**job, steps=5, devices=8)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Return (adapter folder written by write_peft, HF export folder) of an adapter trained 6 steps on ROWS."""

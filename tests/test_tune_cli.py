@@ -166,22 +166,19 @@ def test_cancel_stops_the_running_job_and_frees_its_slice(home, cli):
 
 
 def test_register_makes_the_l1_of_the_adapter_under_the_l0_serving_the_base(home, cli):
-    from matrixstack.portal.catalog_service import add_entry, resolve_entry
+    from matrixstack.portal.catalog_service import add_entry, resolve_entry, update_entry
     from matrixstack.portal.spec import EntrySpec
     from matrixstack.portal.store import open_portal_database
 
+    backend = {"kind": "engine", "url": "http://127.0.0.1:9/v1", "model": "tiny-moe", "adapters": False}
     with open_portal_database(None) as database:
-        database.write(
-            lambda s: add_entry(
-                s,
-                EntrySpec(
-                    name="tiny",
-                    level="L0",
-                    backend={"kind": "engine", "url": "http://127.0.0.1:9/v1", "model": "tiny-moe", "adapters": True},
-                ),
-            )
-        )
+        database.write(lambda s: add_entry(s, EntrySpec(name="tiny", level="L0", backend=backend)))
     args = ["tiny-moe", "--dataset", "acme-sums", "--tenant", "acme", "--out", "acme-kw", "--steps", "2", *TRAIN]
+    result = cli("tune", *args, "--register", "acme-sums-l1")
+    assert result.exit_code == 2 and "does not serve adapters by name" in " ".join(result.output.split())
+    assert jobs(cli) == [] and allocated(cli) == 0
+    with open_portal_database(None) as database:
+        database.write(lambda s: update_entry(s, "tiny", {"backend": {"adapters": True}}))
     result = cli("tune", *args, "--register", "acme-sums-l1", "--json")
     assert result.exit_code == 0, result.output
     job = json.loads(result.stdout)  # the progress bar went to stderr

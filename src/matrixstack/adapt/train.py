@@ -68,7 +68,7 @@ class Placement:
 @dataclass
 class Checkpoint:
     """The state after `step` steps: the adapter, the optimizer and RNG states, and per-step history rows
-    ({step, loss, tokens, step_s})."""
+    ({step, loss, tokens, step_s, cpu_s}: wall and this process's CPU seconds of the step)."""
 
     step: int
     adapter: LoraAdapter
@@ -257,11 +257,12 @@ class Trainer:
         progress = _Progress(self.total, self.step) if self.rank == 0 else None
         try:
             while self.step < self.total:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 loss, tokens = self._one_step()
                 self.step += 1
-                step_s = time.perf_counter() - started
-                self.history.append({"step": self.step, "loss": loss, "tokens": tokens, "step_s": step_s})
+                step_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+                entry = {"step": self.step, "loss": loss, "tokens": tokens, "step_s": step_s, "cpu_s": cpu_s}
+                self.history.append(entry)
                 if progress is not None:
                     progress.advance(tokens, step_s, loss)
                 if self.rank == 0 and (self.step % self.spec.checkpoint_every == 0 or self.step == self.total):

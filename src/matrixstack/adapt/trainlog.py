@@ -1,6 +1,6 @@
 """What a tune job leaves to read and look at: the JSON log of its steps and the loss curve as a PNG.
 
-`write_log(path, history, summary)` writes {"summary": ..., "steps": [{step, loss, tokens, step_s}, ...]};
+`write_log(path, history, summary)` writes {"summary": ..., "steps": [{step, loss, tokens, step_s, cpu_s}, ...]};
 `draw_loss(path, history, title)` draws the training loss per step (matplotlib, Agg). Both write a temporary
 file first and rename it, so a reader never sees half a file.
 """

@@ -2,7 +2,8 @@
 
 The catalog is the portal's floor, so the CLI (which may import everything) does it, not `adapt`. The L0 serving a
 base arch is the one L0 entry whose backend is the builtin engine and that names the base: its deployment runs
-that arch, its backend model is the base, or the entry itself is named after it. `check_registration` runs before
+that arch, its backend model is the base, or the entry itself is named after it; its backend must serve adapters
+by name (`adapters: true`: the portal then sends the L1's adapter as the model). `check_registration` runs before
 the job starts (the L1 name is free, exactly one L0 serves the base), so a job does not train for an entry that
 cannot be made; `register_l1` writes the entry (adapter = the adapter name, parent = that L0, private to the job's
 tenant when it has one) once the job succeeded.
@@ -37,6 +38,12 @@ def l0_serving(session: Session, base: str) -> EntrySpec:
     if len(found) > 1:
         names = ", ".join(e.name for e in found)
         raise UserError(f"--register: several L0 entries serve {base} ({names}); register by hand with catalog add")
+    if not found[0].backend.adapters:
+        raise UserError(
+            f"--register: L0 {found[0].name} serves {base} but its backend does not serve adapters by name "
+            f"(adapters: false), so the L1 would answer as the base; set its backend's adapters: true "
+            "(catalog update) and tune again"
+        )
     return found[0]
 
 
