@@ -64,7 +64,7 @@ class LoraLinear(nn.Module):
         shape as `base(x)`."""
         if self.merged:
             return self.base(x)
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return self.base(x) + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)  # scaled at width r
 
     def delta(self) -> torch.Tensor:
         """Return scaling * B @ A, [out, in]: what merging adds to the base weight."""
