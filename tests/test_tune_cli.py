@@ -187,9 +187,7 @@ def test_register_makes_the_l1_of_the_adapter_under_the_l0_serving_the_base(home
     assert (entry["level"], entry["parent"], entry["adapter"], entry["owner"]) == ("L1", "tiny", "acme-kw", "acme")
     assert os.path.isdir(job["adapter_path"]) and job["adapter_path"].endswith("adapters/acme-kw")
     with open_portal_database(None) as database:
-        l2 = EntrySpec(
-            name="acme-sums-terse", level="L2", parent="acme-sums-l1", owner="acme", system_prompt="Be terse."
-        )
+        l2 = EntrySpec(name="acme-terse", level="L2", parent="acme-sums-l1", owner="acme", system_prompt="Be terse.")
         database.write(lambda s: add_entry(s, l2))
         resolved = database.read(lambda s: resolve_entry(s, "acme-terse", "acme"))
     assert resolved.adapter == "acme-kw"
