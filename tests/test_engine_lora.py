@@ -9,6 +9,7 @@ import torch
 from test_engine_lora_adapter import ATTENTION, random_adapter
 
 from matrixstack.arch import load_arch
+from matrixstack.engine import lora_batch
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.loading import load_model
@@ -89,7 +90,9 @@ def test_mixed_batch_gives_each_request_its_tokens_alone(adapters):
     assert eng.runner.lora.loaded() == sorted(ADAPTERS)
 
 
-def test_mixed_batch_logits_equal_the_merged_models(adapters):
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "padded_bmm"])
+def test_mixed_batch_logits_equal_the_merged_models(adapters, monkeypatch, grouped):
+    monkeypatch.setattr(lora_batch, "grouped_mm_available", lambda device, dtype: grouped)
     root, made = adapters
     names = [*ADAPTERS, None, "kw"]
     prompts = [*PROMPTS, PROMPTS[4]]
@@ -99,6 +102,8 @@ def test_mixed_batch_logits_equal_the_merged_models(adapters):
     out = eng.scheduler.schedule()
     assert len(out.seqs) == len(seqs) and sorted(set(out.lora_slots)) == [0, 1, 2, 3, 4]
     with torch.inference_mode():
+        lora = eng.runner.lora.batch(out.lora_slots, out.num_new_tokens)
+        assert lora.grouped is grouped
         logits = eng.runner.model.compute_logits(eng.runner.hidden(out))
     for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
         ids = torch.tensor(tokenizer.encode(prompt, add_bos=True))
