@@ -9,6 +9,7 @@ import torch
 from test_engine_lora_adapter import ATTENTION, random_adapter
 
 from matrixstack.arch import load_arch
+from matrixstack.engine import lora_batch
 from matrixstack.engine.config import EngineConfig, SamplingParams
 from matrixstack.engine.llm_engine import LLMEngine
 from matrixstack.engine.loading import load_model
@@ -89,7 +90,9 @@ def test_mixed_batch_gives_each_request_its_tokens_alone(adapters):
     assert eng.runner.lora.loaded() == sorted(ADAPTERS)
 
 
-def test_mixed_batch_logits_equal_the_merged_models(adapters):
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "padded_bmm"])
+def test_mixed_batch_logits_equal_the_merged_models(adapters, monkeypatch, grouped):
+    monkeypatch.setattr(lora_batch, "grouped_mm_available", lambda device, dtype: grouped)
     root, made = adapters
     names = [*ADAPTERS, None, "kw"]
     prompts = [*PROMPTS, PROMPTS[4]]
@@ -99,6 +102,8 @@ def test_mixed_batch_logits_equal_the_merged_models(adapters):
     out = eng.scheduler.schedule()
     assert len(out.seqs) == len(seqs) and sorted(set(out.lora_slots)) == [0, 1, 2, 3, 4]
     with torch.inference_mode():
+        lora = eng.runner.lora.batch(out.lora_slots, out.num_new_tokens)
+        assert lora.grouped is grouped
         logits = eng.runner.model.compute_logits(eng.runner.hidden(out))
     for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
         ids = torch.tensor(tokenizer.encode(prompt, add_bos=True))
@@ -180,3 +185,34 @@ def test_an_engine_without_slots_refuses_adapter_requests():
     with pytest.raises(UserError, match=r"expert parallel \(--workers > 1\), which serves no LoRA adapters"):
         scheduler.add(seq)
     assert scheduler.num_unfinished == 0
+
+
+@pytest.mark.slow
+def test_peft_on_the_hf_export_gives_the_logits_the_engine_serves(adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from matrixstack.engine import ASSETS_DIR
+    from matrixstack.engine.hf_export import export_hf_folder
+
+    root, _ = adapters
+    export_hf_folder(TINY_MOE, ASSETS_DIR / "tiny-moe", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    eng = engine(root)
+    # attention adapters only: PEFT 0.21 on transformers 5's Glm4Moe maps gate/up/down_proj targets onto the fused
+    # routed experts and drops the dense and shared-expert FFN weights (target_modules=set() after loading), so an
+    # FFN adapter is checked against the merged weights instead (test_mixed_batch_logits_equal_the_merged_models)
+    for name in ("kw", "fin"):
+        ids = eng.tokenizer.encode(PROMPTS[1], add_bos=True)
+        with torch.no_grad():
+            base = hf(torch.tensor([ids])).logits[0]
+            peft_model = PeftModel.from_pretrained(hf, str(root / name), adapter_name=name)
+            expected = peft_model(torch.tensor([ids])).logits[0]
+        assert (expected - base).abs().max() > 0.1  # the adapter matters
+        eng.add_request(ids, with_lora(name))
+        out = eng.scheduler.schedule()
+        with torch.inference_mode():
+            got = eng.runner.model.compute_logits(eng.runner.hidden(out))
+        eng.abort(out.seqs[0].request_id)
+        torch.testing.assert_close(got, expected, atol=LOGITS_ATOL, rtol=0)
+        hf = peft_model.unload()  # the base model back, without this adapter's layers

@@ -223,7 +223,8 @@ class LoraSlots:
             return None
         if self._compact is None or self._compact[0] != plan.slots:
             self._compact = (plan.slots, self._weights(plan.slots))
-        return LoraBatch(plan, self._compact[1], self.model.embed_tokens.weight.device)
+        weight = self.model.embed_tokens.weight
+        return LoraBatch(plan, self._compact[1], weight.device, weight.dtype)
 
     def _weights(self, slots: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Return the stacks of `slots` by site, for the sites one of them targets (views when they are all the

@@ -231,14 +231,7 @@ class MLAAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], rope, interleaved=True)
 
-    def forward(
-        self,
-        x,
-        rope: RopeAngles,
-        meta: AttentionMetadata | None,
-        cache: torch.Tensor | None,
-        lora: LoraBatch | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache, lora=None) -> torch.Tensor:
         """Return the attention output, same shape as `x`: absorbed attention over the paged latent `cache`
         when `meta` is given (x is [T, H]), else the up-projected reference (x is [B, T, H]). MLA has no LoRA
         site: `lora` is accepted for a uniform call and unused (adapters on MLA projections are refused)."""
