@@ -1,7 +1,7 @@
 """LoRA training parts on the engine's model (adapt.lora, adapt.examples, adapt.train's data order), and the
 trained adapter against PEFT: the HF export of tiny-moe plus the adapter folder in `peft` gives the engine's logits
 with the adapter applied (tolerance 1e-4 absolute on float32 logits, the engine-vs-transformers bound of
-bench/engine_vs_hf.py)."""
+bench/engine_vs_hf.py), and the builtin engine serving the adapter by name decodes what the job's evaluation does."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from matrixstack.engine import ASSETS_DIR
 from matrixstack.engine.hf_export import export_hf_folder
 from matrixstack.engine.loading import load_model
 from matrixstack.engine.lora_adapter import lora_modules, read_peft, write_peft
+from matrixstack.engine.model import greedy_generate
 from matrixstack.errors import UserError
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -189,3 +190,31 @@ def test_peft_on_the_hf_export_gives_the_engine_s_logits_with_the_trained_adapte
     assert (engine_lora - base_logits).abs().max() > 100 * LOGITS_ATOL  # the adapter changes the logits
     assert torch.allclose(peft_logits, engine_lora, atol=LOGITS_ATOL), (peft_logits - engine_lora).abs().max()
     assert torch.allclose(peft_logits, engine_merged, atol=LOGITS_ATOL), (peft_logits - engine_merged).abs().max()
+
+
+def test_the_builtin_engine_serves_the_trained_adapter_by_name_with_the_tokens_evaluation_decodes(trained):
+    from matrixstack.engine.config import EngineConfig, SamplingParams
+    from matrixstack.engine.llm_engine import LLMEngine
+    from matrixstack.engine.model_runner import ModelRunner
+
+    adapter_folder, _ = trained
+    adapter = read_peft(adapter_folder, load_arch("tiny-moe"), MAX_RANK)
+    model, tokenizer = load_model("tiny-moe")
+    prompts = [to_example(tokenizer, row, 64) for row in ROWS[::5]]
+    prompt_ids = [e.ids[: e.prompt_len] for e in prompts]
+    wrappers = attach_lora(model, adapter.target_modules, adapter.rank, adapter.alpha, torch.Generator())
+    load_adapter(wrappers, adapter)
+    with merged(wrappers):  # what adapt.evaluate decodes
+        tuned = [greedy_generate(model, ids, 6) for ids in prompt_ids]
+        base_model, _ = load_model("tiny-moe")
+        base = [greedy_generate(base_model, ids, 6) for ids in prompt_ids]
+    assert tuned != base  # the adapter changes the answers, or the comparison shows nothing
+    cfg = EngineConfig(
+        block_size=16, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256,
+        max_loras=2, adapters_dir=str(adapter_folder.parent),
+    )  # fmt: skip
+    served_model, _ = load_model("tiny-moe")
+    engine = LLMEngine(ModelRunner(served_model, cfg), tokenizer, cfg)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    served = engine.generate(prompt_ids, [greedy.model_copy(update={"lora": adapter_folder.name})] * len(prompt_ids))
+    assert [c.token_ids for c in served] == tuned
