@@ -237,7 +237,9 @@ def _row(session: Session, job_id: int, tenant: str | None) -> TuneJobRow:
     owner = None if row is None or row.tenant_id is None else session.get(TenantRow, row.tenant_id).name
     if row is None or (tenant is not None and owner != tenant):
         whose = "" if tenant is None else f" of tenant {tenant!r}"
-        raise UnknownJob(f"no tune job {job_id}{whose}; see `matrixstack tune list`")
+        raise UnknownJob(
+            f"no tune job {job_id}{whose}; see `matrixstack tune list{'' if tenant is None else ' --tenant ' + tenant}`"
+        )
     return row
 
 

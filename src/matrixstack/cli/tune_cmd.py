@@ -227,9 +227,11 @@ def show(
     if as_json:
         print_json(job.view())
         return
+    p = job.progress
+    progress = f"step {p['step']}/{p['steps']}, loss {p['loss']}" if p else "no checkpoint yet"
     console.print(
         f"job {job.id} ({job.tenant or 'operator'}): {job.base} on {job.dataset}, {job.status}, pool {job.pool}, "
-        f"slice {job.slice_id or '-'}, progress {job.progress or '-'}",
+        f"slice {job.slice_id or '-'}, {progress}",
         highlight=False,
     )
     if job.error:
