@@ -10,6 +10,7 @@ command first marks failed the jobs whose process died without saying so, freein
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -211,22 +212,15 @@ def list_jobs(tenant: str | None = TenantOption, db: str | None = DbOption, as_j
     console.print(table)
 
 
-@tune_app.command("show")
-@user_errors_exit_2
-def show(
-    job_id: int = typer.Argument(..., help="Job id."),
-    tenant: str | None = TenantOption,
-    db: str | None = DbOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Show a tune job: settings, status, progress, result."""
+def _show_job(database: Database, job_id: int, tenant: str | None) -> JobInfo:
+    """Return the job (UnknownJob when the tenant has none of that id)."""
     from matrixstack.adapt.jobs import get_job
 
-    with _database(db) as database:
-        job = database.read(lambda session: get_job(session, job_id, tenant))
-    if as_json:
-        print_json(job.view())
-        return
+    return database.read(lambda session: get_job(session, job_id, tenant))
+
+
+def _print_job(job: JobInfo) -> None:
+    """Print a job's state, its error, and a finished job's result."""
     p = job.progress
     progress = f"step {p['step']}/{p['steps']}, loss {p['loss']}" if p else "no checkpoint yet"
     console.print(
@@ -240,21 +234,39 @@ def show(
         _print_result(job)
 
 
-@tune_app.command("cancel")
-@user_errors_exit_2
-def cancel(
-    job_id: int = typer.Argument(..., help="Job id."),
-    tenant: str | None = TenantOption,
-    db: str | None = DbOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Cancel a tune job: stop its process if it runs, free its slice."""
+def _cancel_job(database: Database, job_id: int, tenant: str | None) -> JobInfo:
+    """Stop the job's process if it runs, mark it cancelled, free its slice; return it."""
     from matrixstack.adapt.jobs import cancel_job, stop_process
 
-    with _database(db) as database:
-        database.read(lambda session: stop_process(session, job_id, tenant))
-        job = database.write(lambda session: cancel_job(session, job_id, tenant))
-    if as_json:
-        print_json(job.view())
-        return
-    console.print(f"job {job.id} cancelled; its slice is freed", highlight=False)
+    database.read(lambda session: stop_process(session, job_id, tenant))
+    return database.write(lambda session: cancel_job(session, job_id, tenant))
+
+
+def _job_command(
+    name: str, help_text: str, act: Callable[[Database, int, str | None], JobInfo], say: Callable[[JobInfo], None]
+) -> None:
+    """Register `tune NAME JOB [--tenant T] [--db URL] [--json]`: `act` on the job, then print it (`say`, or JSON)."""
+
+    @tune_app.command(name, help=help_text)
+    @user_errors_exit_2
+    def command(
+        job_id: int = typer.Argument(..., help="Job id."),
+        tenant: str | None = TenantOption,
+        db: str | None = DbOption,
+        as_json: bool = JsonOption,
+    ) -> None:
+        with _database(db) as database:
+            job = act(database, job_id, tenant)
+        if as_json:
+            print_json(job.view())
+        else:
+            say(job)
+
+
+_job_command("show", "Show a tune job: settings, status, progress, result.", _show_job, _print_job)
+_job_command(
+    "cancel",
+    "Cancel a tune job: stop its process if it runs, free its slice.",
+    _cancel_job,
+    lambda job: console.print(f"job {job.id} cancelled; its slice is freed", highlight=False),
+)
