@@ -42,7 +42,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from matrixstack.adapt.examples import IGNORE, Example, batch
-from matrixstack.adapt.lora import FrozenExperts, adapter_of, attach_lora, lora_parameters
+from matrixstack.adapt.lora import FrozenExperts, adapter_of, attach_lora, load_adapter, lora_parameters
 from matrixstack.adapt.spec import TuneSpec
 from matrixstack.engine.loading import load_model
 from matrixstack.engine.lora_adapter import LoraAdapter
@@ -206,10 +206,7 @@ class Trainer:
             torch.manual_seed(spec.seed)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
-        with torch.no_grad():
-            for path, (a, b) in checkpoint.adapter.weights.items():
-                self.wrappers[path].lora_A.copy_(a)
-                self.wrappers[path].lora_B.copy_(b)
+        load_adapter(self.wrappers, checkpoint.adapter)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         torch.set_rng_state(checkpoint.rng)
         self.step, self.history = checkpoint.step, checkpoint.history
