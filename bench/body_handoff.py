@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from matrixstack.engine.adapter_dir import AdapterDirectory
 from matrixstack.engine.admission import Admission
 from matrixstack.openai.body_pool import DEFAULT_THRESHOLD_BYTES, BodyPool
 from matrixstack.openai.endpoints import CHAT
@@ -30,7 +31,8 @@ from matrixstack.openai.errors import OpenAIError
 RESULTS = Path(__file__).parent / "results" / "body_handoff.json"
 SIZES_KIB = (16, 64, 128, 256, 512, 1024, 3072)
 CHUNK_BYTES = 64 * 1024  # about what uvicorn hands on per read
-ADMISSION = Admission("tiny-moe", max_model_len=2048, max_token_chars=93)  # tiny-moe's, as the engine serves it
+# tiny-moe's max_model_len and max_token_chars, as the engine serves it
+ADMISSION = Admission("tiny-moe", 2048, 93, AdapterDirectory({}, None), serves_adapters=True)
 
 
 def body(size_bytes: int) -> bytes:

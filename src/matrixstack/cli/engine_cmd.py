@@ -47,8 +47,19 @@ def serve(
     max_body_mib: float = typer.Option(
         _DEFAULTS["max_body_mib"], "--max-body-mib", min=0.001, help="largest request body in MiB (413 above)"
     ),
+    max_loras: int = typer.Option(_DEFAULTS["max_loras"], "--max-loras", min=1, help="LoRA adapters on the device"),
+    max_lora_rank: int = typer.Option(
+        _DEFAULTS["max_lora_rank"], "--max-lora-rank", min=1, help="highest rank of a served LoRA adapter"
+    ),
+    lora_modules: list[str] = typer.Option(
+        [], "--lora-modules", help="NAME=DIR: serve the PEFT adapter in DIR as model NAME (repeatable)"
+    ),
+    adapters_dir: Path | None = typer.Option(
+        None, "--adapters-dir", help="folder of adapters by name, DIR/NAME/ (default: <data dir>/adapters)"
+    ),
 ) -> None:
-    """Serve ARCH over an OpenAI-compatible API on HOST:PORT until Ctrl-C."""
+    """Serve ARCH over an OpenAI-compatible API on HOST:PORT until Ctrl-C; a request whose model names a LoRA
+    adapter (--lora-modules, or a folder under --adapters-dir) runs through it."""
     launch = EngineLaunch(
         arch=arch,
         weights=str(weights) if weights is not None else None,
@@ -66,8 +77,23 @@ def serve(
         max_num_batched_tokens=max_num_batched_tokens,
         log_level=log_level,
         max_body_mib=max_body_mib,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        lora_modules=_lora_modules(lora_modules),
+        adapters_dir=str(adapters_dir) if adapters_dir is not None else None,
     )
     serve_engine(launch, console)
+
+
+def _lora_modules(pairs: list[str]) -> dict[str, str]:
+    """Return --lora-modules NAME=DIR pairs as {name: dir}; UserError naming a pair that is not NAME=DIR."""
+    modules = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--lora-modules {pair!r}: give NAME=DIR, e.g. --lora-modules kw=adapters/kw")
+        modules[name] = folder
+    return modules
 
 
 @engine_app.command("bench")

@@ -23,6 +23,7 @@ from matrixstack.cli.portal_cmd import catalog_app, deployment_app, key_app, ten
 from matrixstack.cli.portal_serve_cmd import portal_app
 from matrixstack.cli.shape_cmd import shape_app
 from matrixstack.cli.stack_cmd import stack_app
+from matrixstack.cli.tune_cmd import tune_app
 from matrixstack.cli.up_cmd import register as register_up
 
 app = typer.Typer(
@@ -53,6 +54,7 @@ app.add_typer(deployment_app, name="deployment")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(shape_app, name="shape")
 app.add_typer(stack_app, name="stack")
+app.add_typer(tune_app, name="tune")
 app.command("usage")(usage)
 register_perf(app)
 register_calibrate(app)

@@ -10,6 +10,9 @@ read where the packaged weights are without loading the runtime:
 - `engine.weights`: `load_weights`, `save_weights`: safetensors under Hugging Face tensor names;
 - `engine.tokenizer`: `Tokenizer`, byte-level BPE with `<|bos|>` / `<|eos|>` and a chat template;
 - `engine.loading`: `load_model(arch, weights_dir)`, an arch, its weights and its tokenizer in one call;
+- `engine.lora_adapter`: `LoraAdapter`, `write_peft`, `read_peft`: LoRA adapters in PEFT's folder format;
+- `engine.lora_slots`: `AdapterDirectory` (adapters by name on disk), `LoraSlots` (device slots, LRU); with
+  `engine.lora_batch` (`LoraBatch`: one step's per-token adapters) the batched LoRA the model runner serves;
 - `engine.hf_export`: `export_hf_folder`, an arch and its weights as a Hugging Face folder (`glm4_moe_config`);
 - `engine.hf_folder`: `lanes_for`, whether the builtin engine runs a Hugging Face folder's model (else vLLM);
 - here: `PACKAGED_WEIGHTS` (`tiny-moe` ships its own weights in `engine/assets/tiny-moe`, made by

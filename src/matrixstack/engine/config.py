@@ -1,4 +1,5 @@
-"""Engine and request settings: `EngineConfig` (one deployment's serving limits) and `SamplingParams` (one request).
+"""Engine and request settings: `EngineConfig` (one deployment's serving limits, its LoRA adapter slots and where
+adapters are found) and `SamplingParams` (one request, with the adapter it runs through).
 
 Both are pydantic models; an invalid value raises `pydantic.ValidationError` whose message names the field and
 the allowed range (a `ValueError`, so the HTTP layer maps it to a 400).
@@ -27,6 +28,14 @@ class EngineConfig(Strict, frozen=True):
         2048, gt=0, description="token budget per step: decode tokens plus prefill chunk tokens"
     )
     max_model_len: int = Field(2048, gt=0, description="most tokens (prompt + output) in one sequence")
+    max_loras: int = Field(4, ge=1, description="LoRA adapters held on the device at once (slots, LRU-evicted)")
+    max_lora_rank: int = Field(16, ge=1, description="highest LoRA rank an adapter may have")
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="adapter name -> PEFT folder, besides those under adapters_dir"
+    )
+    adapters_dir: str | None = Field(
+        None, description="folder of adapters by name (<dir>/<name>/); null: <data dir>/adapters"
+    )
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -65,6 +74,7 @@ class SamplingParams(Strict, frozen=True):
     detokenize: bool = Field(
         True, description="assemble the output text; false returns token ids only (no stop strings then)"
     )
+    lora: str | None = Field(None, description="name of the LoRA adapter to run the request through; null: the base")
 
     @field_validator("top_k")
     @classmethod

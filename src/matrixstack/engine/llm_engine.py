@@ -59,11 +59,12 @@ class LLMEngine:
     """Continuous-batching engine over one runner: schedule, run the model, sample, report the tokens."""
 
     def __init__(self, runner, tokenizer: Tokenizer, config: EngineConfig):
-        """`runner` has `run(SchedulerOutput) -> list[int]`: a ModelRunner or an expert-parallel deployment."""
+        """`runner` has `run(SchedulerOutput) -> list[int]`: a ModelRunner or an expert-parallel deployment; its
+        `lora` slots (a ModelRunner's) serve adapter requests."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
-        self.scheduler = Scheduler(config, tokenizer.eos_id)
+        self.scheduler = Scheduler(config, tokenizer.eos_id, getattr(runner, "lora", None))
         self.stats = StepStats()
         self._ids = itertools.count()
         self._sent_tokens: dict[str, int] = {}

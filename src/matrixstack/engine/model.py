@@ -19,6 +19,12 @@ weights are views into the fused tensor, checkpoint names unchanged); RoPE facto
 which reads them faster for the few rows of a decode step, and a tied lm_head keeps an input-major copy of the
 embedding for the logits of one or two rows; RMSNorm is one fused op in float32. Results match the plain paths
 within float32 round-off (tests/test_engine_fastpaths.py).
+
+Batched LoRA (serving): `forward(..., lora=LoraBatch)` adds each token's own adapter delta (`engine.lora_batch`) at
+the serving sites of GQA/MHA attention (the fused q/k/v GEMM, o_proj) and of the dense and shared-expert FFNs (the
+fused gate/up GEMM, down_proj). Each such module knows its path (`lora_site`, set at construction) to look its
+weights up. MLA projections and routed experts have no LoRA site (`engine.lora_slots` refuses adapters on them);
+the reference and training paths never take a `LoraBatch`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import nn
 
 from matrixstack.arch.spec import Arch
 from matrixstack.engine.attention import AttentionMetadata, build_metadata, paged_attention, write_cache
+from matrixstack.engine.lora_batch import LoraBatch
 from matrixstack.engine.moe import (
     ExpertExecutor,
     FusedLinears,
@@ -121,7 +128,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 class GQAAttention(nn.Module):
-    """Multi-head / grouped-query attention with optional qkv biases and per-head q/k RMSNorm (Qwen3)."""
+    """Multi-head / grouped-query attention with optional qkv biases and per-head q/k RMSNorm (Qwen3); LoRA sites
+    `<lora_site>.qkv` and `<lora_site>.o_proj` on the serving path."""
+
+    lora_site = ""  # the module's path in the model, set by MoETransformer
 
     def __init__(self, arch: Arch):
         super().__init__()
@@ -142,10 +152,13 @@ class GQAAttention(nn.Module):
         self.qkv.refresh()
         return self
 
-    def _project(self, x: torch.Tensor, rope: RopeAngles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, x: torch.Tensor, rope: RopeAngles, lora: LoraBatch | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (rotated q [..., heads, d], rotated k [..., kv_heads, d], v [..., kv_heads, d]).
 
-        Without gradients, one GEMM for q, k and v and one RoPE call for q and k together."""
+        Without gradients, one GEMM for q, k and v (plus the step's LoRA deltas on their slices) and one RoPE call
+        for q and k together."""
         if wants_grad(self, x):
             q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
             k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
@@ -153,7 +166,10 @@ class GQAAttention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             return apply_rope(q, rope, interleaved=False), apply_rope(k, rope, interleaved=False), v
-        qkv = self.qkv(x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
+        qkv = self.qkv(x)
+        if lora is not None:
+            qkv = lora.add(f"{self.lora_site}.qkv", x, qkv)
+        qkv = qkv.unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
         qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=-2)
         if self.q_norm is not None:
             q, k = qk.split([self.heads, self.kv_heads], dim=-2)
@@ -161,17 +177,26 @@ class GQAAttention(nn.Module):
         q, k = apply_rope(qk, rope, interleaved=False).split([self.heads, self.kv_heads], dim=-2)
         return q, k, v
 
-    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        rope: RopeAngles,
+        meta: AttentionMetadata | None,
+        cache: torch.Tensor | None,
+        lora: LoraBatch | None = None,
+    ) -> torch.Tensor:
         """Return the attention output, same shape as `x`: over the paged `cache` when `meta` is given (x is
-        [T, H]), else full causal attention without cache (x is [B, T, H])."""
-        q, k, v = self._project(x, rope)
+        [T, H]; `lora` adds the step's adapter deltas), else full causal attention without cache (x is [B, T, H])."""
+        q, k, v = self._project(x, rope, lora)
         if meta is None:
             out = causal_attention(q, k, v, self.scale)
         else:
             write_cache(cache[0], meta.slot_mapping, k)
             write_cache(cache[1], meta.slot_mapping, v)
             out = paged_attention(q, cache[0], cache[1], meta, self.scale)
-        return self.o_proj(out.flatten(-2))
+        out = out.flatten(-2)
+        projected = self.o_proj(out)
+        return projected if lora is None else lora.add(f"{self.lora_site}.o_proj", out, projected)
 
 
 class MLAAttention(nn.Module):
@@ -206,9 +231,10 @@ class MLAAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], rope, interleaved=True)
 
-    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache, lora=None) -> torch.Tensor:
         """Return the attention output, same shape as `x`: absorbed attention over the paged latent `cache`
-        when `meta` is given (x is [T, H]), else the up-projected reference (x is [B, T, H])."""
+        when `meta` is given (x is [T, H]), else the up-projected reference (x is [B, T, H]). MLA has no LoRA
+        site: `lora` is accepted for a uniform call and unused (adapters on MLA projections are refused)."""
         q_nope, q_pe = self._query(x, rope)
         latent, k_pe = self._latent(x, rope)
         nope, lora = self.m.qk_nope_head_dim, self.m.kv_lora_rank
@@ -238,11 +264,11 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(arch.hidden_size, arch.ffn.dense_intermediate)
 
-    def forward(self, x, rope: RopeAngles, meta, cache, executor: ExpertExecutor) -> torch.Tensor:
-        """Return the layer output, same shape as `x`."""
-        h = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
+    def forward(self, x, rope: RopeAngles, meta, cache, executor: ExpertExecutor, lora=None) -> torch.Tensor:
+        """Return the layer output, same shape as `x` (`lora`: the step's `LoraBatch`, or None)."""
+        h = x + self.self_attn(self.input_layernorm(x), rope, meta, cache, lora)
         normed = self.post_attention_layernorm(h)
-        return h + (self.mlp(normed, executor) if isinstance(self.mlp, MoEBlock) else self.mlp(normed))
+        return h + (self.mlp(normed, executor, lora) if isinstance(self.mlp, MoEBlock) else self.mlp(normed, lora))
 
 
 class MoETransformer(nn.Module):
@@ -274,26 +300,34 @@ class MoETransformer(nn.Module):
             if isinstance(module, nn.Linear):
                 input_major_(module)  # fused and stacked ones already are (their views are not contiguous)
         self._logits_weight: tuple | None = None  # (source key, input-major copy) of a tied lm_head
+        for path, module in self.named_modules():
+            if isinstance(module, GQAAttention | SwiGLU):
+                module.lora_site = path
         moe_experts = {i: layer.mlp.experts for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEBlock)}
         self.expert_executor: ExpertExecutor = LocalExperts(moe_experts) if experts is None else experts
 
-    def _hidden(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
+    def _hidden(self, input_ids, positions, meta, kv_cache, lora: LoraBatch | None = None) -> torch.Tensor:
         """Return the final-normed hidden states for the tokens, [..., T, H]."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.angles(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, None if kv_cache is None else kv_cache[i], self.expert_executor)
+            x = layer(x, rope, meta, None if kv_cache is None else kv_cache[i], self.expert_executor, lora)
         return self.norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: list[torch.Tensor]
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: list[torch.Tensor],
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         """Return the final-normed hidden states [T, H] of a flat batch of new tokens; writes their KV to the cache.
 
         `input_ids` and `positions` are [T] (int64), laid out as `meta.cu_seqlens_q` says; pick the rows to
-        sample from and pass them to `compute_logits`.
+        sample from and pass them to `compute_logits`. `lora` adds each token's adapter delta (module docstring).
         """
-        return self._hidden(input_ids, positions, meta, kv_cache)
+        return self._hidden(input_ids, positions, meta, kv_cache, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return float32 logits [..., vocab] for final-normed hidden states [..., H]."""

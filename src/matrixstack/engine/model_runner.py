@@ -1,4 +1,5 @@
-"""The model runner: turns one scheduled step into sampled tokens, owning the model and its KV cache."""
+"""The model runner: turns one scheduled step into sampled tokens, owning the model, its KV cache and its LoRA
+adapter slots (`lora`, `engine.lora_slots`: each step runs every sequence through the adapter in its slot)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from matrixstack.engine.attention import AttentionMetadata
 from matrixstack.engine.config import EngineConfig
+from matrixstack.engine.lora_slots import LoraSlots
 from matrixstack.engine.model import MoETransformer
 from matrixstack.engine.sampler import make_generator, sample
 from matrixstack.engine.scheduler import SchedulerOutput
@@ -19,6 +21,7 @@ class ModelRunner:
         self.config = config
         self.device = model.embed_tokens.weight.device
         self.kv_cache = model.allocate_kv_cache(config.num_kv_blocks, config.block_size)
+        self.lora = LoraSlots(model, config)
 
     def metadata(self, out: SchedulerOutput) -> AttentionMetadata:
         """Return the attention metadata of a step, as tensors on the model's device."""
@@ -36,10 +39,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def hidden(self, out: SchedulerOutput) -> torch.Tensor:
-        """Return the hidden states [T, H] of the step's flat batch (writing its KV to the cache)."""
+        """Return the hidden states [T, H] of the step's flat batch (writing its KV to the cache), each sequence's
+        tokens through its adapter slot (`out.lora_slots`)."""
         input_ids = torch.tensor(out.input_ids, dtype=torch.int64, device=self.device)
         positions = torch.tensor(out.positions, dtype=torch.int64, device=self.device)
-        return self.model(input_ids, positions, self.metadata(out), self.kv_cache)
+        lora = self.lora.batch(out.lora_slots, out.num_new_tokens)
+        return self.model(input_ids, positions, self.metadata(out), self.kv_cache, lora)
 
     @torch.inference_mode()
     def run_logits(self, out: SchedulerOutput) -> torch.Tensor:

@@ -102,7 +102,10 @@ class FusedLinears:
 class SwiGLU(nn.Module):
     """A gated FFN: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases. With `fuse`, gate and up run as one
     GEMM when no gradient is wanted (`FusedLinears`); routed experts do not fuse (their `ExpertList` stacks
-    their weights instead)."""
+    their weights instead). A fused one has LoRA sites `<lora_site>.gate_up` and `<lora_site>.down_proj`
+    (`engine.lora_batch`)."""
+
+    lora_site = ""  # the module's path in the model, set by MoETransformer
 
     def __init__(self, hidden_size: int, intermediate: int, fuse: bool = True):
         super().__init__()
@@ -119,12 +122,17 @@ class SwiGLU(nn.Module):
             self.fused.refresh()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the FFN output, same shape as `x`."""
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """Return the FFN output, same shape as `x`; `lora` (a `LoraBatch`, fused path only, x [T, H]) adds the
+        step's adapter deltas to the gate/up and down projections."""
         if self.fused is None or wants_grad(self, x):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.fused(x)
-        return self.down_proj(F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
+        if lora is not None:
+            gate_up = lora.add(f"{self.lora_site}.gate_up", x, gate_up)
+        hidden = F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
+        out = self.down_proj(hidden)
+        return out if lora is None else lora.add(f"{self.lora_site}.down_proj", hidden, out)
 
 
 class MissingExpert(nn.Module):
@@ -406,11 +414,12 @@ class MoEBlock(nn.Module):
         """Return the ids of the routed experts whose weights this process holds, ascending."""
         return [e for e, expert in enumerate(self.experts) if not isinstance(expert, MissingExpert)]
 
-    def forward(self, x: torch.Tensor, executor: ExpertExecutor) -> torch.Tensor:
-        """Return the MoE output for `x` [..., H]: routed experts through `executor` plus the shared experts."""
+    def forward(self, x: torch.Tensor, executor: ExpertExecutor, lora=None) -> torch.Tensor:
+        """Return the MoE output for `x` [..., H]: routed experts through `executor` plus the shared experts
+        (with the step's adapter deltas when `lora`, a `LoraBatch`, is given)."""
         flat = x.reshape(-1, x.shape[-1])
         topk_ids, topk_weights = self.gate(flat)
         out = executor(self.layer, flat, topk_ids, topk_weights)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = out + self.shared_experts(flat, lora)
         return out.view(x.shape)

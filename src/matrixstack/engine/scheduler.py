@@ -18,6 +18,12 @@ Each step, `schedule()` spends a budget of `max_num_batched_tokens` tokens and `
 
 Because the config guarantees one max_model_len sequence fits the whole cache, a step with work always schedules
 something: with nothing running every block is free for the head of the queue.
+
+Adapters. A request for a LoRA adapter (`SamplingParams.lora`) has it prepared when added (`LoraSlots.prepare`: an
+unknown name or a bad folder fails the request there), and gets a device slot when admitted (`LoraSlots.acquire`);
+when every slot is held by running sequences of other adapters it waits at the head of the queue like one without
+free blocks. A preempted or finished sequence releases its slot. `SchedulerOutput.lora_slots` gives each scheduled
+sequence's slot (0: the base). An engine without slots (`lora=None`: expert parallel) refuses adapter requests.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from dataclasses import dataclass, field
 
 from matrixstack.engine.block_manager import BlockManager, check_request_fits
 from matrixstack.engine.config import EngineConfig
+from matrixstack.engine.lora_adapter import LoraAdapter
 from matrixstack.engine.sequence import FinishReason, Sequence, SequenceStatus
+from matrixstack.errors import UserError
 
 NO_BLOCK = -1  # block table padding
 
@@ -50,6 +58,7 @@ class SchedulerOutput:
     slot_mapping: list[int] = field(default_factory=list)  # [num_tokens]: block * block_size + offset
     logits_indices: list[int] = field(default_factory=list)  # [num_samples]
     sample_seqs: list[Sequence] = field(default_factory=list)  # [num_samples]
+    lora_slots: list[int] = field(default_factory=list)  # per sequence: its adapter's slot, 0 for the base
     preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting during this schedule()
 
     @property
@@ -66,9 +75,13 @@ class SchedulerOutput:
 class Scheduler:
     """Waiting and running queues, the block manager, and the per-step batching policy (see module docstring)."""
 
-    def __init__(self, config: EngineConfig, eos_token_id: int | None):
+    def __init__(self, config: EngineConfig, eos_token_id: int | None, lora=None):
+        """`lora` is the runner's `LoraSlots`, or None when the runner serves no adapters."""
         self.config = config
         self.eos_token_id = eos_token_id
+        self.lora = lora
+        self._adapters: dict[str, LoraAdapter] = {}  # request id -> its adapter, for adapter requests
+        self._slots: dict[str, int] = {}  # request id -> its adapter's slot, while it holds one
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -84,6 +97,13 @@ class Scheduler:
         check_request_fits(seq.num_prompt_tokens, seq.params.max_tokens, self.config.max_model_len)
         if seq.request_id in self._by_request_id:
             raise ValueError(f"request id {seq.request_id!r} is already in the engine")
+        if seq.params.lora is not None:
+            if self.lora is None:
+                raise UserError(
+                    f"adapter {seq.params.lora!r}: this deployment runs expert parallel (--workers > 1), which "
+                    "serves no LoRA adapters; serve the adapter on a deployment with --workers 1"
+                )
+            self._adapters[seq.request_id] = self.lora.prepare(seq.params.lora)
         self._by_request_id[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -120,7 +140,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
+            if not self.block_manager.can_allocate(seq, num_new) or not self._acquire_adapter(seq):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -161,10 +181,28 @@ class Scheduler:
                 return False
         return True
 
+    def _acquire_adapter(self, seq: Sequence) -> bool:
+        """Give `seq` its adapter's slot (nothing to do for the base); return False when every slot is held."""
+        adapter = self._adapters.get(seq.request_id)
+        if adapter is None or seq.request_id in self._slots:
+            return True
+        slot = self.lora.acquire(adapter)
+        if slot is None:
+            return False
+        self._slots[seq.request_id] = slot
+        return True
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        """Let go of `seq`'s adapter slot, when it holds one."""
+        slot = self._slots.pop(seq.request_id, None)
+        if slot is not None:
+            self.lora.release(slot)
+
     def _preempt(self, seq: Sequence) -> None:
-        """Free `seq`'s blocks and put it at the front of the waiting queue to be recomputed."""
+        """Free `seq`'s blocks and adapter slot and put it at the front of the waiting queue to be recomputed."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._release_adapter(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -186,6 +224,8 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Mark `seq` finished, free its blocks and forget its request id (it is already out of both queues)."""
         self.block_manager.free(seq)
+        self._release_adapter(seq)
+        self._adapters.pop(seq.request_id, None)
         seq.finish(reason)
         del self._by_request_id[seq.request_id]
 
@@ -204,6 +244,7 @@ class Scheduler:
             out.cu_seqlens_q.append(out.cu_seqlens_q[-1] + num_new)
             out.context_lens.append(end)
             out.block_tables.append(seq.block_table + [NO_BLOCK] * (max_blocks - len(seq.block_table)))
+            out.lora_slots.append(self._slots.get(seq.request_id, 0))
             if end == seq.num_tokens:
                 out.logits_indices.append(out.cu_seqlens_q[-1] - 1)
                 out.sample_seqs.append(seq)

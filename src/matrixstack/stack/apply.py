@@ -229,7 +229,8 @@ def _entry_specs(session: Session, shape: Shape, secrets: dict[str, str | None])
 
 
 def _entry_spec(entry: ShapeEntry, secret: str | None, stored: EntrySpec | None) -> EntrySpec:
-    """Return one shape entry as a portal entry (see `_entry_specs`)."""
+    """Return one shape entry as a portal entry (see `_entry_specs`); a builtin-engine backend says `adapters: true`
+    (the engine serves an L1's adapter by name), so the portal sends the adapter name as the model."""
     data = entry.model_dump(mode="json", exclude={"backend"})
     b = entry.backend
     if b is not None:
@@ -240,7 +241,7 @@ def _entry_spec(entry: ShapeEntry, secret: str | None, stored: EntrySpec | None)
             "url": b.url or PLACEHOLDER_URL,
             "model": b.model,
             "deployment": b.deployment,
-            "adapters": b.adapters,
+            "adapters": b.adapters or b.kind == "engine",  # the builtin engine serves adapters by name
             "api_key": secret if b.kind == "upstream" else None,
         }
     return EntrySpec.model_validate(data)

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, Field, model_validator
 from matrixstack.fabric.spec import FabricSpec
 from matrixstack.matrix.spec import PolicyName, SliceRequest
 from matrixstack.perf.spec import InstancePlan, Plan, Slo, Workload
+from matrixstack.portal.resolve import vllm_adapter_refusal
 from matrixstack.portal.spec import NAME_PATTERN, EntrySpec, KeyLimits
 from matrixstack.specio import Strict, read_yaml, validate_spec
 
@@ -123,7 +124,9 @@ class ShapeBackend(Strict):
     url: str | None = Field(None, description="OpenAI base URL including /v1: upstream, or engine/vllm not run here")
     model: str | None = Field(None, description="model id sent to the backend (default: the deployment's name)")
     api_key_env: str | None = Field(None, description="upstream: environment variable holding its secret")
-    adapters: bool = Field(False, description="the backend serves adapters by name")
+    adapters: bool = Field(
+        False, description="the backend serves adapters by name (a builtin-engine backend always does)"
+    )
 
     @model_validator(mode="after")
     def _target(self) -> ShapeBackend:
@@ -223,6 +226,9 @@ class Shape(Strict):
                 parent = entries.get(e.parent)
                 if parent is None:
                     raise ValueError(f"catalog entry {e.name}: parent {e.parent!r} is not in the catalog")
+                root = entries.get(parent.parent, parent) if parent.parent is not None else parent
+                if e.adapter and root.backend is not None and root.backend.kind == "vllm":
+                    raise ValueError(vllm_adapter_refusal(e.name, e.adapter, root.name))
                 allowed = {"L1": ("L0",), "L2": ("L1", "L0")}[e.level]
                 if parent.level not in allowed:
                     raise ValueError(

@@ -1,0 +1,76 @@
+"""Adapters through the real server: `matrixstack engine serve --lora-modules NAME=DIR --adapters-dir DIR` in a
+second process, called with the official `openai` client: `model` = an adapter name serves it, concurrent requests
+for different adapters and the base each get what they get alone, GET /v1/models lists the adapters under their
+parent, an unknown adapter is a 404 model_not_found and a bad adapter folder a 400 saying what is wrong."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from test_engine_lora import ADAPTERS, TINY_MOE
+from test_engine_lora_adapter import random_adapter
+
+from matrixstack.engine.lora_adapter import write_peft
+
+BASE = "tiny-moe"
+NO_EOS = {"ignore_eos": True}
+PROMPTS = ["The for statement", "A class definition", "Exceptions are", "The import statement", "Names refer"]
+
+
+@pytest.fixture(scope="module")
+def served(engine_process, tmp_path_factory):
+    """Return (openai client, base URL) of an engine serving four adapters: `kw` by --lora-modules, the others and
+    a bad one (rank over the limit) from --adapters-dir."""
+    root, elsewhere = tmp_path_factory.mktemp("adapters"), tmp_path_factory.mktemp("elsewhere")
+    for name, spec in ADAPTERS.items():
+        write_peft(random_adapter(TINY_MOE, name, std=0.1, **spec), (elsewhere if name == "kw" else root) / name, BASE)
+    write_peft(random_adapter(TINY_MOE, "wide", rank=32), root / "wide", BASE)
+    _, url = engine_process("--adapters-dir", str(root), "--lora-modules", f"kw={elsewhere / 'kw'}", "--max-loras", "3")
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120), url
+
+
+def complete(client: openai.OpenAI, model: str, prompt: str) -> str:
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, extra_body=NO_EOS)
+    assert out.model == model and out.usage.completion_tokens == 8
+    return out.choices[0].text
+
+
+def test_models_lists_the_adapters_under_their_parent(served):
+    client, url = served
+    assert [m.id for m in client.models.list()] == [BASE, "fin", "kw", "legal", "med", "wide"]
+    cards = {c["id"]: c for c in httpx.get(f"{url}/models").json()["data"]}
+    assert "parent" not in cards[BASE] and {cards[n]["parent"] for n in ADAPTERS} == {BASE}
+    assert client.models.retrieve("kw").id == "kw"
+
+
+def test_adapters_and_the_base_batched_together_answer_as_alone(served):
+    client, _ = served
+    models = [*ADAPTERS, BASE]
+    alone = [complete(client, m, p) for m, p in zip(models, PROMPTS, strict=True)]
+    with ThreadPoolExecutor(len(models)) as pool:  # five adapters' worth of requests over three slots, at once
+        together = list(pool.map(lambda mp: complete(client, *mp), zip(models, PROMPTS, strict=True)))
+    assert together == alone
+    base_answers = [complete(client, BASE, p) for p in PROMPTS[:4]]
+    assert sum(a != b for a, b in zip(alone[:4], base_answers, strict=True)) >= 3  # the adapters do change answers
+    chat = client.chat.completions.create(
+        model="legal", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body=NO_EOS
+    )
+    assert chat.model == "legal" and chat.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("name", ["nope", "../kw", "kw/..", ".kw"])
+def test_an_unknown_adapter_is_a_404_model_not_found(served, name):
+    client, _ = served
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model=name, prompt="Hi", max_tokens=2)
+    assert caught.value.code == "model_not_found" and "does not exist" in caught.value.message
+
+
+def test_a_bad_adapter_folder_is_a_400_naming_what_is_wrong(served):
+    client, _ = served
+    with pytest.raises(openai.BadRequestError, match="rank 32, above the limit 16; raise --max-lora-rank"):
+        client.completions.create(model="wide", prompt="Hi", max_tokens=2)
+    assert complete(client, "kw", "Hi")  # the engine goes on serving
