@@ -1,7 +1,9 @@
 """Adapters through the real server: `matrixstack engine serve --lora-modules NAME=DIR --adapters-dir DIR` in a
 second process, called with the official `openai` client: `model` = an adapter name serves it, concurrent requests
 for different adapters and the base each get what they get alone, GET /v1/models lists the adapters under their
-parent, an unknown adapter is a 404 model_not_found and a bad adapter folder a 400 saying what is wrong."""
+parent, an unknown adapter is a 404 model_not_found and a bad adapter folder a 400 saying what is wrong; and an L1
+entry with `adapter: NAME` over a shape's builtin-engine L0, called through the real portal, reaches the engine's
+adapter."""
 
 from __future__ import annotations
 
@@ -12,8 +14,13 @@ import openai
 import pytest
 from test_engine_lora import ADAPTERS, TINY_MOE
 from test_engine_lora_adapter import random_adapter
+from test_stack_shape import db, tiny_data
 
 from matrixstack.engine.lora_adapter import write_peft
+from matrixstack.portal.server import PortalThread
+from matrixstack.stack.apply import apply_shape, record_started
+from matrixstack.stack.site import Started
+from matrixstack.stack.spec import parse_shape
 
 BASE = "tiny-moe"
 NO_EOS = {"ignore_eos": True}
@@ -74,3 +81,23 @@ def test_a_bad_adapter_folder_is_a_400_naming_what_is_wrong(served):
     with pytest.raises(openai.BadRequestError, match="rank 32, above the limit 16; raise --max-lora-rank"):
         client.completions.create(model="wide", prompt="Hi", max_tokens=2)
     assert complete(client, "kw", "Hi")  # the engine goes on serving
+
+
+def test_an_l1_with_an_adapter_reaches_it_through_the_portal(served, tmp_path, monkeypatch):
+    client, url = served
+    monkeypatch.setenv("MATRIXSTACK_HOME", str(tmp_path / "home"))
+    data = tiny_data()
+    data["catalog"].append({"name": "tiny-moe-kw", "level": "L1", "parent": "tiny-moe", "adapter": "kw"})
+    shape, database = parse_shape(data, "adapters"), db(tmp_path, "portal")
+    key = next(k.plaintext for k in apply_shape(shape, database).new_keys if k.tenant == "default")
+    record_started(shape, [Started("tiny-moe", url)], database)
+    with PortalThread(database, cache_ttl_s=0.0) as portal:
+        through = openai.OpenAI(base_url=portal.base_url, api_key=key, max_retries=0, timeout=120)
+        out = through.completions.create(
+            model="tiny-moe-kw", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=NO_EOS
+        )
+        base = through.completions.create(
+            model="tiny-moe", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=NO_EOS
+        )
+    assert out.model == "tiny-moe-kw" and out.choices[0].text == complete(client, "kw", PROMPTS[0])
+    assert base.choices[0].text == complete(client, BASE, PROMPTS[0]) != out.choices[0].text
