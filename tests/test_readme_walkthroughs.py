@@ -1,14 +1,17 @@
 """The walkthroughs in docs/walkthroughs.md (linked from the README) run as written.
 
 A shell block takes part when the line before its ```sh fence is `<!-- walkthrough: NAME -->`; with
-`<!-- walkthrough: NAME skip: REASON -->` it starts or needs a server and is left to be run by hand. The blocks of
+`<!-- walkthrough: NAME skip: REASON -->` it needs a server it does not start and is left to be run by hand (the
+data engineer's starts its own site and stops it). The blocks of
 one walkthrough run in order, as one `bash -euo pipefail` script, in a fresh folder where `examples/` and `src/`
 are the repository's, with `MATRIXSTACK_HOME` in that folder and the venv's bin first on PATH. The walkthroughs
 that work against the site of `make run` get its state first from `shape import` of the embedded default (what
 `matrixstack up` writes before it starts the engines)."""
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,8 @@ MARKER = re.compile(r"^<!-- walkthrough: (?P<name>[a-z-]+)(?: skip: (?P<reason>[
 # the site of `make run`, without its engines
 MAKE_RUN_STATE = "matrixstack shape import examples/shapes/embedded-default.yaml >/dev/null 2>&1\n"
 PRELUDES = {"app": MAKE_RUN_STATE, "operator": MAKE_RUN_STATE, "move": MAKE_RUN_STATE}
+
+TIMEOUT_S = {"data": 900}  # a tune job, then a site started and called
 
 # what each walkthrough's output must show: the steps did what the text says they do
 EXPECTED = {
@@ -47,6 +52,18 @@ EXPECTED = {
         "lineage: tiny-moe → tiny-moe-python → tiny-moe-python-grammar",
     ],
     "app": ["for tenant acme:", "sk-"],
+    "data": [
+        "shape data-site imported",
+        "added dataset cpython-reference-qa of tenant acme: 964 chat rows, 868 train / 96 held out",
+        "histogram drawn to lengths.png",
+        "job 1 succeeded: adapter",
+        "held-out after: loss",
+        "registered L1 tiny-moe-cpython under tiny-moe with adapter acme-cpython",
+        "added L2 tiny-moe-cpython-sections under tiny-moe-cpython",
+        "tiny-moe: '",
+        "tiny-moe-cpython: '",
+        "tiny-moe-cpython-sections: '",
+    ],
     "hf-model": [
         "registered model my-tiny (Glm4MoeForCausalLM): lanes engine, vllm",
         "my-tiny on local",
@@ -100,15 +117,22 @@ def test_walkthrough_runs(name, tmp_path):
         "COLUMNS": "200",
     }
     env.pop("MATRIXSTACK_DB", None)
-    result = subprocess.run(
+    # a session of its own: a site a failed block started in the background is stopped with the script
+    walk = subprocess.Popen(
         ["bash", "-c", "set -euo pipefail\n" + PRELUDES.get(name, "") + script],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
+        start_new_session=True,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"walkthrough {name} failed (exit {result.returncode}):\n{output[-4000:]}"
+    try:
+        output, _ = walk.communicate(timeout=TIMEOUT_S.get(name, 300))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(walk.pid, signal.SIGINT)
+        walk.wait(timeout=30)
+    assert walk.returncode == 0, f"walkthrough {name} failed (exit {walk.returncode}):\n{output[-4000:]}"
     missing = [s for s in EXPECTED[name] if s not in output]
     assert not missing, f"walkthrough {name}: {missing} not in its output:\n{output[-4000:]}"

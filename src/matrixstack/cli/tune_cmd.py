@@ -175,11 +175,12 @@ def _print_result(job: JobInfo) -> None:
     )
     for when in ("before", "after"):
         ev = result.get(when, {})
-        console.print(
-            f"  held-out {when}: loss {ev.get('loss')}, exact-match {ev.get('exact_match')} "
-            f"({ev.get('examples')} examples)",
-            highlight=False,
-        )
+        if ev.get("examples"):  # a dataset without a held-out split has nothing measured
+            console.print(
+                f"  held-out {when}: loss {ev['loss']:.4f}, exact match {ev['exact_match']:.1%} "
+                f"({ev['examples']} examples)",
+                highlight=False,
+            )
     console.print(f"  log {result.get('log')}, loss curve {result.get('loss_png')}", highlight=False)
 
 
