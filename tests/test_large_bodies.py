@@ -14,17 +14,13 @@ import httpx
 import orjson
 import pytest
 from test_engine_server import CONFIG, build_model
+from test_portal_hardening import portal_on
 
 from matrixstack.engine.llm_engine import AsyncEngine, LLMEngine
 from matrixstack.engine.model_runner import ModelRunner
 from matrixstack.engine.server import create_app
 from matrixstack.openai.body_pool import DEFAULT_THRESHOLD_BYTES
 from matrixstack.openai.server import ServerThread
-from matrixstack.portal.catalog_service import add_entries
-from matrixstack.portal.key_service import create_key
-from matrixstack.portal.server import PortalThread
-from matrixstack.portal.spec import EntrySpec
-from matrixstack.portal.store import open_portal_database
 
 MIB = 1024 * 1024
 JSON = {"content-type": "application/json"}
@@ -44,14 +40,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def portal(engine, tmp_path_factory):
-    db_url = f"sqlite:///{tmp_path_factory.mktemp('portal') / 'portal.db'}"
-    with open_portal_database(db_url) as db:
-        _, key = db.write(lambda session: create_key(session, "acme"))
-        entry = EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": f"{engine.url}/v1"})
-        db.write(lambda session: add_entries(session, [entry]))
-    server = PortalThread(db_url, usage_interval_s=0.05)
-    server.key = key
-    with server:
+    with portal_on(engine.url, tmp_path_factory.mktemp("portal")) as server:
         yield server
 
 

@@ -43,16 +43,22 @@ def engine():
     async_engine.close()
 
 
-@pytest.fixture(scope="module")
-def portal(engine, tmp_path_factory):
-    db_url = f"sqlite:///{tmp_path_factory.mktemp('portal') / 'portal.db'}"
+def portal_on(engine_url: str, folder) -> PortalThread:
+    """Return a portal (not started) over a fresh SQLite file in `folder` with one L0 `tiny` on the engine at
+    `engine_url` and a key of tenant acme (`portal.key`)."""
+    db_url = f"sqlite:///{folder / 'portal.db'}"
     with open_portal_database(db_url) as db:
         _, key = db.write(lambda session: create_key(session, "acme"))
-        entry = EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": f"{engine[0].url}/v1"})
+        entry = EntrySpec(name="tiny", level="L0", backend={"kind": "engine", "url": f"{engine_url}/v1"})
         db.write(lambda session: add_entries(session, [entry]))
     server = PortalThread(db_url, usage_interval_s=0.05)
     server.key = key
-    with server:
+    return server
+
+
+@pytest.fixture(scope="module")
+def portal(engine, tmp_path_factory):
+    with portal_on(engine[0].url, tmp_path_factory.mktemp("portal")) as server:
         yield server
 
 
