@@ -14,7 +14,7 @@ from matrixstack.arch import load_arch
 from matrixstack.cli.main import app
 from matrixstack.fabric.local import calibration_path, detect_local_fabric
 from matrixstack.perf.step import active_experts_per_rank, kernels_per_layer
-from matrixstack.tools.calibrate import FIT_BATCHES, predicted_decode_seconds
+from matrixstack.tools.calibrate import FIT_BATCHES, FIT_TOLERANCE_PCT, fit_misses, predicted_decode_seconds
 
 PLAN_ARGS = (
     "plan", "tiny-moe", "--fabric", "local", "--precision", "fp32", "--input-len", "48", "--output-len", "32",
@@ -66,10 +66,17 @@ def test_plan_on_local_uses_the_calibration(calibrated):
 
 
 def test_calibration_reproduces_the_two_decode_steps_it_was_fitted_to(calibrated):
-    fitted = calibrated.data["fitted_decode_step_ms"]
-    assert calibrated.data["efficiency"]["grouped_gemm_per_expert"] is True
-    for batch in FIT_BATCHES:  # the fit's own consistency: the prediction meets the step it was fitted to
-        assert predicted_decode_seconds(batch) * 1e3 == pytest.approx(fitted[str(batch)], rel=0.02)
+    """The prediction meets each step it was fitted to, or calibrate reports the miss and a bound of the fit binds
+    (steps measured under different load: on a busy machine the 1-sequence step can be too slow for the 32's)."""
+    data = calibrated.data
+    fitted, eff = data["fitted_decode_step_ms"], data["efficiency"]
+    assert eff["grouped_gemm_per_expert"] is True
+    for batch in FIT_BATCHES:
+        miss_pct = (predicted_decode_seconds(batch) * 1e3 / fitted[str(batch)] - 1) * 100
+        assert data["fit_miss_pct"][str(batch)] == pytest.approx(miss_pct, abs=0.1)  # the fit's report is true
+        if abs(miss_pct) > FIT_TOLERANCE_PCT:
+            assert eff["gemm"] >= 0.999 or eff["matmul_kernel_us"] == 0.0, "the fit missed with no bound binding"
+            assert batch in fit_misses(data)
 
 
 def test_calibrate_prints_a_summary(calibrated, monkeypatch):
@@ -80,6 +87,17 @@ def test_calibrate_prints_a_summary(calibrated, monkeypatch):
     assert result.exit_code == 0, result.output
     assert f"wrote {calibration_path()}" in result.stdout and "of peak" in result.stdout
     assert "next: matrixstack plan tiny-moe --fabric local" in result.stdout
+
+
+def test_calibrate_warns_when_the_fit_misses_a_step(calibrated, monkeypatch):
+    """A fit that misses a step it was fitted to (a bound bound) is named with the miss and what to do."""
+    measured = {key: value for key, value in calibrated.data.items() if key != "path"}
+    measured["fit_miss_pct"] = {"1": 0.1, "32": 3.9}
+    monkeypatch.setattr("matrixstack.tools.calibrate.calibrate", lambda measure_bus: measured)
+    result = invoke("calibrate", "--skip-bus")
+    assert result.exit_code == 0, result.output
+    assert "misses the 32-sequence decode step by +3.9%" in result.stdout and "quiet machine" in result.stdout
+    assert "1-sequence" not in result.stdout
 
 
 def test_active_experts_and_their_kernels():

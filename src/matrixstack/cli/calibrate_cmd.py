@@ -14,6 +14,7 @@ def calibrate(
     """Measure GEMM, attention and memory rates, kernel costs and the local bus; write them for `--fabric local`."""
     from matrixstack.fabric.local import calibration_path
     from matrixstack.tools.calibrate import calibrate as run
+    from matrixstack.tools.calibrate import fit_misses
 
     with console.status("measuring this machine (GEMM, attention, memory, kernel costs, local bus)..."):
         measured = run(measure_bus=not skip_bus)
@@ -28,6 +29,12 @@ def calibrate(
         f"kernel costs {eff['matmul_kernel_us']} us (matrix) / {eff['vector_kernel_us']} us (vector); "
         f"local bus {measured['plane_gbs']} GB/s, {measured['plane_latency_us']} us"
     )
+    for batch, pct in fit_misses(measured).items():
+        console.print(
+            f"[yellow]warning:[/] the fitted model misses the {batch}-sequence decode step by {pct:+.1f}% "
+            "(a bound of the fit binds: the steps were likely measured under different load); "
+            "rerun `matrixstack calibrate` on a quiet machine"
+        )
     console.print("next: matrixstack plan tiny-moe --fabric local --precision fp32")
 
 

@@ -49,6 +49,7 @@ _COPY_ELEMENTS = 64 * 2**20  # 256 MiB of fp32
 _PING_BYTES = (8, 32 * 2**20)
 FIT_BATCHES = (1, 32)  # decode batches the kernel costs and the GEMM efficiency are fitted to
 FIT_ROUNDS = 3  # alternations of the two fits (they move by well under 1% after the second)
+FIT_TOLERANCE_PCT = 2.0  # a fitted step the prediction misses by more than this is reported (`fit_miss_pct`)
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -207,10 +208,21 @@ def calibrate(measure_bus: bool = True) -> dict:
         for _ in range(FIT_ROUNDS):
             _fit_kernel_costs(measured, small, vector_us / matmul_us)
             _fit_gemm_efficiency(measured, large)
+        measured["fit_miss_pct"] = {
+            batch: round((predicted_decode_seconds(batch) / s - 1) * 100, 2) for batch, s in steps_s.items()
+        }
         _write(measured)
         return measured
     finally:
         torch.set_num_threads(threads)
+
+
+def fit_misses(measured: dict) -> dict[int, float]:
+    """Return the fitted batches the prediction misses by more than FIT_TOLERANCE_PCT, with the miss in percent.
+
+    The fit meets both steps unless a bound binds: GEMM efficiency at 1 or kernel costs at 0, which happens when the
+    two steps were measured under different load (the larger step too fast for the smaller's fixed cost)."""
+    return {int(b): pct for b, pct in measured.get("fit_miss_pct", {}).items() if abs(pct) > FIT_TOLERANCE_PCT}
 
 
 def _fit_kernel_costs(measured: dict, step_s: float, vector_to_matmul: float) -> None:
