@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from matrixstack.adapt.examples import IGNORE, batch, to_example
+from matrixstack.adapt.examples import IGNORE, batch, packed, to_example
 from matrixstack.adapt.lora import (
     MAX_RANK,
     FrozenExperts,
@@ -115,6 +115,44 @@ def test_frozen_experts_run_grouped_give_the_module_loop_s_gradients():
     assert abs(loop_loss - grouped_loss) < 1e-5
     scale = max(float(g.abs().max()) for g in loop)
     assert scale > 0 and all(torch.allclose(a, b, atol=1e-5 * scale) for a, b in zip(loop, grouped, strict=True))
+
+
+def test_packed_sequences_give_the_padded_batch_s_loss_and_gradients():
+    model, tokenizer = load_model("tiny-moe")
+    wrappers = attach_lora(model, ATTENTION, 8, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.lora_B.normal_(std=0.02, generator=torch.Generator().manual_seed(3))
+    model.expert_executor = FrozenExperts(model)  # as training runs it
+    rows = [{"prompt": "Add them: " + " plus ".join(["7"] * (n + 1)), "completion": str(7 * (n + 1))} for n in range(5)]
+    chosen = [to_example(tokenizer, row, 64) for row in rows]
+    assert len({len(e.ids) for e in chosen}) == len(chosen)  # every row padded differently
+    padded_ids, padded_labels = batch(chosen, tokenizer.eos_id)
+    flat_ids, positions, flat_labels, layout = packed(chosen, torch.device("cpu"))
+    real = torch.zeros_like(padded_ids, dtype=torch.bool)
+    for row, e in enumerate(chosen):
+        real[row, : len(e.ids)] = True
+    assert torch.equal(flat_ids, padded_ids[real]) and torch.equal(flat_labels, padded_labels[real])
+    assert torch.equal(positions, real.nonzero()[:, 1]) and layout.index.numel() == int(real.sum())
+
+    def loss_and_gradients(ids, positions, labels, meta) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+        hidden = model(ids, positions, meta, None)
+        learned = labels != IGNORE
+        loss = torch.nn.functional.cross_entropy(model.compute_logits(hidden[learned]), labels[learned])
+        loss.backward()
+        grads = [p.grad.clone() for p in lora_parameters(wrappers)]
+        for p in lora_parameters(wrappers):
+            p.grad = None
+        return hidden.detach(), float(loss), grads
+
+    padded_hidden, padded_loss, padded = loss_and_gradients(
+        padded_ids, torch.arange(padded_ids.shape[1]), padded_labels, None
+    )
+    flat_hidden, flat_loss, flat = loss_and_gradients(flat_ids, positions, flat_labels, layout)
+    assert torch.allclose(flat_hidden, padded_hidden[real], atol=1e-5)
+    assert abs(flat_loss - padded_loss) < 1e-5
+    scale = max(float(g.abs().max()) for g in padded)
+    assert scale > 0 and all(torch.allclose(a, b, atol=1e-5 * scale) for a, b in zip(padded, flat, strict=True))
 
 
 def test_examples_learn_the_answer_only():

@@ -10,7 +10,9 @@ first `max_len` tokens (a prompt that leaves no completion token is refused).
 
 `batch(examples)` right-pads with `<|eos|>` to the longest example and returns ids [B, T] and labels [B, T] (the next
 token to predict at each position, IGNORE where it is prompt or padding): causal attention never lets a real token
-see the padding after it.
+see the padding after it. `packed(examples)` lays the same tokens flat without padding, ids, positions and labels
+[N] plus the `PackedBatch` (engine/model.py) that puts them back in the padded batch for attention only: training
+runs every other op on the real tokens alone, and learns the same labels in the same order as `batch`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from matrixstack.engine.model import PackedBatch
 from matrixstack.engine.tokenizer import Tokenizer
 from matrixstack.errors import UserError
 
@@ -89,3 +92,17 @@ def batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Ten
         # position t predicts token t + 1: the completion's tokens are predicted from positions prompt_len - 1 on
         labels[row, e.prompt_len - 1 : len(e.ids) - 1] = torch.tensor(e.ids[e.prompt_len :])
     return ids, labels
+
+
+def packed(
+    examples: list[Example], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
+    """Return (ids [N], positions [N], labels [N], layout) of `examples` laid flat, one after another, on `device`:
+    the tokens and labels of `batch` without its padding, and the `PackedBatch` placing them in its rows."""
+    width = max(len(e.ids) for e in examples)
+    ids = [t for e in examples for t in e.ids]
+    labels = [t for e in examples for t in [IGNORE] * (e.prompt_len - 1) + e.ids[e.prompt_len :] + [IGNORE]]
+    positions = torch.cat([torch.arange(len(e.ids)) for e in examples])
+    index = torch.cat([row * width + torch.arange(len(e.ids)) for row, e in enumerate(examples)])
+    layout = PackedBatch(index.to(device), len(examples), width)
+    return torch.tensor(ids, device=device), positions.to(device), torch.tensor(labels, device=device), layout

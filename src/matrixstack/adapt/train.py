@@ -2,7 +2,8 @@
 
 `train(spec, examples, placement, folder, on_checkpoint)` trains `spec.total_steps` AdamW steps (constant learning
 rate, gradients clipped to norm 1) of a LoRA adapter (adapt/lora.py) on the base model in float32, its frozen routed
-experts run grouped (`lora.FrozenExperts`) and the logits computed for the learned positions only, and returns the
+experts run grouped (`lora.FrozenExperts`), a batch's sequences laid flat without their padding (`examples.packed`:
+only attention sees the padded batch) and the logits computed for the learned positions only, and returns the
 final `Checkpoint`. One process per device of the slice (`Placement`): with one device the calling process trains
 (pinned to its CPU core or on its GPU for the duration); with N, N processes are spawned
 (`torch.multiprocessing`, each dies with its parent: Linux's parent-death signal) and joined in a
@@ -41,7 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from matrixstack.adapt.examples import IGNORE, Example, batch
+from matrixstack.adapt.examples import IGNORE, Example, packed
 from matrixstack.adapt.lora import FrozenExperts, adapter_of, attach_lora, load_adapter, lora_parameters
 from matrixstack.adapt.spec import TuneSpec
 from matrixstack.engine.loading import load_model
@@ -188,8 +189,7 @@ class Trainer:
     def __init__(self, spec, examples, device, rank, world, folder, on_checkpoint):
         self.spec, self.examples, self.device = spec, examples, device
         self.rank, self.world, self.folder, self.on_checkpoint = rank, world, folder, on_checkpoint
-        self.model, tokenizer = load_model(spec.base)
-        self.pad_id = tokenizer.eos_id
+        self.model, _ = load_model(spec.base)
         self.model.to(device)
         self.wrappers = attach_lora(
             self.model, spec.targets, spec.rank, spec.alpha, torch.Generator().manual_seed(spec.seed)
@@ -224,10 +224,8 @@ class Trainer:
         mine = chosen[self.rank :: self.world]
         loss_sum = torch.zeros((), device=self.device)
         if mine:
-            ids, labels = batch(mine, self.pad_id)
-            ids, labels = ids.to(self.device), labels.to(self.device)
-            positions = torch.arange(ids.shape[1], device=self.device)
-            hidden = self.model(ids, positions, None, None)
+            ids, positions, labels, layout = packed(mine, self.device)
+            hidden = self.model(ids, positions, layout, None)
             learned = labels != IGNORE
             logits = self.model.compute_logits(hidden[learned])
             loss_sum = F.cross_entropy(logits, labels[learned], reduction="sum")

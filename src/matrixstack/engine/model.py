@@ -12,6 +12,10 @@ per token, [1, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]. MLA att
 with the key/value up-projections absorbed into the query and the output ("weight absorption");
 `reference_forward` instead up-projects K and V per head, so the tests compare two independent formulations.
 
+Without a cache (the reference and training path) attention is full causal over a padded batch [B, T], or over a
+`PackedBatch`: the flat tokens [N] of several sequences without padding, placed in the padded batch for the
+attention kernel alone (training: every other op runs on the real tokens only; same numbers within round-off).
+
 Serving fast paths (no gradients wanted; training and gradient checks take the plain module calls, so every
 parameter gets its gradient): q/k/v run as one GEMM and gate/up as one (`moe.FusedLinears`, the linears'
 weights are views into the fused tensor, checkpoint names unchanged); RoPE factors are computed once per forward
@@ -119,8 +123,33 @@ def apply_rope(x: torch.Tensor, rope: RopeAngles, interleaved: bool) -> torch.Te
     return x * rope.cos2 + torch.cat((x2, x1), dim=-1) * rope.sin2
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Return full causal attention for q [B, T, heads, d], k/v [B, T, kv_heads, d] as [B, T, heads, dv]."""
+class PackedBatch(NamedTuple):
+    """Sequences of different lengths laid flat, without padding (the training path's layout): flat token n is
+    position `index[n] % width` of row `index[n] // width` of the right-padded [rows, width] batch, `index` [N]
+    int64 ascending."""
+
+    index: torch.Tensor
+    rows: int
+    width: int
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """Return flat tokens [N, ...] placed in a zero-padded [rows, width, ...] batch."""
+        padded = flat.new_zeros(self.rows * self.width, *flat.shape[1:]).index_copy(0, self.index, flat)
+        return padded.unflatten(0, (self.rows, self.width))
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Return the tokens [N, ...] of a padded batch [rows, width, ...] (the inverse of `pad`)."""
+        return padded.flatten(0, 1).index_select(0, self.index)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, packed: PackedBatch | None = None
+) -> torch.Tensor:
+    """Return full causal attention for q [B, T, heads, d], k/v [B, T, kv_heads, d] as [B, T, heads, dv]; with
+    `packed`, for the flat tokens of its sequences, q [N, heads, d], k/v [N, kv_heads, d], as [N, heads, dv]
+    (each sequence attends to itself only: right padding comes after every token that could see it)."""
+    if packed is not None:
+        return packed.unpad(causal_attention(packed.pad(q), packed.pad(k), packed.pad(v), scale))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
     )
@@ -181,15 +210,16 @@ class GQAAttention(nn.Module):
         self,
         x,
         rope: RopeAngles,
-        meta: AttentionMetadata | None,
+        meta: AttentionMetadata | PackedBatch | None,
         cache: torch.Tensor | None,
         lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """Return the attention output, same shape as `x`: over the paged `cache` when `meta` is given (x is
-        [T, H]; `lora` adds the step's adapter deltas), else full causal attention without cache (x is [B, T, H])."""
+        """Return the attention output, same shape as `x`: over the paged `cache` when `meta` is an
+        `AttentionMetadata` (x is [T, H]; `lora` adds the step's adapter deltas), else full causal attention
+        without cache (x is [B, T, H], or the flat [N, H] tokens of a `PackedBatch` `meta`)."""
         q, k, v = self._project(x, rope, lora)
-        if meta is None:
-            out = causal_attention(q, k, v, self.scale)
+        if meta is None or isinstance(meta, PackedBatch):
+            out = causal_attention(q, k, v, self.scale, meta)
         else:
             write_cache(cache[0], meta.slot_mapping, k)
             write_cache(cache[1], meta.slot_mapping, v)
@@ -231,17 +261,20 @@ class MLAAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.m.kv_lora_rank, self.m.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], rope, interleaved=True)
 
-    def forward(self, x, rope: RopeAngles, meta: AttentionMetadata | None, cache, lora=None) -> torch.Tensor:
+    def forward(
+        self, x, rope: RopeAngles, meta: AttentionMetadata | PackedBatch | None, cache, lora=None
+    ) -> torch.Tensor:
         """Return the attention output, same shape as `x`: absorbed attention over the paged latent `cache`
-        when `meta` is given (x is [T, H]), else the up-projected reference (x is [B, T, H]). MLA has no LoRA
-        site: `lora` is accepted for a uniform call and unused (adapters on MLA projections are refused)."""
+        when `meta` is an `AttentionMetadata` (x is [T, H]), else the up-projected reference (x is [B, T, H], or
+        the flat [N, H] tokens of a `PackedBatch` `meta`). MLA has no LoRA site: `lora` is accepted for a
+        uniform call and unused (adapters on MLA projections are refused)."""
         q_nope, q_pe = self._query(x, rope)
         latent, k_pe = self._latent(x, rope)
         nope, lora = self.m.qk_nope_head_dim, self.m.kv_lora_rank
-        if meta is None:
+        if meta is None or isinstance(meta, PackedBatch):
             k_nope, v = self.kv_b_proj(latent).unflatten(-1, (self.heads, -1)).split([nope, self.m.v_head_dim], -1)
             k = torch.cat((k_nope, k_pe.expand(*k_nope.shape[:-1], -1)), dim=-1)
-            out = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, self.scale)
+            out = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, self.scale, meta)
         else:
             write_cache(cache, meta.slot_mapping, torch.cat((latent[:, None], k_pe), dim=-1))
             w_kv_b = self.kv_b_proj.weight.view(self.heads, -1, lora)
@@ -318,14 +351,16 @@ class MoETransformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: list[torch.Tensor],
+        meta: AttentionMetadata | PackedBatch | None,
+        kv_cache: list[torch.Tensor] | None,
         lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         """Return the final-normed hidden states [T, H] of a flat batch of new tokens; writes their KV to the cache.
 
         `input_ids` and `positions` are [T] (int64), laid out as `meta.cu_seqlens_q` says; pick the rows to
         sample from and pass them to `compute_logits`. `lora` adds each token's adapter delta (module docstring).
+        Without a cache (the training path): `meta` None takes a padded batch [B, T] (full causal attention), a
+        `PackedBatch` the flat tokens [N] of its sequences (each attending to itself).
         """
         return self._hidden(input_ids, positions, meta, kv_cache, lora)
 
