@@ -195,3 +195,49 @@ def test_register_makes_the_l1_of_the_adapter_under_the_l0_serving_the_base(home
     assert [j["id"] for j in jobs(cli)] == [job["id"]]
     result = cli("tune", "tiny-moe", "--dataset", "sums", "--out", "acme-kw", "--steps", "2")
     assert result.exit_code == 2 and "exists; pick another name" in result.output
+
+
+SHAPE = """version: 1
+name: reclaim
+fabric: local
+pools: [{{name: p}}]
+deployments:
+  - {{name: tiny, arch: tiny-moe, weights: packaged, engine: matrixstack, pool: p, slice: {{devices: {devices}}},
+      workload: {{precision: fp32}}}}
+"""
+
+
+@pytest.mark.parametrize("allocator", ["matrix alloc", "shape import"])
+def test_a_killed_job_s_slice_goes_to_the_next_allocation(home, cli, tmp_path, allocator):
+    """A job whose process died (SIGKILL: no code of its ran) holds its slice only until the next allocation: other
+    commands than `tune` take the pool's devices with the dead job's slice freed and the job marked failed."""
+    from matrixstack.adapt.jobs import submit_job
+    from matrixstack.adapt.job_store import TuneJobRow
+    from matrixstack.adapt.spec import TuneSpec
+    from matrixstack.fabric.loader import load_fabric
+    from matrixstack.matrix.pools import create_pool
+
+    devices = load_fabric("local").device_count
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    spec = TuneSpec(base="tiny-moe", dataset="sums", targets=["q_proj"], steps=2, out="kw", devices=devices,
+                    batch_size=devices)  # fmt: skip
+    with open_tune_database(None) as database:
+        database.write(lambda session: create_pool(session, "p", [load_fabric("local")]))
+        job, _ = database.write(lambda session: submit_job(session, None, spec, "p"))
+
+        def died(session) -> None:  # the process the row records is gone (as after SIGKILL)
+            session.get(TuneJobRow, job.id).pid = dead.pid
+
+        database.write(died)
+    assert allocated(cli) == devices
+    if allocator == "matrix alloc":
+        result = cli("matrix", "alloc", "--pool", "p", "--tenant", "acme", "--devices", str(devices), "--json")
+    else:
+        shape = tmp_path / "shape.yaml"
+        shape.write_text(SHAPE.format(devices=devices))
+        result = cli("shape", "import", str(shape), "--json")
+    assert result.exit_code == 0, result.output
+    (swept,) = jobs(cli)
+    assert swept["status"] == "failed" and swept["slice_id"] is None and f"tune --resume {job.id}" in swept["error"]
+    assert allocated(cli) == devices  # the new allocation's, the dead job's freed

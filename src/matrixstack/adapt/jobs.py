@@ -6,6 +6,8 @@ that cannot be had leaves no row, and a row is never left without its slice whil
 job's tenant (the operator's jobs hold slices of tenant OPERATOR). It is freed when the job succeeds, fails or is
 cancelled, and when its process died without saying so (SIGKILL, a power cut): `sweep_dead`, which every `tune`
 command runs first, marks such a job failed and frees its slice; `tune --resume` then continues it on a new slice.
+Every other command that allocates slices (`matrix alloc`, `shape import`, `up`) runs it first too, through
+`reclaim_dead(url)`, so a killed job's devices are never refused to the next user of the pool.
 A process is the job's while a process of the recorded pid runs with the recorded start time (/proc; a reused pid is
 another process).
 
@@ -182,6 +184,12 @@ def sweep_dead(session: Session) -> list[int]:
             _release(session, row)
             swept.append(row.id)
     return swept
+
+
+def reclaim_dead(url: str | None) -> list[int]:
+    """Run `sweep_dead` in the database at `url` (its adapt tables created when missing); return the swept ids."""
+    with open_tune_database(url) as database:
+        return database.write(sweep_dead)
 
 
 def stop_process(session: Session, job_id: int, tenant: str | None) -> None:

@@ -157,8 +157,10 @@ def alloc(
         dram_gib=dram_gib,
         constraints=SliceConstraints(within_domain=not cross_domain, max_tier=within_tier, whole_nodes=whole_nodes),
     )
+    from matrixstack.adapt.jobs import reclaim_dead
     from matrixstack.matrix.slices import alloc_slice
 
+    reclaim_dead(db)  # a killed tune job's slice is free for this allocation
     with _database(db) as database:
         info = database.write(lambda session: alloc_slice(session, pool, tenant, request, policy))
     _print_slice(info, "allocated", as_json)

@@ -109,10 +109,13 @@ def import_(
 ) -> None:
     """Apply a shape to the database without starting anything: pools, slices, catalog, tenants and keys, and
     the deployments (registered as stopped). Idempotent: importing again changes nothing."""
+    from matrixstack.adapt.jobs import reclaim_dead
     from matrixstack.stack.apply import apply_shape
     from matrixstack.stack.spec import load_shape
 
-    applied = apply_shape(load_shape(file), db)
+    shape = load_shape(file)
+    reclaim_dead(db)  # a killed tune job's slice is free for the shape's deployments
+    applied = apply_shape(shape, db)
     if as_json:
         print_json(_applied_dict(applied))
     else:

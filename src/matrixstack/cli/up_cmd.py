@@ -24,9 +24,11 @@ def up(
     """Apply SHAPE, start its engines, serve the portal and print where to call it; Ctrl-C stops everything.
 
     New API keys are printed once. A restart keeps the state (keys, catalog, usage, slices) in the database."""
+    from matrixstack.adapt.jobs import reclaim_dead
     from matrixstack.stack.up import choose_shape, run_up
 
     chosen, run_site = choose_shape(shape, site, host, port)
+    reclaim_dead(db)  # a killed tune job's slice is free for the shape's deployments
     run_up(chosen, db, site=run_site)
 
 
