@@ -211,8 +211,8 @@ deployments:
 def test_a_killed_job_s_slice_goes_to_the_next_allocation(home, cli, tmp_path, allocator):
     """A job whose process died (SIGKILL: no code of its ran) holds its slice only until the next allocation: other
     commands than `tune` take the pool's devices with the dead job's slice freed and the job marked failed."""
-    from matrixstack.adapt.jobs import submit_job
     from matrixstack.adapt.job_store import TuneJobRow
+    from matrixstack.adapt.jobs import submit_job
     from matrixstack.adapt.spec import TuneSpec
     from matrixstack.fabric.loader import load_fabric
     from matrixstack.matrix.pools import create_pool
