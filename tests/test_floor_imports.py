@@ -112,7 +112,16 @@ def test_the_walk_sees_torch_where_it_is():
 
 # What each floor may import (design.md's "depends on" column), besides the base modules every floor shares.
 # `tools` is the wing at the top (drawing, benchmarks, calibration): only the CLI imports it.
-BASE = {"errors", "specio", "paths", "datakey", "units", "dtypes", "data"}  # data: packaged CSV tables, no code
+BASE = {
+    "errors",
+    "specio",
+    "paths",
+    "datakey",
+    "units",
+    "dtypes",
+    "procs",
+    "data",
+}  # data: packaged CSV tables, no code
 MAY_IMPORT = {
     "fabric": set(),
     "arch": set(),

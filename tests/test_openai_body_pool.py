@@ -18,7 +18,7 @@ import pytest
 
 from matrixstack.openai.body_pool import SRC_DIR, BodyPool
 from matrixstack.openai.errors import OpenAIError
-from matrixstack.stack.supervise import proc_stat
+from matrixstack.procs import proc_stat
 
 THRESHOLD = 1000
 WAIT_S = 15.0  # a failure guard for what must happen, never a timing assertion

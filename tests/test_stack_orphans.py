@@ -26,7 +26,8 @@ import pytest
 from test_stack_up import EP_WORKERS, UpRun, chat, engines_of
 
 from matrixstack.portal.deployment_service import engine_secret
-from matrixstack.stack.leftovers import RunRecord, start_time, stop_leftovers
+from matrixstack.procs import start_time
+from matrixstack.stack.leftovers import RunRecord, stop_leftovers
 from matrixstack.stack.supervise import group_alive, group_members
 
 pytestmark = pytest.mark.slow

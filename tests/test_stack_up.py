@@ -22,7 +22,8 @@ import pytest
 
 from matrixstack.portal.store import open_portal_database
 from matrixstack.portal.usage_service import usage_report
-from matrixstack.stack.supervise import group_alive, proc_stat
+from matrixstack.procs import proc_stat
+from matrixstack.stack.supervise import group_alive
 from matrixstack.stack.up import READY_LINE
 
 START_TIMEOUT_S = 300.0

@@ -36,12 +36,11 @@ from matrixstack.matrix.slices import SliceInfo, alloc_slice, free_slice
 from matrixstack.matrix.spec import SliceRequest
 from matrixstack.matrix.store import SliceRow, TenantRow, iso, utcnow
 from matrixstack.matrix.tenants import check_name, tenant_id
+from matrixstack.procs import start_time
 
 OPERATOR = "operator"  # the tenant that holds the slices of the operator's own jobs
 LIVE = ("queued", "running")
 RESUMABLE = ("failed",)
-STARTTIME_FIELD = 19  # /proc/PID/stat field 22 (starttime), counted after the ")" that ends the command name
-ZOMBIE = "Z"  # /proc/PID/stat state of a process that ended and awaits its parent's wait()
 STOP_WAIT_S = 10.0
 POLL_S = 0.05
 
@@ -75,20 +74,9 @@ class JobInfo:
         return asdict(self)
 
 
-def process_start(pid: int) -> int | None:
-    """Return when process `pid` started (clock ticks since boot, /proc), None when no such process runs (a zombie,
-    dead and not yet reaped by its parent, runs no more)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return None if fields[0] == ZOMBIE else int(fields[STARTTIME_FIELD])
-
-
 def runs(row: TuneJobRow) -> bool:
     """Return whether the process recorded for the job still runs (same pid, same start time)."""
-    return row.pid is not None and row.pid_start is not None and process_start(row.pid) == row.pid_start
+    return row.pid is not None and row.pid_start is not None and start_time(row.pid) == row.pid_start
 
 
 def slice_tenant(tenant: str | None) -> str:
@@ -145,7 +133,7 @@ def _hold_slice(session: Session, row: TuneJobRow, tenant: str | None) -> SliceI
         info = alloc_slice(session, row.pool, slice_tenant(tenant), SliceRequest(devices=spec.devices), "matrix")
     except UserError as exc:
         raise UserError(f"tune job: no slice of {spec.devices} device(s): {exc}") from None
-    row.slice_id, row.pid, row.pid_start = info.id, os.getpid(), process_start(os.getpid())
+    row.slice_id, row.pid, row.pid_start = info.id, os.getpid(), start_time(os.getpid())
     return info
 
 
@@ -199,7 +187,7 @@ def stop_process(session: Session, job_id: int, tenant: str | None) -> None:
     if row.status in LIVE and runs(row):
         os.kill(row.pid, signal.SIGKILL)
         deadline = time.monotonic() + STOP_WAIT_S
-        while process_start(row.pid) == row.pid_start and time.monotonic() < deadline:
+        while start_time(row.pid) == row.pid_start and time.monotonic() < deadline:
             time.sleep(POLL_S)
 
 

@@ -27,21 +27,15 @@ import uuid
 from pathlib import Path
 
 from matrixstack.paths import data_dir
-from matrixstack.stack.supervise import POLL_S, STOP_TIMEOUT_S, group_alive, proc_stat, signal_group
+from matrixstack.procs import start_time
+from matrixstack.stack.supervise import POLL_S, STOP_TIMEOUT_S, group_alive, signal_group
 
 RUN_DIR = "run"
-STARTTIME_FIELD = 19  # /proc/PID/stat field 22 (starttime), counted after the ")" that ends the command name
 
 
 def run_dir() -> Path:
     """Return the folder of the local site's run records: `data_dir()/run`."""
     return data_dir() / RUN_DIR
-
-
-def start_time(pid: int) -> int | None:
-    """Return when process `pid` started (clock ticks since boot, from /proc), None when it does not run."""
-    fields = proc_stat(pid)
-    return None if fields is None else int(fields[STARTTIME_FIELD])
 
 
 def _is_same(pid: int, started: int | None) -> bool:

@@ -57,6 +57,7 @@ from typing import TextIO
 import httpx
 
 from matrixstack.errors import UserError
+from matrixstack.procs import ENDED_STATES, PROC, proc_stat
 from matrixstack.stack.site import STATUS_FAILED, STATUS_RESTARTING, STATUS_RUNNING, StatusCallback
 
 START_TIMEOUT_S = 900.0  # a restart that does not answer /health within this counts as a failed start
@@ -69,7 +70,6 @@ PROBE_FAILURES = 3  # probes in a row without an answer: it hangs, and is restar
 MAX_FAILED_STARTS = 5  # restarts in a row that do not come up: the supervisor gives up (status failed)
 LOG_TAIL_LINES = 20
 LOG = logging.getLogger("matrixstack.stack")
-PROC = Path("/proc")  # where it exists (its self/stat readable), processes are read from it
 # run first by every supervised process, with its parent's pid and its command as arguments: die by SIGKILL when
 # the parent dies (prctl PR_SET_PDEATHSIG, Linux), or at once if the parent is gone already, then become the command
 DIE_WITH_PARENT = (
@@ -177,19 +177,9 @@ def group_members(pgid: int) -> list[int]:
     found = []
     for entry in PROC.iterdir():
         fields = proc_stat(entry.name) if entry.name.isdigit() else None
-        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ENDED_STATES:
             found.append(int(entry.name))
     return found
-
-
-def proc_stat(pid: int | str) -> list[str] | None:
-    """Return the fields of /proc/PID/stat after the command name (state, parent pid, process group, ...), None
-    when process `pid` does not run (or there is no /proc)."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()
 
 
 def group_alive(pgid: int) -> bool:
